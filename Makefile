@@ -1,0 +1,25 @@
+# Every target sets itself up: a local .venv (reusing system packages when present) with the
+# pinned torch installed first, so pip never resolves `torch` to the newest CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup test report bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q
+
+report: setup
+	$(PY) -m perf
+
+bench: setup
+	$(PY) -m pytest perf/ --benchmark-only

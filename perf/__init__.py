@@ -1,0 +1,1 @@
+"""Benchmarks and the overhead report: bf16 vs the floor vs our quantized weights."""

@@ -1,0 +1,16 @@
+"""Affine-quantized weight tensor subclasses and torchao-style ``quantize_``."""
+
+from .base import QuantizedWeight
+from .int4_tensor import Int4WeightTensor, Packing
+from .int8_tensor import Int8WeightTensor
+from .quant_api import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+__all__ = [
+    "QuantizedWeight",
+    "Int4WeightTensor",
+    "Int8WeightTensor",
+    "Packing",
+    "Int4WeightOnlyConfig",
+    "Int8WeightOnlyConfig",
+    "quantize_",
+]

@@ -1,0 +1,195 @@
+"""The base every quantized weight stands on: declare inner tensors and metadata once."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+aten = torch.ops.aten
+
+FunctionImpl = Callable[..., Any]
+DispatchImpl = Callable[[Any, tuple, dict], Any]
+
+
+class QuantizedWeight(torch.Tensor):
+    """A traceable wrapper subclass for a quantized weight of shape [out_features, in_features].
+
+    Subclasses declare ``tensor_data_names`` (inner plain tensors) and ``tensor_attribute_names``
+    (constant metadata: ints, strs, dtypes). The constructor is always
+    ``cls(*inner_tensors, *attributes, shape, dtype)`` where ``shape``/``dtype`` describe the
+    high-precision weight; ``__tensor_flatten__``/``__tensor_unflatten__`` are derived from that.
+
+    ``__torch_function__`` looks ``func`` up in the class's ``function_table`` (``F.linear`` goes
+    straight to the kernel); everything else runs through ``__torch_dispatch__`` and its
+    ``dispatch_table``. An aten op in neither raises NotImplementedError.
+    """
+
+    tensor_data_names: ClassVar[tuple[str, ...]] = ()
+    tensor_attribute_names: ClassVar[tuple[str, ...]] = ()
+    function_table: ClassVar[dict[Any, FunctionImpl]] = {}
+    dispatch_table: ClassVar[dict[Any, DispatchImpl]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Each format gets its own tables, seeded with the shared ops.
+        cls.function_table = dict(cls.function_table)
+        cls.dispatch_table = dict(cls.dispatch_table)
+
+    @staticmethod
+    def __new__(cls, *args: Any) -> "QuantizedWeight":
+        first = args[0]
+        shape, dtype = args[-2], args[-1]
+        return torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=dtype, device=first.device, requires_grad=False
+        )
+
+    def __init__(self, *args: Any) -> None:
+        n = len(self.tensor_data_names)
+        for name, value in zip(self.tensor_data_names, args[:n]):
+            setattr(self, name, value)
+        for name, value in zip(self.tensor_attribute_names, args[n:-2]):
+            setattr(self, name, value)
+        # Dynamo calls __tensor_flatten__ on every compiled call to guard on the metadata,
+        # so it returns objects built once here instead of assembling them per call.
+        self._flat_names = list(self.tensor_data_names)
+        self._flat_meta = tuple(args[n:])
+
+    def __tensor_flatten__(self) -> tuple[list[str], tuple]:
+        return self._flat_names, self._flat_meta
+
+    @classmethod
+    def __tensor_unflatten__(
+        cls, inner_tensors: dict[str, torch.Tensor], meta: tuple, outer_size: Any, outer_stride: Any
+    ) -> "QuantizedWeight":
+        return cls(*(inner_tensors[name] for name in cls.tensor_data_names), *meta)
+
+    def inner_tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.tensor_data_names]
+
+    def attributes(self) -> tuple:
+        """The constant metadata, followed by the outer shape and dtype (the constructor's tail)."""
+        return self._flat_meta
+
+    def rebuild(self, tensors: list[torch.Tensor], *, dtype: torch.dtype | None = None) -> "QuantizedWeight":
+        meta = self._flat_meta if dtype is None else (*self._flat_meta[:-1], dtype)
+        return type(self)(*tensors, *meta)
+
+    def dequantize(self) -> torch.Tensor:  # type: ignore[override]
+        """The high-precision weight: original shape and dtype."""
+        raise NotImplementedError(type(self).__name__)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        attrs = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.tensor_attribute_names)
+        return (
+            f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"device={self.device}, {attrs})"
+        )
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        impl = cls.function_table.get(func)
+        if impl is not None:
+            return impl(*args, **(kwargs or {}))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
+        impl = cls.dispatch_table.get(func)
+        if impl is None:
+            raise NotImplementedError(
+                f"{cls.__name__} does not implement {func}; call .dequantize() first to get a "
+                "plain tensor"
+            )
+        return impl(func, args, kwargs or {})
+
+
+def _map_inner(func, args, kwargs):
+    """Apply ``func`` to every inner tensor; used for ops that keep the format as is."""
+    weight = args[0]
+    out = weight.rebuild([func(t, *args[1:], **kwargs) for t in weight.inner_tensors()])
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+def _copy_(func, args, kwargs):
+    dst, src = args[0], args[1]
+    if type(src) is not type(dst):
+        raise TypeError(
+            f"cannot copy a {type(src).__name__} into a {type(dst).__name__}: load a checkpoint "
+            "saved from a model quantized with the same config"
+        )
+    if src.attributes() != dst.attributes() or src.device != dst.device:
+        # converts dtype, device and (int4) packing to the destination's
+        src = aten._to_copy.default(src, dtype=dst.dtype, device=dst.device)
+    if src.attributes() != dst.attributes():
+        raise ValueError(
+            f"cannot copy {src!r} into {dst!r}: shape, dtype or quantization settings differ"
+        )
+    for d, s in zip(dst.inner_tensors(), src.inner_tensors()):
+        d.copy_(s)
+    return dst
+
+
+QuantizedWeight.dispatch_table = {
+    aten.detach.default: _map_inner,
+    aten.alias.default: _map_inner,
+    aten.clone.default: _map_inner,
+    aten.copy_.default: _copy_,
+}
+
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_activation(x: torch.Tensor, weight: QuantizedWeight) -> None:
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"activation dtype {x.dtype} does not match the {type(weight).__name__}'s dtype "
+            f"{weight.dtype}; cast the input or the model (model.to({weight.dtype}))"
+        )
+
+
+def as_kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """The 2-D contiguous view the CPU kernels take; copies only when x is not contiguous."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2d if x2d.is_contiguous() else x2d.contiguous()
+
+
+def as_linear_output(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.dim() != 2:
+        out = out.view(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
+
+
+def target_dtype_device(weight: QuantizedWeight, kwargs: dict) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device an ``aten._to_copy`` call asks for; only float dtypes are allowed."""
+    dtype = kwargs.get("dtype") or weight.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{type(weight).__name__} cannot be cast to {dtype}; supported: {FLOAT_DTYPES}")
+    return dtype, torch.device(kwargs.get("device") or weight.device)
+
+
+class _LinearWithDequantizedGrad(torch.autograd.Function):
+    """Kernel forward; the activation's gradient uses the dequantized weight (weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.nn.functional.linear(x, weight)  # grad mode is off here: the kernel path
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad_out @ weight.dequantize(), None
+
+
+def needs_input_grad(x: torch.Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
+def linear_with_input_grad(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear that is differentiable w.r.t. ``x`` (and ``bias``); the weight gets no gradient."""
+    out = _LinearWithDequantizedGrad.apply(x, weight)
+    return out if bias is None else out + bias

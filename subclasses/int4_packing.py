@@ -1,0 +1,80 @@
+"""Int4 byte layouts: the canonical (portable) form and the CPU kernel's ISA-dependent form.
+
+Canonical: uint8 [N, K/2], byte = q[:, 2i] << 4 | q[:, 2i+1] (the CUDA tinygemm input convention).
+
+CPU (``aten._convert_weight_to_int4pack_for_cpu``): uint8 [N, K/2] whose bytes depend on the CPU's
+instruction set. Rows are cut into blocks of ``block`` rows (the last block takes the remainder);
+each block is stored as [K, rows/2] bytes, and each byte holds two rows of the same column:
+"half" pairs row j with j + rows/2, "adjacent" pairs 2j with 2j+1 (low nibble first). Measured on
+torch 2.13 and checked against the kernel at first use (see ``cpu_layout``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# capability -> (rows per full block, pairing inside a full block); remainder blocks are adjacent.
+CPU_LAYOUTS: dict[str, tuple[int, str]] = {
+    "AVX512": (64, "half"),
+    "AVX2": (32, "half"),
+    "DEFAULT": (32, "adjacent"),
+}
+
+
+def pack_canonical(q: torch.Tensor) -> torch.Tensor:
+    """int [N, K] in 0..15 -> canonical uint8 [N, K/2]."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def unpack_canonical(packed: torch.Tensor) -> torch.Tensor:
+    """Canonical uint8 [N, K/2] -> uint8 [N, K] in 0..15."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], -1)
+
+
+def pack_cpu(q: torch.Tensor) -> torch.Tensor:
+    """int [N, K] in 0..15 -> the local CPU kernel's uint8 [N, K/2]."""
+    # inner_k_tiles does not change the CPU layout; 1 is the value every K accepts.
+    return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+
+
+def _unpack_blocks(packed: torch.Tensor, rows: int, pairing: str, k: int) -> torch.Tensor:
+    nibbles = packed.reshape(-1, k, rows // 2)
+    low, high = nibbles & 15, nibbles >> 4
+    if pairing == "half":
+        blocks = torch.cat([low, high], dim=-1)
+    else:
+        blocks = torch.stack([low, high], dim=-1).reshape(-1, k, rows)
+    return blocks.transpose(1, 2).reshape(-1, k)
+
+
+def _unpack_with(packed: torch.Tensor, block: int, pairing: str) -> torch.Tensor:
+    n, k = packed.shape[0], packed.shape[1] * 2
+    full = n - n % block
+    parts = []
+    if full:
+        parts.append(_unpack_blocks(packed[:full], block, pairing, k))
+    if n % block:
+        parts.append(_unpack_blocks(packed[full:], n % block, "adjacent", k))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@functools.cache
+def cpu_layout() -> tuple[int, str]:
+    """The local CPU kernel's (block rows, pairing), verified once against the packing op."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    layout = CPU_LAYOUTS.get(capability)
+    probe = torch.randint(0, 16, (64 + 32 + 16, 64), generator=torch.Generator().manual_seed(0))
+    if layout is None or not torch.equal(_unpack_with(pack_cpu(probe), *layout), probe.to(torch.uint8)):
+        raise NotImplementedError(
+            f"unknown int4 CPU packing for CPU capability {capability!r} (torch {torch.__version__}); "
+            f"known: {sorted(CPU_LAYOUTS)}"
+        )
+    return layout
+
+
+def unpack_cpu(packed: torch.Tensor) -> torch.Tensor:
+    """The local CPU kernel's uint8 [N, K/2] -> uint8 [N, K] in 0..15."""
+    return _unpack_with(packed, *cpu_layout())

@@ -1,0 +1,142 @@
+"""Int4 weight-only, group-wise asymmetric ("tinygemm" math, torchao-compatible)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from .base import (
+    FLOAT_DTYPES,
+    QuantizedWeight,
+    as_kernel_input,
+    as_linear_output,
+    aten,
+    check_activation,
+    linear_with_input_grad,
+    needs_input_grad,
+    target_dtype_device,
+)
+from .int4_packing import pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
+
+GROUP_SIZES = (32, 64, 128, 256)
+EPS = 1e-6
+
+
+class Packing:
+    """How ``Int4WeightTensor.packed`` is laid out (str constants: dynamo treats them as constants)."""
+
+    CPU = "cpu"  # the local CPU kernel's ISA-dependent layout
+    CANONICAL = "canonical"  # portable, see int4_packing.pack_canonical
+
+
+def packing_for(device: torch.device) -> str:
+    """The packing a weight on ``device`` is kept in: the kernel's where one exists."""
+    return Packing.CPU if device.type == "cpu" else Packing.CANONICAL
+
+
+class Int4WeightTensor(QuantizedWeight):
+    """Int4 weight [N, K], groups of ``group_size`` input features, asymmetric.
+
+    Inner tensors:
+        packed: uint8 [N, K/2], two 4-bit codes q in 0..15 per byte, laid out per ``packing``.
+        scale_and_zero: [K/group_size, N, 2] in the weight's dtype; [..., 0] scale, [..., 1] zero.
+    Metadata: group_size (32/64/128/256), packing ("cpu" or "canonical"), shape (N, K), dtype.
+    Dequantized weight: ``(q - 8) * scale + zero`` per group.
+    Kernel: ``torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)`` on CPU;
+    other devices fall back to ``dequantize()`` + ``F.linear``.
+    """
+
+    tensor_data_names = ("packed", "scale_and_zero")
+    tensor_attribute_names = ("group_size", "packing")
+    packed: torch.Tensor
+    scale_and_zero: torch.Tensor
+    group_size: int
+    packing: str
+
+    @classmethod
+    def unsupported_reason(cls, weight: torch.Tensor, group_size: int) -> str | None:
+        """Why ``weight`` cannot be quantized with ``group_size``, or None if it can."""
+        if weight.dim() != 2:
+            return f"weight must be 2-D, got shape {tuple(weight.shape)}"
+        if weight.dtype not in FLOAT_DTYPES:
+            return f"weight dtype must be one of {FLOAT_DTYPES}, got {weight.dtype}"
+        n, k = weight.shape
+        if n % 16:
+            return f"out_features={n} must be a multiple of 16 for the int4 kernel"
+        if k % group_size:
+            return f"in_features={k} must be divisible by group_size={group_size}"
+        return None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 128) -> "Int4WeightTensor":
+        """Quantize a high-precision [N, K] weight (arithmetic in the weight's dtype)."""
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+        reason = cls.unsupported_reason(weight, group_size)
+        if reason is not None:
+            raise ValueError(reason)
+        q, scale, zero = quantize_int4(weight.detach(), group_size)
+        scale_and_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        return cls.from_codes(q, scale_and_zero, group_size, weight.dtype)
+
+    @classmethod
+    def from_codes(
+        cls, q: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype
+    ) -> "Int4WeightTensor":
+        """Build from codes q [N, K] in 0..15, packed for the device q lives on."""
+        packing = packing_for(q.device)
+        packed = pack_cpu(q) if packing == Packing.CPU else pack_canonical(q)
+        return cls(packed, scale_and_zero, group_size, packing, tuple(q.shape), dtype)
+
+    def codes(self) -> torch.Tensor:
+        """The 4-bit codes q as uint8 [N, K], whatever the packing."""
+        unpack = unpack_cpu if self.packing == Packing.CPU else unpack_canonical
+        return unpack(self.packed)
+
+    def dequantize(self) -> torch.Tensor:  # type: ignore[override]
+        n, k = self.shape
+        scale_and_zero = self.scale_and_zero.transpose(0, 1).unsqueeze(2)  # [N, K/g, 1, 2]
+        q = self.codes().view(n, k // self.group_size, self.group_size).to(self.dtype)
+        w = (q - 8) * scale_and_zero[..., 0] + scale_and_zero[..., 1]
+        return w.view(n, k)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tinygemm int4 math: returns q uint8 [N, K], scale [N, K/g], zero [N, K/g] in w's dtype."""
+    n, k = w.shape
+    groups = w.reshape(n, k // group_size, group_size)
+    mn, mx = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((mx - mn) / 15).clamp(min=EPS)
+    zero = mn + 8 * scale
+    low = (zero - 8 * scale).unsqueeze(-1)
+    q = torch.round((groups - low) / scale.unsqueeze(-1)).clamp(0, 15)
+    return q.to(torch.uint8).reshape(n, k), scale, zero
+
+
+def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    check_activation(x, weight)
+    if weight.packing != Packing.CPU or x.device.type != "cpu":
+        return F.linear(x, weight.dequantize(), bias)
+    if needs_input_grad(x):
+        return linear_with_input_grad(x, weight, bias)
+    out = torch._weight_int4pack_mm_for_cpu(
+        as_kernel_input(x), weight.packed, weight.group_size, weight.scale_and_zero
+    )
+    return as_linear_output(out, x, bias)
+
+
+def _to_copy(func, args, kwargs):
+    weight: Int4WeightTensor = args[0]
+    dtype, device = target_dtype_device(weight, kwargs)
+    scale_and_zero = weight.scale_and_zero.to(device=device, dtype=dtype)
+    if device == weight.device and weight.packing == packing_for(device):
+        out = weight.rebuild([weight.packed.clone(), scale_and_zero], dtype=dtype)
+    else:
+        q = weight.codes().to(device)
+        out = Int4WeightTensor.from_codes(q, scale_and_zero, weight.group_size, dtype)
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+Int4WeightTensor.function_table[F.linear] = int4_linear
+Int4WeightTensor.dispatch_table[aten._to_copy.default] = _to_copy

@@ -1,0 +1,96 @@
+"""Int8 weight-only, per-output-channel symmetric."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from .base import (
+    FLOAT_DTYPES,
+    QuantizedWeight,
+    as_kernel_input,
+    as_linear_output,
+    aten,
+    check_activation,
+    linear_with_input_grad,
+    needs_input_grad,
+    target_dtype_device,
+)
+
+
+class Int8WeightTensor(QuantizedWeight):
+    """Int8 weight [N, K], one scale per output channel, symmetric (no zero point).
+
+    Inner tensors:
+        qdata: int8 [N, K], codes in -128..127.
+        scale: [N] in the weight's dtype.
+    Metadata: shape (N, K), dtype.
+    Dequantized weight: ``qdata * scale[:, None]``.
+    Kernel: ``torch._weight_int8pack_mm(x, qdata, scale)`` on CPU. With bf16 activations and K not
+    a multiple of 16 that kernel segfaults or returns NaN, so there the kernel runs in fp32 and the
+    result is cast back. Other devices fall back to ``dequantize()`` + ``F.linear``.
+    """
+
+    tensor_data_names = ("qdata", "scale")
+    tensor_attribute_names = ()
+    qdata: torch.Tensor
+    scale: torch.Tensor
+
+    @classmethod
+    def unsupported_reason(cls, weight: torch.Tensor) -> str | None:
+        """Why ``weight`` cannot be quantized, or None if it can."""
+        if weight.dim() != 2:
+            return f"weight must be 2-D, got shape {tuple(weight.shape)}"
+        if weight.dtype not in FLOAT_DTYPES:
+            return f"weight dtype must be one of {FLOAT_DTYPES}, got {weight.dtype}"
+        return None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8WeightTensor":
+        """Quantize a high-precision [N, K] weight (arithmetic in the weight's dtype)."""
+        reason = cls.unsupported_reason(weight)
+        if reason is not None:
+            raise ValueError(reason)
+        qdata, scale = quantize_int8(weight.detach())
+        return cls(qdata, scale, tuple(weight.shape), weight.dtype)
+
+    def dequantize(self) -> torch.Tensor:  # type: ignore[override]
+        return self.qdata.to(self.dtype) * self.scale.unsqueeze(1)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns qdata int8 [N, K] and scale [N] in w's dtype."""
+    amax = torch.maximum(w.amin(dim=1).neg().clamp(min=0), w.amax(dim=1).clamp(min=0))
+    scale = (amax / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+    qdata = torch.round(w / scale.unsqueeze(1)).clamp(-128, 127).to(torch.int8)
+    return qdata, scale
+
+
+def int8_linear(x: torch.Tensor, weight: Int8WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    check_activation(x, weight)
+    if x.device.type != "cpu":
+        return F.linear(x, weight.dequantize(), bias)
+    if needs_input_grad(x):
+        return linear_with_input_grad(x, weight, bias)
+    x2d = as_kernel_input(x)
+    if x.dtype == torch.bfloat16 and x.shape[-1] % 16:
+        # The bf16 kernel is unsafe for this K (segfault / NaN); fp32 is exact for bf16 inputs.
+        out = torch._weight_int8pack_mm(x2d.float(), weight.qdata, weight.scale.float()).to(x.dtype)
+    else:
+        out = torch._weight_int8pack_mm(x2d, weight.qdata, weight.scale)
+    return as_linear_output(out, x, bias)
+
+
+def _to_copy(func, args, kwargs):
+    weight: Int8WeightTensor = args[0]
+    dtype, device = target_dtype_device(weight, kwargs)
+    out = weight.rebuild(
+        [weight.qdata.to(device, copy=True), weight.scale.to(device=device, dtype=dtype, copy=True)],
+        dtype=dtype,
+    )
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+Int8WeightTensor.function_table[F.linear] = int8_linear
+Int8WeightTensor.dispatch_table[aten._to_copy.default] = _to_copy
