@@ -1,0 +1,269 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing._internal.two_tensor import TwoTensor
+
+from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, quantize_
+from unwrap import rewrap, unwrap, unwrap_tensor_subclass_parameters
+
+CONFIGS = {"int4": Int4WeightOnlyConfig(group_size=64), "int8": Int8WeightOnlyConfig()}
+
+
+def quantized_model(fmt="int4"):
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64)).to(torch.bfloat16)
+    return quantize_(model, CONFIGS[fmt])
+
+
+def assert_state_dicts_equal(a, b):
+    assert list(a) == list(b)
+    for key in a:
+        assert type(a[key]) is type(b[key]), key
+        da = a[key].dequantize() if hasattr(a[key], "inner_tensors") else a[key]
+        db = b[key].dequantize() if hasattr(b[key], "inner_tensors") else b[key]
+        assert torch.equal(da, db), key
+
+
+def plain_inputs(model):
+    return {name: t for name, t in model.named_parameters()}
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_state_dict_keys_and_values_unchanged(fmt):
+    model = quantized_model(fmt)
+    before = model.state_dict()
+    unwrap(model)
+    assert all(type(t) in (torch.Tensor, nn.Parameter) for t in model.parameters())
+    assert_state_dicts_equal(before, model.state_dict())
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_checkpoints_cross_load_both_ways(fmt):
+    source = quantized_model(fmt)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = source(x)
+    wrapped_ckpt = io.BytesIO()
+    torch.save(source.state_dict(), wrapped_ckpt)
+
+    target = unwrap(quantized_model(fmt))  # other random weights
+    wrapped_ckpt.seek(0)
+    target.load_state_dict(torch.load(wrapped_ckpt, weights_only=False))
+    with torch.no_grad():
+        assert torch.equal(target(x), expected)
+
+    unwrapped_ckpt = io.BytesIO()
+    torch.save(target.state_dict(), unwrapped_ckpt)
+    back = quantized_model(fmt)
+    unwrapped_ckpt.seek(0)
+    back.load_state_dict(torch.load(unwrapped_ckpt, weights_only=False))
+    with torch.no_grad():
+        assert torch.equal(back(x), expected)
+
+
+def test_load_of_wrong_format_reports_the_key():
+    model = unwrap(quantized_model("int4"))
+    wrong = quantized_model("int8").state_dict()
+    with pytest.raises(RuntimeError, match=r'"0\.weight"'):
+        model.load_state_dict(wrong)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(64, 64, bias=False)
+        self.head = nn.Linear(64, 128, bias=False)
+        self.head_copy = nn.Linear(64, 128, bias=False)
+        self.head_copy.weight = self.head.weight
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h) - self.head_copy(h)
+
+
+def unique_storages(model):
+    return {t.untyped_storage().data_ptr() for t in model.parameters()}
+
+
+def test_tied_weight_stays_one_set_of_plain_tensors():
+    model = quantize_(TiedLM().bfloat16(), Int4WeightOnlyConfig(group_size=64))
+    inner_per_weight = 2
+    unwrap(model)
+    params = list(model.parameters())
+    assert len(params) == len({id(p) for p in params}) == 2 * inner_per_weight
+    assert model.head.weight__packed is model.head_copy.weight__packed
+    assert len(unique_storages(model)) == 2 * inner_per_weight
+    model.load_state_dict(quantize_(TiedLM().bfloat16(), Int4WeightOnlyConfig(group_size=64)).state_dict())
+    assert model.head.weight__packed is model.head_copy.weight__packed
+    assert model.head.weight is model.head_copy.weight
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.zeros(2, 128, dtype=torch.bfloat16))
+    rewrap(model)
+    assert model.head.weight is model.head_copy.weight
+    assert isinstance(model.head.weight, Int4WeightTensor)
+
+
+class WithBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("kept", TwoTensor(torch.randn(4), torch.randn(4)))
+        self.register_buffer("scratch", TwoTensor(torch.randn(4), torch.randn(4)), persistent=False)
+
+    def forward(self, x):
+        return x + self.kept + self.scratch
+
+
+def test_non_persistent_buffers_stay_non_persistent():
+    model = WithBuffers()
+    before = model.state_dict()
+    unwrap(model)
+    assert list(model.state_dict()) == list(before) == ["kept"]
+    assert sorted(n for n, _ in model.named_buffers()) == ["kept__a", "kept__b", "scratch__a", "scratch__b"]
+    rewrap(model)
+    assert list(model.state_dict()) == ["kept"]
+
+
+def test_inner_parameters_unwrap_twice_and_untouched_modules():
+    inner = TwoTensor(nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8)))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    model[0].weight = nn.Parameter(inner)
+    plain_class = type(model[1])
+    unwrap(model)
+    names = [n for n, _ in model.named_parameters()]
+    unwrap(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert type(model[1]) is plain_class
+    assert isinstance(model[0].weight, TwoTensor)
+    empty = nn.Linear(3, 3)
+    assert unwrap(empty) is empty and type(empty) is nn.Linear
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_rebuilt_weight_never_stale(fmt):
+    model = unwrap(quantized_model(fmt))
+    layer = model[0]
+    first = layer.weight
+    assert layer.weight is first  # cached in eager
+    name = "weight__packed" if fmt == "int4" else "weight__qdata"
+    other = quantized_model(fmt)[0].weight
+    with torch.no_grad():
+        getattr(layer, name).copy_(getattr(other, name.split("__")[1]))  # in place
+    inner = name.split("__")[1]
+    assert torch.equal(getattr(layer.weight, inner), getattr(other, inner))
+    fresh = quantized_model(fmt)[0].weight
+    setattr(layer, name, nn.Parameter(getattr(fresh, name.split("__")[1]).clone(), requires_grad=False))
+    rebuilt = layer.weight
+    assert rebuilt is not first
+    assert getattr(rebuilt, name.split("__")[1]) is getattr(layer, name)
+
+
+def test_assigning_a_new_subclass_routes_through_and_plain_raises():
+    model = unwrap(quantized_model("int8"))
+    new = quantized_model("int8")[0].weight
+    model[0].weight = new
+    assert torch.equal(model[0].weight.dequantize(), new.dequantize())
+    assert model[0].weight__qdata is not None and "weight" not in model[0]._parameters
+    with pytest.raises(TypeError, match="unwrapped tensor subclass"):
+        model[0].weight = nn.Parameter(torch.randn(256, 128))
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_compiled_graph_takes_plain_tensors_no_breaks_no_recompiles(fmt):
+    model = unwrap(quantized_model(fmt))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([type(t) for t in example_inputs])
+        return gm.forward
+
+    with torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        outs = [compiled(x) for _ in range(3)]
+    assert len(graphs) == 1
+    assert all(t in (torch.Tensor, nn.Parameter) for t in graphs[0])
+    for out in outs:
+        torch.testing.assert_close(out, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fmt", sorted(CONFIGS))
+def test_export_of_unwrapped_quantized_model(fmt):
+    model = unwrap(quantized_model(fmt))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_dtype_move_of_unwrapped_model_converts_the_subclass():
+    model = unwrap(quantized_model("int4"))
+    model.half()
+    assert model[0].weight.dtype == torch.float16 and model[0].weight__scale_and_zero.dtype == torch.float16
+    x = torch.randn(2, 128, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), rewrap(copy.deepcopy(model))(x))
+
+
+class Nested(nn.Module):
+    """torch's own nested case: TwoTensor parameters nested two and three deep."""
+
+    def __init__(self):
+        super().__init__()
+        a = TwoTensor(torch.randn(8, 8), torch.randn(8, 8))
+        self.p2 = nn.Parameter(TwoTensor(a, TwoTensor(torch.randn(8, 8), torch.randn(8, 8))))
+        b = TwoTensor(TwoTensor(torch.randn(8, 8), torch.randn(8, 8)), TwoTensor(torch.randn(8, 8), torch.randn(8, 8)))
+        self.p3 = nn.Parameter(TwoTensor(b, TwoTensor(TwoTensor(torch.randn(8, 8), torch.randn(8, 8)), a.clone())))
+
+    def forward(self, x):
+        return (x @ self.p2).sin(), (x @ self.p3).cos()
+
+
+def _grads(model):
+    out = {}
+    for name, p in model.named_parameters():
+        leaves = [p.grad]
+        while any(isinstance(t, TwoTensor) for t in leaves):
+            leaves = [part for t in leaves for part in ((t.a, t.b) if isinstance(t, TwoTensor) else (t,))]
+        out[name.split("__")[0]] = out.get(name.split("__")[0], []) + leaves
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
+def test_nested_two_tensor_outputs_and_gradients_equal(compile_backend):
+    reference = Nested()
+    unwrapped = unwrap(copy.deepcopy(reference))
+    results = []
+    for model in (reference, unwrapped):
+        run = model if compile_backend is None else torch.compile(model, backend=compile_backend, fullgraph=True)
+        x = torch.ones(4, 8).requires_grad_()
+        outs = run(x)
+        torch.autograd.backward([out.sum() for out in outs])
+        results.append((outs, x.grad))
+    (outs_ref, grad_ref), (outs_unw, grad_unw) = results
+    for out_ref, out_unw in zip(outs_ref, outs_unw):
+        torch.testing.assert_close(out_unw, out_ref)
+    torch.testing.assert_close(grad_unw, grad_ref)
+    if compile_backend is None:  # eager also splits the parameters' gradients onto the plain tensors
+        grads_ref, grads_unw = _grads(reference), _grads(unwrapped)
+        assert grads_ref.keys() == grads_unw.keys()
+        for name in grads_ref:
+            torch.testing.assert_close(grads_unw[name], grads_ref[name])
+
+
+def test_rewrap_restores_exactly():
+    model = quantized_model("int4")
+    names = [n for n, _ in model.named_parameters()]
+    classes = [type(m) for m in model.modules()]
+    before = model.state_dict()
+    rewrap(unwrap_tensor_subclass_parameters(model))
+    assert [n for n, _ in model.named_parameters()] == names
+    assert [type(m) for m in model.modules()] == classes
+    assert_state_dicts_equal(before, model.state_dict())

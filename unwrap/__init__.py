@@ -1,0 +1,5 @@
+"""Unwrap tensor-subclass parameters into plain tensors, so compiled graphs take plain inputs."""
+
+from .parametrize import SubclassSpec, rewrap, unwrap, unwrap_tensor_subclass_parameters
+
+__all__ = ["unwrap", "rewrap", "unwrap_tensor_subclass_parameters", "SubclassSpec"]

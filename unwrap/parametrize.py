@@ -1,0 +1,382 @@
+"""Register tensor-subclass parameters and buffers as plain tensors; rebuild the subclass on access."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+SEPARATOR = "__"
+
+
+@dataclass(eq=False)
+class SubclassSpec:
+    """How to rebuild one tensor subclass from plain tensors registered on its module(s).
+
+    ``inner`` maps each name of ``__tensor_flatten__`` to a nested spec or to a plain tensor's
+    path (``"packed"``, or ``"a__b"`` when nested); the plain tensor lives on the owning module as
+    ``f"{attribute}__{path}"``. One spec is shared by every module that shares the weight.
+    """
+
+    subclass: type
+    meta: Any
+    outer_size: torch.Size
+    outer_stride: tuple[int, ...]
+    inner: dict[str, "SubclassSpec | str"]
+    requires_grad: bool = False
+    # Eager cache: the last rebuilt subclass and the plain tensors it was built from.
+    cached: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = field(default=None, repr=False)
+
+    def paths(self) -> list[str]:
+        out: list[str] = []
+        for value in self.inner.values():
+            out.extend(value.paths() if isinstance(value, SubclassSpec) else [value])
+        return out
+
+    def rebuild(self, plain: dict[str, torch.Tensor]) -> torch.Tensor:
+        inner = {
+            name: value.rebuild(plain) if isinstance(value, SubclassSpec) else plain[value]
+            for name, value in self.inner.items()
+        }
+        return self.subclass.__tensor_unflatten__(inner, self.meta, self.outer_size, self.outer_stride)
+
+
+def flatten_subclass(tensor: torch.Tensor, prefix: str = "") -> tuple[SubclassSpec, dict[str, torch.Tensor]]:
+    """Spec and plain tensors (by path) of a traceable wrapper subclass, recursively."""
+    names, meta = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+    inner: dict[str, SubclassSpec | str] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for name in names:
+        value = getattr(tensor, name)
+        path = f"{prefix}{name}"
+        if is_traceable_wrapper_subclass(value):
+            inner[name], nested = flatten_subclass(value, path + SEPARATOR)
+            plain.update(nested)
+        else:
+            inner[name] = path
+            plain[path] = value
+    spec = SubclassSpec(type(tensor), meta, tensor.size(), tensor.stride(), inner, tensor.requires_grad)
+    return spec, plain
+
+
+class UnwrappedModule(nn.Module):
+    """Mixin of the per-module class ``unwrap`` swaps in; see ``unwrap_tensor_subclass_parameters``.
+
+    ``_unwrapped[name]`` is the spec of each unwrapped attribute; ``_unwrapped_kind[name]`` is
+    "parameter", "buffer" or "non-persistent buffer".
+    """
+
+    _unwrapped: dict[str, SubclassSpec]
+    _unwrapped_kind: dict[str, str]
+    _unwrapped_keys: dict[str, tuple[dict[str, Any], tuple[str, ...]]]
+    _original_class: type
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__.get("_unwrapped", ()):
+            object.__setattr__(self, name, value)  # the property: nn.Module would register a new Parameter
+        else:
+            super().__setattr__(name, value)
+
+    def _plain_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        spec = self._unwrapped[name]
+        store = self._parameters if self._unwrapped_kind[name] == "parameter" else self._buffers
+        return {path: store[f"{name}{SEPARATOR}{path}"] for path in spec.paths()}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        # Emit the subclass under its original key, where it stood, instead of its plain tensors.
+        local: dict[str, Any] = {}
+        super()._save_to_state_dict(local, prefix, keep_vars)
+        first_plain = {
+            f"{prefix}{name}{SEPARATOR}{spec.paths()[0]}": name for name, spec in self._unwrapped.items()
+        }
+        plain_keys = {
+            f"{prefix}{name}{SEPARATOR}{path}" for name, spec in self._unwrapped.items() for path in spec.paths()
+        }
+        for key, value in local.items():
+            if key in first_plain:
+                name = first_plain[key]
+                rebuilt = getattr(self, name)
+                destination[prefix + name] = rebuilt if keep_vars else rebuilt.detach()
+            elif key not in plain_keys:
+                destination[key] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+        for name, spec in self._unwrapped.items():
+            key = prefix + name
+            if key not in state_dict or self._unwrapped_kind[name] == "non-persistent buffer":
+                continue
+            value = state_dict.pop(key)
+            plain = self._plain_tensors(name)
+            try:
+                with torch.no_grad():
+                    spec.rebuild(plain).copy_(value)
+            except Exception as error:  # reported like nn.Module reports a failed copy
+                error_msgs.append(f'While copying the parameter named "{key}": {error}')
+            for path, tensor in plain.items():
+                state_dict[f"{key}{SEPARATOR}{path}"] = tensor
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Convert each subclass as a whole (a device move may repack it), then update the plain
+        # tensors in place (`.data`), so shared weights stay shared and the specs stay right.
+        for name, spec in self._unwrapped.items():
+            plain = self._plain_tensors(name)
+            if _APPLIED.get(fn, {}).get(id(spec)) is spec:
+                continue
+            converted = fn(spec.rebuild(plain))
+            new_spec, new_plain = flatten_subclass(converted)
+            for path, tensor in plain.items():
+                tensor.data = new_plain[path].detach()
+            spec.meta, spec.outer_size, spec.outer_stride = new_spec.meta, new_spec.outer_size, new_spec.outer_stride
+            _refresh_nested(spec, new_spec)
+            spec.cached = None
+            _APPLIED.setdefault(fn, {})[id(spec)] = spec
+        # The plain tensors are converted already: hide them from nn.Module._apply.
+        orders = [(store, list(store)) for store in (self._parameters, self._buffers)]
+        hidden = {}
+        for name in self._unwrapped:
+            store = self._parameters if self._unwrapped_kind[name] == "parameter" else self._buffers
+            for path in self._unwrapped[name].paths():
+                key = f"{name}{SEPARATOR}{path}"
+                hidden[key] = store.pop(key)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for store, order in orders:
+                items = dict(store)
+                store.clear()
+                store.update((key, hidden[key] if key in hidden else items[key]) for key in order)
+
+
+_APPLIED: "weakref.WeakKeyDictionary[Callable, dict[int, SubclassSpec]]" = weakref.WeakKeyDictionary()
+
+
+def _refresh_nested(spec: SubclassSpec, new: SubclassSpec) -> None:
+    for name, value in spec.inner.items():
+        other = new.inner[name]
+        if isinstance(value, SubclassSpec) and isinstance(other, SubclassSpec):
+            value.meta, value.outer_size, value.outer_stride = other.meta, other.outer_size, other.outer_stride
+            _refresh_nested(value, other)
+
+
+class _DifferentiableRebuild(torch.autograd.Function):
+    """Eager rebuild with gradients: the subclass's gradient is split back into the plain ones."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: SubclassSpec, *plain: torch.Tensor) -> torch.Tensor:
+        ctx.spec = spec
+        return spec.rebuild(dict(zip(spec.paths(), plain)))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        paths = ctx.spec.paths()
+        if not is_traceable_wrapper_subclass(grad):
+            return (None, *(None for _ in paths))
+        _, grads = flatten_subclass(grad)
+        if set(grads) != set(paths):
+            raise NotImplementedError(
+                f"the gradient of an unwrapped {ctx.spec.subclass.__name__} is nested differently "
+                f"({sorted(grads)}) than the parameter ({paths}); run under torch.compile, or rewrap"
+            )
+        return (None, *(grads[path] for path in paths))
+
+
+def _unwrapped_property(name: str) -> property:
+    def get(module: UnwrappedModule) -> torch.Tensor:
+        spec = module._unwrapped[name]
+        if torch.compiler.is_compiling():
+            # Inside the graph: plain tensors in, the subclass rebuilt from them.
+            return spec.rebuild(module._plain_tensors(name))
+        if spec.requires_grad and torch.is_grad_enabled():
+            return _DifferentiableRebuild.apply(spec, *module._plain_tensors(name).values())
+        cached = spec.cached
+        if cached is not None:
+            # Valid while every registered plain tensor is the very one it was built from
+            # (in-place changes are seen through them; a reassignment rebuilds).
+            store, keys = module._unwrapped_keys[name]
+            value, held = cached
+            for key, tensor in zip(keys, held):
+                if store[key] is not tensor:
+                    break
+            else:
+                return value
+        plain = module._plain_tensors(name)
+        value = spec.rebuild(plain)
+        spec.cached = (value, tuple(plain.values()))
+        return value
+
+    def set(module: UnwrappedModule, value: torch.Tensor) -> None:
+        if not is_traceable_wrapper_subclass(value):
+            raise TypeError(
+                f"{type(module).__name__}.{name} is an unwrapped tensor subclass; assign a tensor "
+                f"subclass (got {type(value).__name__}), or call unwrap.rewrap(model) first"
+            )
+        kind = module._unwrapped_kind[name]
+        _unregister_plain(module, name)
+        _register_plain(module, name, value, kind)
+
+    return property(get, set, doc=f"The tensor subclass `{name}`, rebuilt from its plain tensors.")
+
+
+def _register_plain(module: nn.Module, name: str, value: torch.Tensor, kind: str, spec_cache: dict | None = None) -> None:
+    """Register ``value``'s plain tensors on ``module`` as ``name__path`` and record its spec."""
+    shared = spec_cache.get(id(value)) if spec_cache is not None else None
+    if shared is not None:
+        spec, plain = shared
+    else:
+        spec, plain = flatten_subclass(value)
+        if kind == "parameter":
+            plain = {
+                path: t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=spec.requires_grad and t.is_floating_point())
+                for path, t in plain.items()
+            }
+        if spec_cache is not None:
+            spec_cache[id(value)] = (spec, plain)
+    for path, tensor in plain.items():
+        key = f"{name}{SEPARATOR}{path}"
+        if kind == "parameter":
+            module._parameters[key] = tensor
+        else:
+            module._buffers[key] = tensor
+            if kind == "non-persistent buffer":
+                module._non_persistent_buffers_set.add(key)
+    module._unwrapped[name] = spec
+    store = module._parameters if kind == "parameter" else module._buffers
+    module._unwrapped_keys[name] = (store, tuple(f"{name}{SEPARATOR}{path}" for path in spec.paths()))
+
+
+def _unregister_plain(module: UnwrappedModule, name: str) -> dict[str, torch.Tensor]:
+    plain = module._plain_tensors(name)
+    store = module._parameters if module._unwrapped_kind[name] == "parameter" else module._buffers
+    for path in plain:
+        key = f"{name}{SEPARATOR}{path}"
+        del store[key]
+        module._non_persistent_buffers_set.discard(key)
+    return plain
+
+
+def _subclass_entries(module: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
+    entries = []
+    for name, value in module._parameters.items():
+        if value is not None and is_traceable_wrapper_subclass(value):
+            entries.append((name, value, "parameter"))
+    for name, value in module._buffers.items():
+        if value is not None and is_traceable_wrapper_subclass(value):
+            persistent = name not in module._non_persistent_buffers_set
+            entries.append((name, value, "buffer" if persistent else "non-persistent buffer"))
+    return entries
+
+
+def _unwrap_module(module: nn.Module, spec_cache: dict) -> None:
+    entries = _subclass_entries(module)
+    if not entries:
+        return
+    if not isinstance(module, UnwrappedModule):
+        original = type(module)
+        namespace = {name: _unwrapped_property(name) for name, _, _ in entries}
+        namespace["_original_class"] = original
+        module.__class__ = type(f"Unwrapped{original.__name__}", (UnwrappedModule, original), namespace)
+        module._unwrapped = {}
+        module._unwrapped_kind = {}
+        module._unwrapped_keys = {}
+    else:
+        raise ValueError(f"{type(module).__name__} already holds unwrapped tensors; rewrap it first")
+    param_order, buffer_order = list(module._parameters), list(module._buffers)
+    for name, value, kind in entries:
+        store = module._parameters if kind == "parameter" else module._buffers
+        del store[name]
+        module._non_persistent_buffers_set.discard(name)
+        module._unwrapped_kind[name] = kind
+        _register_plain(module, name, value, kind, spec_cache)
+    # Keep the plain tensors where the subclass stood, so state_dict keeps its key order.
+    _reorder(module._parameters, param_order)
+    _reorder(module._buffers, buffer_order)
+
+
+def _reorder(store: dict[str, Any], order: list[str]) -> None:
+    items = dict(store)
+    store.clear()
+    for name in order:
+        if name in items:
+            store[name] = items.pop(name)
+        else:
+            for key in [k for k in items if k.startswith(name + SEPARATOR)]:
+                store[key] = items.pop(key)
+    store.update(items)
+
+
+def unwrap_tensor_subclass_parameters(module: nn.Module) -> nn.Module:
+    """Register every tensor-subclass parameter and buffer of ``module`` and its submodules as
+    plain tensors; the subclass is rebuilt from them on attribute access.
+
+    What changes for you: ``named_parameters()``/``named_buffers()`` list plain tensors named
+    ``f"{name}__{inner}"`` (e.g. ``weight__packed``), so ``torch.compile`` and ``torch.export``
+    see plain graph inputs and rebuild the subclass inside the graph. What does not change:
+    ``module.weight`` still returns the subclass (cached in eager, rebuilt if a plain tensor is
+    reassigned); ``state_dict()`` keys, values and order, and checkpoints in both directions;
+    tied weights stay one set of plain tensors; non-persistent buffers stay non-persistent;
+    ``.to()``/``.half()`` convert the subclass as a whole. Assigning a tensor subclass to an
+    unwrapped name re-registers it; assigning a plain tensor raises TypeError. Calling it on an
+    already unwrapped module, or on one without subclasses, changes nothing. Returns ``module``.
+    """
+    spec_cache: dict[int, tuple[SubclassSpec, dict[str, torch.Tensor]]] = {}
+    for submodule in module.modules():
+        if not isinstance(submodule, UnwrappedModule):
+            _unwrap_module(submodule, spec_cache)
+    return module
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The one call after ``subclasses.quantize_``: unwrap every tensor-subclass weight of
+    ``model`` in place (see ``unwrap_tensor_subclass_parameters``) and return it."""
+    return unwrap_tensor_subclass_parameters(model)
+
+
+def rewrap(model: nn.Module) -> nn.Module:
+    """Undo ``unwrap``: put every subclass back as an ordinary parameter or buffer, built from
+    (sharing) the plain tensors, with the original class, names, order and ties. Returns ``model``."""
+    rebuilt: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if not isinstance(module, UnwrappedModule):
+            continue
+        param_order = _original_order(module._parameters, module._unwrapped)
+        buffer_order = _original_order(module._buffers, module._unwrapped)
+        values = {}
+        for name, spec in module._unwrapped.items():
+            plain = _unregister_plain(module, name)
+            if id(spec) not in rebuilt:
+                value = spec.rebuild(plain)
+                if module._unwrapped_kind[name] == "parameter":
+                    value = nn.Parameter(value, requires_grad=spec.requires_grad)
+                rebuilt[id(spec)] = value
+            values[name] = rebuilt[id(spec)]
+        kinds = module._unwrapped_kind
+        module.__class__ = module._original_class
+        for attr in ("_unwrapped", "_unwrapped_kind", "_unwrapped_keys"):
+            module.__dict__.pop(attr, None)
+        for name, value in values.items():
+            if kinds[name] == "parameter":
+                module._parameters[name] = value
+            else:
+                module._buffers[name] = value
+                if kinds[name] == "non-persistent buffer":
+                    module._non_persistent_buffers_set.add(name)
+        _reorder(module._parameters, param_order)
+        _reorder(module._buffers, buffer_order)
+    return model
+
+
+def _original_order(store: dict[str, Any], unwrapped: dict[str, SubclassSpec]) -> list[str]:
+    order: list[str] = []
+    for key in store:
+        base = key.split(SEPARATOR, 1)[0]
+        name = base if base in unwrapped and key.startswith(base + SEPARATOR) else key
+        if name not in order:
+            order.append(name)
+    return order
