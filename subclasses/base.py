@@ -144,11 +144,39 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_activation(x: torch.Tensor, weight: QuantizedWeight) -> None:
-    if x.dtype != weight.dtype:
+    """Reject, before any kernel runs, activations ``F.linear(x, weight)`` cannot take.
+
+    TypeError if ``x``'s dtype is not the weight's (integer activations included); ValueError if
+    ``x`` is 0-D or its last dimension is not the weight's in_features.
+    """
+    # weight.shape/.dtype would go through __torch_function__ (~1.5 us each in eager); the
+    # constructor's shape and dtype are plain Python attributes.
+    shape, dtype = weight.attributes()[-2:]
+    if x.dtype != dtype:
+        if not x.is_floating_point():
+            raise TypeError(
+                f"activations must be floating point ({dtype} for this "
+                f"{type(weight).__name__}), got {x.dtype}; cast the input with x.to({dtype})"
+            )
         raise TypeError(
             f"activation dtype {x.dtype} does not match the {type(weight).__name__}'s dtype "
-            f"{weight.dtype}; cast the input or the model (model.to({weight.dtype}))"
+            f"{dtype}; cast the input or the model (model.to({dtype}))"
         )
+    if x.dim() == 0 or x.shape[-1] != shape[1]:
+        raise ValueError(
+            f"activation shape {tuple(x.shape)} does not fit the {type(weight).__name__} of shape "
+            f"{tuple(shape)}: the last dimension must be in_features={shape[1]}"
+        )
+
+
+def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out + bias``; a bias of another dtype raises TypeError (plain F.linear refuses it too,
+    and adding it would silently promote the output's dtype)."""
+    if bias is None:
+        return out
+    if bias.dtype != out.dtype:
+        raise TypeError(f"bias dtype {bias.dtype} does not match the activation dtype {out.dtype}")
+    return out + bias
 
 
 def as_kernel_input(x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +188,7 @@ def as_kernel_input(x: torch.Tensor) -> torch.Tensor:
 def as_linear_output(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if x.dim() != 2:
         out = out.view(*x.shape[:-1], out.shape[-1])
-    return out if bias is None else out + bias
+    return add_bias(out, bias)
 
 
 def target_dtype_device(weight: QuantizedWeight, kwargs: dict) -> tuple[torch.dtype, torch.device]:
@@ -192,4 +220,4 @@ def needs_input_grad(x: torch.Tensor) -> bool:
 def linear_with_input_grad(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear that is differentiable w.r.t. ``x`` (and ``bias``); the weight gets no gradient."""
     out = _LinearWithDequantizedGrad.apply(x, weight)
-    return out if bias is None else out + bias
+    return add_bias(out, bias)
