@@ -116,7 +116,7 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     check_activation(x, weight)
-    if weight.packing != Packing.CPU or x.device.type != "cpu":
+    if weight.packing != Packing.CPU or not x.is_cpu:
         return F.linear(x, weight.dequantize(), bias)
     if needs_input_grad(x):
         return linear_with_input_grad(x, weight, bias)

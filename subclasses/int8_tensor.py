@@ -69,7 +69,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_linear(x: torch.Tensor, weight: Int8WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     check_activation(x, weight)
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         return F.linear(x, weight.dequantize(), bias)
     if needs_input_grad(x):
         return linear_with_input_grad(x, weight, bias)
