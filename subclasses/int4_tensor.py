@@ -17,6 +17,7 @@ from .base import (
     needs_input_grad,
     target_dtype_device,
 )
+from .int4_cuda import pack_tinygemm, tinygemm_linear, unpack_tinygemm
 from .int4_packing import pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -28,11 +29,19 @@ class Packing:
 
     CPU = "cpu"  # the local CPU kernel's ISA-dependent layout
     CANONICAL = "canonical"  # portable, see int4_packing.pack_canonical
+    CUDA_TINYGEMM = "cuda_tinygemm"  # the CUDA kernel's int32 layout, see int4_cuda
 
 
 def packing_for(device: torch.device) -> str:
     """The packing a weight on ``device`` is kept in: the kernel's where one exists."""
+    if device.type == "cuda":
+        return Packing.CUDA_TINYGEMM
     return Packing.CPU if device.type == "cpu" else Packing.CANONICAL
+
+
+# packing -> (codes uint8 [N, K] -> packed) and its inverse
+_PACK = {Packing.CPU: pack_cpu, Packing.CANONICAL: pack_canonical, Packing.CUDA_TINYGEMM: pack_tinygemm}
+_UNPACK = {Packing.CPU: unpack_cpu, Packing.CANONICAL: unpack_canonical, Packing.CUDA_TINYGEMM: unpack_tinygemm}
 
 
 class Int4WeightTensor(QuantizedWeight):
@@ -41,10 +50,12 @@ class Int4WeightTensor(QuantizedWeight):
     Inner tensors:
         packed: uint8 [N, K/2], two 4-bit codes q in 0..15 per byte, laid out per ``packing``.
         scale_and_zero: [K/group_size, N, 2] in the weight's dtype; [..., 0] scale, [..., 1] zero.
-    Metadata: group_size (32/64/128/256), packing ("cpu" or "canonical"), shape (N, K), dtype.
+    Metadata: group_size (32/64/128/256), packing ("cpu", "canonical" or
+    "cuda_tinygemm"), shape (N, K), dtype.
     Dequantized weight: ``(q - 8) * scale + zero`` per group.
-    Kernel: ``torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)`` on CPU;
-    other devices fall back to ``dequantize()`` + ``F.linear``.
+    Kernel: ``torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)`` on CPU,
+    ``torch._weight_int4pack_mm`` on CUDA (packing "cuda_tinygemm": ``packed`` is int32
+    [N/8, K/(t*16), 32, t/2], see int4_cuda); other devices fall back to ``dequantize()`` + ``F.linear``.
     """
 
     tensor_data_names = ("packed", "scale_and_zero")
@@ -86,13 +97,12 @@ class Int4WeightTensor(QuantizedWeight):
     ) -> "Int4WeightTensor":
         """Build from codes q [N, K] in 0..15, packed for the device q lives on."""
         packing = packing_for(q.device)
-        packed = pack_cpu(q) if packing == Packing.CPU else pack_canonical(q)
+        packed = _PACK[packing](q)
         return cls(packed, scale_and_zero, group_size, packing, tuple(q.shape), dtype)
 
     def codes(self) -> torch.Tensor:
         """The 4-bit codes q as uint8 [N, K], whatever the packing."""
-        unpack = unpack_cpu if self.packing == Packing.CPU else unpack_canonical
-        return unpack(self.packed)
+        return _UNPACK[self.packing](self.packed)
 
     def dequantize(self) -> torch.Tensor:  # type: ignore[override]
         n, k = self.shape
@@ -117,6 +127,8 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     check_activation(x, weight)
     if weight.packing != Packing.CPU or not x.is_cpu:
+        if weight.packing == Packing.CUDA_TINYGEMM:
+            return tinygemm_linear(x, weight, bias)
         return F.linear(x, weight.dequantize(), bias)
     if needs_input_grad(x):
         return linear_with_input_grad(x, weight, bias)

@@ -17,6 +17,7 @@ from .base import (
     needs_input_grad,
     target_dtype_device,
 )
+from .int8_cuda import int8_cuda_linear
 
 
 class Int8WeightTensor(QuantizedWeight):
@@ -29,7 +30,8 @@ class Int8WeightTensor(QuantizedWeight):
     Dequantized weight: ``qdata * scale[:, None]``.
     Kernel: ``torch._weight_int8pack_mm(x, qdata, scale)`` on CPU. With bf16 activations and K not
     a multiple of 16 that kernel segfaults or returns NaN, so there the kernel runs in fp32 and the
-    result is cast back. Other devices fall back to ``dequantize()`` + ``F.linear``.
+    result is cast back. On CUDA ``(x @ qdata.T) * scale`` (see int8_cuda); other devices fall back to
+    ``dequantize()`` + ``F.linear``.
     """
 
     tensor_data_names = ("qdata", "scale")
@@ -70,6 +72,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_linear(x: torch.Tensor, weight: Int8WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     check_activation(x, weight)
     if not x.is_cpu:
+        if weight.qdata.is_cuda:
+            return int8_cuda_linear(x, weight, bias)
         return F.linear(x, weight.dequantize(), bias)
     if needs_input_grad(x):
         return linear_with_input_grad(x, weight, bias)
