@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .base import as_kernel_input, as_linear_output, linear_with_input_grad, needs_input_grad
-from .int4_packing import pack_canonical
+from .base import as_kernel_input, as_linear_output, linear_with_input_grad
 
 if TYPE_CHECKING:
     from .int4_tensor import Int4WeightTensor
@@ -60,7 +59,20 @@ def pack_tinygemm(q: torch.Tensor) -> torch.Tensor:
     """Codes q [N, K] in 0..15 -> the CUDA kernel's int32 layout, on q's (CUDA) device."""
     n, k = q.shape
     tiles = check_tinygemm_shape(n, k)
-    return torch._convert_weight_to_int4pack(pack_canonical(q).contiguous(), tiles)
+    return torch._convert_weight_to_int4pack(canonical_bytes(q), tiles)
+
+
+def canonical_bytes(q: torch.Tensor) -> torch.Tensor:
+    """``int4_packing.pack_canonical(q)``, contiguous. Written without Python indexing and
+    ``.contiguous()``, which fail on fake CUDA tensors in a CPU-only build (where tests run this)."""
+    n, k = q.shape
+    high, low = q.to(torch.uint8).reshape(n, k // 2, 2).unbind(-1)
+    return _dense((high << 4) | low)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()`` by way of ``clone`` (same result; also runs on fake CUDA tensors)."""
+    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
 
 
 # The layout, written out (checked on CPU against a loop transcribed from the CUDA packing kernel,
@@ -79,8 +91,8 @@ def pack_tinygemm_reference(q: torch.Tensor) -> torch.Tensor:
     """Pure-torch equivalent of ``pack_tinygemm`` on any device (little-endian int32)."""
     n, k = q.shape
     nibbles = _codes_as_lanes(q.to(torch.uint8), check_tinygemm_shape(n, k))
-    data = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)  # byte i holds nibbles 2i (low), 2i+1
-    return data.contiguous().view(torch.int32).squeeze(-1)
+    low, high = nibbles.unflatten(-1, (4, 2)).unbind(-1)  # byte i holds nibble 2i (low), 2i+1 (high)
+    return _dense(low | (high << 4)).view(torch.int32).squeeze(-1)
 
 
 def unpack_tinygemm(packed: torch.Tensor) -> torch.Tensor:
@@ -88,7 +100,7 @@ def unpack_tinygemm(packed: torch.Tensor) -> torch.Tensor:
     tile_n, tile_k, lanes, half_tiles = packed.shape
     tiles = half_tiles * 2
     n, k = tile_n * N_TILE, tile_k * tiles * K_TILE
-    data = packed.contiguous().view(torch.uint8).view(tile_n, tile_k, lanes, half_tiles, 4)
+    data = _dense(packed).view(torch.uint8).view(tile_n, tile_k, lanes, half_tiles, 4)
     nibbles = torch.stack([data & 15, data >> 4], dim=-1).reshape(tile_n, tile_k, lanes, half_tiles, 8)
     v = nibbles.reshape(tile_n, tile_k, N_TILE, 4, half_tiles, 2, 2, 2)  # tile_n, tile_k, r, c, j, e, a, b
     v = v.permute(0, 2, 1, 4, 6, 7, 3, 5)  # -> tile_n, r, tile_k, j, a, b, c, e
@@ -106,7 +118,7 @@ def tinygemm_linear(x: torch.Tensor, weight: "Int4WeightTensor", bias: torch.Ten
             f"activation on {x.device} but the int4 weight is packed for CUDA ({weight.packed.device}); "
             "move the input to the weight's device"
         )
-    if needs_input_grad(x):
+    if x.requires_grad and torch.is_grad_enabled():
         return linear_with_input_grad(x, weight, bias)
     x2d = as_kernel_input(x)
     n = weight.packed.shape[0] * N_TILE
