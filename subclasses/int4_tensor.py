@@ -17,7 +17,7 @@ from .base import (
     needs_input_grad,
     target_dtype_device,
 )
-from .int4_cuda import pack_tinygemm, tinygemm_linear, unpack_tinygemm
+from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
 from .int4_packing import pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -34,7 +34,7 @@ class Packing:
 
 def packing_for(device: torch.device) -> str:
     """The packing a weight on ``device`` is kept in: the kernel's where one exists."""
-    if device.type == "cuda":
+    if device.type == "cuda" and tinygemm_supported(device):  # else (pre-sm80, ROCm): dequantize
         return Packing.CUDA_TINYGEMM
     return Packing.CPU if device.type == "cpu" else Packing.CANONICAL
 
