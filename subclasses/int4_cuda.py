@@ -17,6 +17,7 @@ original report).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +30,20 @@ if TYPE_CHECKING:
 N_TILE = 8  # rows of the weight per packed tile (kNTileSizeTensor)
 K_TILE = 16  # input features per k-tile (kKTileSize)
 INNER_K_TILES = (8, 4, 2)  # what the kernel accepts, fastest (widest loads) first
+
+
+def tinygemm_supported(device: torch.device) -> bool:
+    """Whether the tinygemm kernel runs on this CUDA device: NVIDIA sm80+ (its body is compiled
+    only for those; ROCm builds use another lane layout). Without a CUDA build (fake CUDA tensors
+    in tests) only the kernel's meta function exists, and support is assumed."""
+    if not torch.cuda.is_available():
+        return True
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def inner_k_tiles_for(k: int) -> int:
