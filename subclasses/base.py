@@ -185,7 +185,12 @@ def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 def as_kernel_input(x: torch.Tensor) -> torch.Tensor:
     """The 2-D contiguous view the CPU kernels take; copies only when x is not contiguous."""
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    return x2d if x2d.is_contiguous() else x2d.contiguous()
+    if x2d.is_contiguous() and x2d.stride(-1) == 1:
+        return x2d
+    # is_contiguous() ignores the strides of empty tensors and of size-1 dimensions, but the
+    # kernels check stride(-1) == 1 ([0, K] or [1, 1] slices with step 2 failed); and
+    # .contiguous() would return such a tensor as is.
+    return x2d.clone(memory_format=torch.contiguous_format)
 
 
 def as_linear_output(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

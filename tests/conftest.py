@@ -1,5 +1,14 @@
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests are derandomized by default (CI): the same examples every run, no example
+# database. HYPOTHESIS_PROFILE=explore searches fresh examples each run.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
