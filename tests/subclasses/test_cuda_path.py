@@ -305,3 +305,29 @@ def test_gpu_compiled_unwrapped_model_matches_eager():
             for _ in range(3):
                 out = compiled(x)
             assert sqnr(eager, out) > 40
+
+
+# --- what a compiled CUDA graph contains (export on fake CUDA tensors, CPU) ----------------------
+
+
+def _graph_ops(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The ops of the exported graph, less export's reads of a wrapped subclass's inner tensors."""
+    graph = torch.export.export(model, (x,)).graph
+    ops = [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    return [op for op in ops if op != "export.access_subclass_inner_tensor.default"]
+
+
+@pytest.mark.parametrize("config", [Int4WeightOnlyConfig(128), Int8WeightOnlyConfig()], ids=["int4", "int8"])
+def test_cuda_graph_of_ours_is_the_floor_graph(fake_mode, config):
+    from perf.cuda import cuda_floor_model
+
+    def two_layer():  # the report's W2 shapes, batch 1
+        layers = [nn.Linear(512, 1024, bias=False, dtype=torch.bfloat16), nn.Linear(1024, 1024, bias=False, dtype=torch.bfloat16)]
+        return quantize_(nn.Sequential(*layers), config).to("cuda:0")
+
+    x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda:0")
+    floor = _graph_ops(cuda_floor_model(two_layer()), x)
+    assert _graph_ops(two_layer(), x) == floor
+    assert _graph_ops(unwrap(two_layer()), x) == floor
+    if isinstance(config, Int4WeightOnlyConfig):  # just the kernel: no activation pad, no dequantize
+        assert floor == ["aten._weight_int4pack_mm.default"] * 2
