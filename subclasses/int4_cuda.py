@@ -136,9 +136,8 @@ def tinygemm_linear(x: torch.Tensor, weight: "Int4WeightTensor", bias: torch.Ten
     if x.requires_grad and torch.is_grad_enabled():
         return linear_with_input_grad(x, weight, bias)
     x2d = as_kernel_input(x)
-    n = weight.packed.shape[0] * N_TILE
     if x2d.shape[0] == 0:  # the kernel would launch an empty grid
-        return as_linear_output(x2d.new_empty((0, n)), x, bias)
+        return as_linear_output(x2d.new_empty((0, weight.packed.shape[0] * N_TILE)), x, bias)
     if x.dtype == torch.bfloat16:
         out = torch._weight_int4pack_mm(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
     else:
