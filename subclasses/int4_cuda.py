@@ -1,6 +1,7 @@
 """Int4 on CUDA: the tinygemm kernel (``aten._weight_int4pack_mm``) and its packed layout.
 
-The kernel (``aten/src/ATen/native/cuda/int4mm.cu``, torch 2.11 to 2.13, sm80+) takes
+The kernel (``aten/src/ATen/native/cuda/int4mm.cu`` as read upstream; the uint8 packing input
+dates from torch 2.5; NVIDIA sm80+) takes
 bf16 activations x [M, K] (2-D, contiguous), the weight packed by ``aten._convert_weight_to_int4pack``
 from the canonical uint8 [N, K/2] bytes (``q[:, ::2] << 4 | q[:, 1::2]``) into int32
 [N/8, K/(inner_k_tiles*16), 32, inner_k_tiles/2], a group size of 32/64/128/256 and the bf16
