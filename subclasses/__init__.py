@@ -4,6 +4,7 @@ from .base import QuantizedWeight
 from .int4_tensor import Int4WeightTensor, Packing
 from .int8_tensor import Int8WeightTensor
 from .quant_api import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+from .serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
 
 __all__ = [
     "QuantizedWeight",
@@ -13,4 +14,8 @@ __all__ = [
     "Int4WeightOnlyConfig",
     "Int8WeightOnlyConfig",
     "quantize_",
+    "flatten_state_dict",
+    "unflatten_state_dict",
+    "save_checkpoint",
+    "load_checkpoint",
 ]

@@ -12,6 +12,9 @@ aten = torch.ops.aten
 FunctionImpl = Callable[..., Any]
 DispatchImpl = Callable[[Any, tuple, dict], Any]
 
+# Every quantized format by class name: what checkpoints may name (see serialization.py).
+FORMATS: dict[str, type["QuantizedWeight"]] = {}
+
 
 class QuantizedWeight(torch.Tensor):
     """A traceable wrapper subclass for a quantized weight of shape [out_features, in_features].
@@ -36,6 +39,21 @@ class QuantizedWeight(torch.Tensor):
         # Each format gets its own tables, seeded with the shared ops.
         cls.function_table = dict(cls.function_table)
         cls.dispatch_table = dict(cls.dispatch_table)
+        # Loadable with torch.load(weights_only=True); __setstate__ validates what it is given.
+        FORMATS[cls.__name__] = cls
+        torch.serialization.add_safe_globals([cls])
+
+    def __reduce_ex__(self, proto: int) -> tuple:
+        # Pickle the portable form (canonical int4 packing), never the local kernel's layout.
+        from .serialization import reduce_weight
+
+        return reduce_weight(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # torch.load: validate the portable form and pack it for this machine's kernel.
+        from .serialization import restore_state
+
+        restore_state(self, state)
 
     @staticmethod
     def __new__(cls, *args: Any) -> "QuantizedWeight":
