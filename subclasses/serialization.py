@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .base import FLOAT_DTYPES, FORMATS, QuantizedWeight
-from .int4_packing import pack_canonical
+from .int4_cuda import canonical_bytes
 from .int4_tensor import GROUP_SIZES, Int4WeightTensor, Packing, packing_for
 from .int8_tensor import Int8WeightTensor
 
@@ -40,7 +40,7 @@ _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
 def portable(weight: QuantizedWeight) -> QuantizedWeight:
     """``weight`` in the form a checkpoint stores: int4 in the canonical packing, others as is."""
     if isinstance(weight, Int4WeightTensor) and weight.packing != Packing.CANONICAL:
-        packed = pack_canonical(weight.codes())
+        packed = canonical_bytes(weight.codes())  # = int4_packing.pack_canonical; also runs on fake CUDA
         return Int4WeightTensor(
             packed, weight.scale_and_zero, weight.group_size, Packing.CANONICAL, tuple(weight.shape), weight.dtype
         )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import subclasses.int4_packing as int4_packing
 import subclasses.serialization as serialization
@@ -28,6 +29,7 @@ from subclasses import (
     save_checkpoint,
     unflatten_state_dict,
 )
+from subclasses.int4_cuda import tinygemm_packed_shape
 from subclasses.int4_packing import CPU_LAYOUTS, pack_canonical, pack_cpu
 from tests.conftest import sqnr
 from unwrap import unwrap
@@ -254,6 +256,22 @@ def test_checkpoint_moves_between_cpus_that_pack_differently(tmp_path):
     reference = F.linear(x, weight.dequantize())
     assert sqnr(reference, there["out_pt"]) > 35 and torch.equal(there["out_pt"], there["out_st"])
     assert_same_weight(there["w"], weight)  # and its checkpoint, written there, loads here
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")  # flatten's shared-memory check
+def test_safetensors_on_fake_cuda_load_into_the_tinygemm_packing_and_save_canonical():
+    _, metadata = flatten_state_dict({"w": WEIGHTS["int4-bf16-g32"]()})
+    int4_packing.cpu_layout()  # probes real tensors: run it before entering the fake mode
+    with FakeTensorMode():  # no GPU here: shapes, dtypes and packings only
+        tensors = {
+            "w:packed": torch.empty(80, 64, dtype=torch.uint8, device="cuda:0"),
+            "w:scale_and_zero": torch.empty(4, 80, 2, dtype=torch.bfloat16, device="cuda:0"),
+        }
+        loaded = unflatten_state_dict(tensors, metadata)["w"]
+        assert loaded.device.type == "cuda" and loaded.packing == Packing.CUDA_TINYGEMM
+        assert loaded.packed.shape == tinygemm_packed_shape(80, 128)
+        saved, _ = flatten_state_dict({"w": loaded})
+        assert saved["w:packed"].shape == (80, 64) and saved["w:packed"].dtype == torch.uint8
 
 
 def test_unwrapped_model_checkpoints_load_into_a_wrapped_one_and_back(tmp_path):
