@@ -1,0 +1,65 @@
+"""``python -m perf``: the side-by-side overhead report (the README's main command)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+from .report import Progress, format_report, run_report, write_json, write_plot
+
+LLMS = ("Qwen2 tiny", "Qwen2 0.5B")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m perf",
+        description="Side-by-side host-overhead report: bf16 vs the floor vs our quantized weights, "
+        "eager / compiled / cpp_wrapper / AOTInductor, on built-in models.",
+    )
+    parser.add_argument("--format", choices=("int4", "int8", "all"), default="all", help="weight format (default: all)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="CI smoke: fewer timings, no 0.5B model")
+    parser.add_argument("--no-llm", action="store_true", help="skip the transformers Qwen2 models")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="also write a bar chart PNG (needs matplotlib: the 'plot' extra)")
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.plot:  # fail before minutes of measuring, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib, an optional extra: pip install 'unwrap[plot]'", file=sys.stderr)
+            return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    fmts = ["int4", "int8"] if args.format == "all" else [args.format]
+    llm: list[str] = []
+    if not args.no_llm:
+        try:
+            import transformers  # noqa: F401
+
+            llm = list(LLMS[:1] if args.quick else LLMS)
+        except ImportError:
+            print("transformers not installed (the 'hf' extra): skipping the Qwen2 models", file=sys.stderr)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "quick": args.quick, "formats": fmts}
+    blocks = run_report(fmts, quick=args.quick, llm=llm, progress=Progress())
+    print(format_report(blocks, meta), end="")
+    if args.json:
+        write_json(args.json, blocks, meta)
+    if args.plot:
+        write_plot(args.plot, blocks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""A real decoder LLM no one here wrote: transformers' Qwen2, random weights, greedy decoding with a
+static KV cache; next-token latency for bf16, our quantized weights and the floor."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from subclasses import Int4WeightTensor, Int8WeightTensor, quantize_
+
+from .workloads import CONFIGS, Int4FloorLinear, Int8FloorLinear
+
+# Qwen2.5-0.5B's shapes; "tiny" is host-bound (its kernels take microseconds).
+QWEN2_SHAPES: dict[str, dict[str, int]] = {
+    "Qwen2 0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+    "Qwen2 tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=4096),
+}
+
+
+def build_qwen2(shapes: dict[str, int], seed: int = 0) -> nn.Module:
+    """A bf16 ``Qwen2ForCausalLM`` with tied input/output embeddings and random weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**shapes, tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+
+
+class Int4FloorLinearND(Int4FloorLinear):
+    """The floor for a transformers linear: any leading dims, optional bias, kernel C binding."""
+
+    def __init__(self, weight: Int4WeightTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_and_zero)
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        return out if self.bias is None else out + self.bias
+
+
+class Int8FloorLinearND(Int8FloorLinear):
+    """As ``Int4FloorLinearND``, for int8 weights."""
+
+    def __init__(self, weight: Int8WeightTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qdata, self.scale)
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        return out if self.bias is None else out + self.bias
+
+
+_FLOOR_ND = {Int4WeightTensor: Int4FloorLinearND, Int8WeightTensor: Int8FloorLinearND}
+
+
+def floor_model_nd(quantized: nn.Module) -> nn.Module:
+    """A copy of ``quantized`` (wrapped, not unwrapped) whose quantized nn.Linears are swapped for
+    floor modules sharing their inner tensors; everything else is shared as is."""
+    model = copy.copy(quantized)
+    model._modules = dict(quantized._modules)
+    for name, child in quantized.named_children():
+        weight = getattr(child, "weight", None)
+        if isinstance(child, nn.Linear) and type(weight) in _FLOOR_ND:
+            bias = None if child.bias is None else child.bias.detach()
+            model._modules[name] = _FLOOR_ND[type(weight)](weight, bias)
+        else:
+            model._modules[name] = floor_model_nd(child)
+    return model
+
+
+def qwen2_variants(bf16: nn.Module, fmt: str) -> tuple[dict[str, nn.Module], list[str]]:
+    """floor / ours wrapped / ours unwrapped copies of ``bf16`` quantized with ``fmt``, and the
+    warnings ``quantize_`` gave (the tied embedding staying in bf16)."""
+    from unwrap import unwrap
+
+    if fmt not in CONFIGS:
+        raise ValueError(f"format must be one of {sorted(CONFIGS)}, got {fmt!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = quantize_(copy.deepcopy(bf16), CONFIGS[fmt]())
+    floor = floor_model_nd(wrapped)
+    unwrapped = unwrap(copy.deepcopy(wrapped))
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    return {"floor": floor, "ours wrapped": wrapped, "ours unwrapped": unwrapped}, notes
+
+
+class Decoder:
+    """Greedy decoding with a ``StaticCache``: an eager prefill, then one-token steps through
+    ``step`` (the model itself, or its compiled version) at increasing cache positions."""
+
+    def __init__(self, model: nn.Module, step: Callable | None = None, *, max_len: int = 256, prompt_len: int = 8) -> None:
+        from transformers import StaticCache
+
+        self.model, self.step = model, (model if step is None else step)
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.max_len, self.prompt_len = max_len, prompt_len
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty the cache and prefill a fixed prompt (token ids 1..prompt_len)."""
+        prompt = torch.arange(1, self.prompt_len + 1).unsqueeze(0)
+        with torch.inference_mode():  # the cache's tensors are inference tensors
+            self.cache.reset()
+            out = self.model(prompt, past_key_values=self.cache, use_cache=True,
+                             cache_position=torch.arange(self.prompt_len), logits_to_keep=1)
+        self.position = self.prompt_len
+        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def next(self) -> int:
+        """Decode one token greedily; returns it. Resets (re-prefills) when the cache is full."""
+        if self.position >= self.max_len:
+            self.reset()
+        with torch.inference_mode():
+            out = self.step(self.token, past_key_values=self.cache, use_cache=True,
+                            cache_position=torch.tensor([self.position]), logits_to_keep=1)
+        self.position += 1
+        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+        return int(self.token)
+
+    def generate(self, n: int) -> list[int]:
+        """``n`` greedy tokens after a fresh prefill."""
+        self.reset()
+        return [self.next() for _ in range(n)]
+
+
+def ms_per_token(decoder: Decoder, *, repeats: int = 5, tokens: int = 8, warmup: int = 3) -> float:
+    """Minimum over ``repeats`` of the mean wall time of ``tokens`` decode steps, in ms."""
+    for _ in range(warmup):
+        decoder.next()
+    best = float("inf")
+    for _ in range(repeats):
+        if decoder.position + tokens > decoder.max_len:
+            decoder.reset()
+        start = time.perf_counter()
+        for _ in range(tokens):
+            decoder.next()
+        best = min(best, (time.perf_counter() - start) / tokens)
+    return best * 1e3

@@ -1,0 +1,278 @@
+"""The side-by-side overhead report: measure, build the table, write JSON and a bar chart."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .modes import MODE_TITLES, MODES, kernel_chain, prepare, torchao_available, torchao_model
+from .timing import compile_counting_guards, min_time_us
+from .workloads import WORKLOADS, build_variants
+
+VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
+
+
+@dataclass
+class Row:
+    """One model variant: time per mode (None: not measured), guards of the default compile,
+    kernel-only time of its kernels called directly (None: not applicable)."""
+
+    variant: str
+    times: dict[str, float | None] = field(default_factory=dict)
+    guards: int | None = None
+    kernel: float | None = None
+    note: str = ""
+
+    def best(self) -> tuple[str, float] | None:
+        measured = [(t, m) for m, t in self.times.items() if t is not None]
+        return None if not measured else min(measured)[::-1]
+
+
+@dataclass
+class Block:
+    """One workload in one format: a table of rows, in ``unit`` per forward (or per token)."""
+
+    workload: str
+    format: str
+    unit: str
+    modes: tuple[str, ...]
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, variant: str) -> Row | None:
+        return next((r for r in self.rows if r.variant == variant), None)
+
+    def fastest(self) -> tuple[Row, str, float] | None:
+        """Our variant and mode with the lowest time: what a user of this library should run."""
+        best = [(r.best()[1], r.best()[0], r) for r in self.rows if r.variant.startswith("ours") and r.best()]
+        if not best:
+            return None
+        t, mode, row = min(best, key=lambda b: b[0])
+        return row, mode, t
+
+
+class Progress:
+    """Progress lines on stderr with the elapsed time, so long runs show where they are."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.start, self.stream = time.perf_counter(), stream
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=self.stream, flush=True)
+
+
+def interleaved_min_us(fns: dict[str, Callable[[], object]], *, repeats: int, number: int, warmup: int = 10) -> dict[str, float]:
+    """Per callable, the minimum over ``repeats`` rounds of the mean of ``number`` calls (us).
+    Rounds visit every callable in turn, so a burst of load on a shared machine hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {key: float("inf") for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(number):
+                fn()
+            best[key] = min(best[key], (time.perf_counter() - start) / number * 1e6)
+    return best
+
+
+def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: bool, progress: Callable[[str], None]) -> Block:
+    """Time every variant of ``workload`` in every mode (us per forward, batch 1). Compiled
+    modes are timed right after their compile; eager, AOTInductor and the kernels interleaved."""
+    models, x = build_variants(workload, fmt)
+    if torchao_available():
+        try:
+            models["torchao"] = torchao_model(models["bf16"], fmt)
+        except Exception as error:  # an API change in torchao must not sink the report
+            progress(f"torchao row skipped: {error}")
+    block = Block(workload, fmt, "us", modes, [Row(variant) for variant in models])
+    repeats, number = (3, 50) if quick else (9, 200)
+    compiled_times: dict[tuple[str, str], float] = {}
+    fns: dict[tuple[str, str], Callable[[], object]] = {}
+    for v in ("bf16", "floor"):
+        chain = kernel_chain(models[v])
+        if chain is not None:
+            fns[(v, "kernel")] = lambda chain=chain: chain(x)
+    for row in block.rows:
+        for mode in modes:
+            row.times[mode] = None
+            if mode == "aoti" and row.variant == "ours wrapped":
+                continue  # export unwraps it itself: the same package as "ours unwrapped"
+            progress(f"{workload} {fmt}: {row.variant}, {MODE_TITLES[mode]}")
+            try:
+                fn, guards = prepare(models[row.variant], (x,), mode)
+            except Exception as error:
+                row.note = f"{MODE_TITLES[mode]} failed: {type(error).__name__}"
+                progress(f"  failed: {error}")
+                continue
+            if mode in ("compiled", "cpp_wrapper"):
+                # Timed now: the next compile resets Dynamo (the variants share forward code
+                # objects, whose cache entries would otherwise pile up and be searched).
+                with torch.inference_mode():
+                    compiled_times[(row.variant, mode)] = min_time_us(fn, repeats=repeats, number=number)
+            else:
+                fns[(row.variant, mode)] = fn
+            if mode == "compiled":
+                row.guards = guards
+    progress(f"{workload} {fmt}: timing eager, AOTInductor and kernels, interleaved")
+    with torch.inference_mode():
+        times = {**interleaved_min_us(fns, repeats=repeats, number=number), **compiled_times}
+    for row in block.rows:
+        for mode in modes:
+            row.times[mode] = times.get((row.variant, mode))
+        row.kernel = times.get(("bf16" if row.variant == "bf16" else "floor", "kernel"))
+    return block
+
+
+def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[str], None]) -> list[Block]:
+    """Next-token ms/token of a transformers Qwen2 (greedy, static KV cache), eager and compiled,
+    for bf16 and, per format, the floor and ours (wrapped eagerly; unwrapped eagerly and compiled)."""
+    from .qwen import QWEN2_SHAPES, Decoder, build_qwen2, ms_per_token, qwen2_variants
+
+    progress(f"{name}: building (random weights)")
+    bf16 = build_qwen2(QWEN2_SHAPES[name])
+    small = QWEN2_SHAPES[name]["hidden_size"] <= 256
+    timing = dict(repeats=5, tokens=16 if small else 4, warmup=3) if not quick else dict(repeats=3, tokens=8, warmup=2)
+
+    def time_row(variant: str, model: torch.nn.Module, compiled_too: bool) -> Row:
+        row = Row(variant)
+        progress(f"{name}: {variant}, eager")
+        row.times["eager"] = ms_per_token(Decoder(model), **timing)
+        if compiled_too:
+            progress(f"{name}: {variant}, compiling")
+            torch._dynamo.reset()
+            step, counts = compile_counting_guards(model)
+            row.times["compiled"] = ms_per_token(Decoder(model, step), **timing)
+            row.guards = sum(counts)
+        else:
+            row.times["compiled"] = None
+        return row
+
+    bf16_row = time_row("bf16", bf16, True)
+    blocks = []
+    for fmt in fmts:
+        variants, notes = qwen2_variants(bf16, fmt)
+        block = Block(name, fmt, "ms/token", ("eager", "compiled"), [bf16_row], notes)
+        for variant, model in variants.items():
+            block.rows.append(time_row(variant, model, compiled_too=variant != "ours wrapped"))
+        blocks.append(block)
+        del variants
+    return blocks
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def _cell(t: float | None, floor: float | None) -> str:
+    if t is None:
+        return "-"
+    ratio = _ratio(t, floor)
+    return f"{t:.3g} ({ratio})" if ratio else f"{t:.3g}"
+
+
+def format_block(block: Block) -> str:
+    """A Markdown table: each time with its ratio to the floor in the same mode, the guards of the
+    default compile, kernel-only time, host overhead (best − kernel), best ÷ bf16's best."""
+    floor, bf16 = block.row("floor"), block.row("bf16")
+    head = ["variant", *(MODE_TITLES[m] for m in block.modes), "guards", "kernel", "overhead", "best/bf16", "best/floor"]
+    lines = [
+        f"### {block.workload}, {block.format} ({block.unit}; in brackets: ratio to the floor in the same mode)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    bf16_best = bf16.best()[1] if bf16 and bf16.best() else None
+    floor_best = floor.best()[1] if floor and floor.best() else None
+    for row in block.rows:
+        best = row.best()
+        cells = [_cell(row.times.get(m), floor.times.get(m) if floor else None) for m in block.modes]
+        overhead = f"{best[1] - row.kernel:.3g}" if best and row.kernel is not None else "-"
+        kernel = f"{row.kernel:.3g}" if row.kernel is not None else "-"
+        guards = str(row.guards) if row.guards is not None else "-"
+        best_t = best[1] if best else None
+        lines.append("| " + " | ".join([row.variant, *cells, guards, kernel, overhead,
+                                         _ratio(best_t, bf16_best), _ratio(best_t, floor_best)]) + " |")
+    fastest = block.fastest()
+    if fastest:
+        row, mode, t = fastest
+        versus = f", {t / bf16_best:.2f}x bf16's best" if bf16_best else ""
+        lines += ["", f"Fastest: **{row.variant}, {MODE_TITLES[mode]}**: {t:.3g} {block.unit}{versus}."]
+    lines += [f"Note: {note}" for note in block.notes]
+    lines += [f"Note: {row.variant}: {row.note}" for row in block.rows if row.note]
+    return "\n".join(lines)
+
+
+def format_report(blocks: list[Block], meta: dict) -> str:
+    """The whole report: a header line with the setup, then one table per block."""
+    header = (f"unwrap overhead report: torch {meta['torch']}, {meta['threads']} thread(s), batch 1, "
+              f"minimum of repeated timings")
+    return "\n\n".join([header, *(format_block(b) for b in blocks)]) + "\n"
+
+
+def to_json(blocks: list[Block], meta: dict) -> dict:
+    """The report as plain data (documented in the README)."""
+    out = []
+    for block in blocks:
+        rows = []
+        for row in block.rows:
+            best = row.best()
+            rows.append({**asdict(row), "best_mode": best[0] if best else None, "best": best[1] if best else None})
+        fastest = block.fastest()
+        out.append({
+            "workload": block.workload, "format": block.format, "unit": block.unit, "modes": list(block.modes),
+            "rows": rows, "notes": block.notes,
+            "fastest": None if not fastest else {"variant": fastest[0].variant, "mode": fastest[1], "time": fastest[2]},
+        })
+    return {"meta": meta, "blocks": out}
+
+
+def write_json(path: str, blocks: list[Block], meta: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(to_json(blocks, meta), f, indent=2, allow_nan=False)
+
+
+def write_plot(path: str, blocks: list[Block]) -> None:
+    """A PNG bar chart: one panel per block, bars per variant and mode (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise SystemExit(
+            "--plot needs matplotlib, an optional extra: pip install 'unwrap[plot]' (or pip install matplotlib)"
+        ) from error
+    fig, axes = plt.subplots(len(blocks), 1, figsize=(10, 3.2 * len(blocks)), squeeze=False)
+    for ax, block in zip(axes[:, 0], blocks):
+        width = 0.8 / len(block.modes)
+        for i, mode in enumerate(block.modes):
+            values = [row.times.get(mode) or math.nan for row in block.rows]
+            ax.bar([j + i * width for j in range(len(block.rows))], values, width, label=MODE_TITLES[mode])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(block.rows))], [r.variant for r in block.rows])
+        ax.set_title(f"{block.workload}, {block.format}")
+        ax.set_ylabel(block.unit)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def run_report(fmts: list[str], *, quick: bool, llm: list[str], progress: Callable[[str], None]) -> list[Block]:
+    """Measure the built-in workloads (W2, W1) in every mode, then the LLMs, per format."""
+    blocks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # compile/export chatter; quantize_'s notes are kept per block
+        for workload in sorted(WORKLOADS, reverse=True):  # W2 first: the reported model
+            for fmt in fmts:
+                blocks.append(measure_workload(workload, fmt, MODES, quick=quick, progress=progress))
+        for name in llm:
+            blocks.extend(measure_llm(name, fmts, quick=quick, progress=progress))
+    return blocks
