@@ -2,17 +2,25 @@
 
 from .base import QuantizedWeight
 from .int4_tensor import Int4WeightTensor, Packing
+from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
 from .int8_tensor import Int8WeightTensor
-from .quant_api import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+from .quant_api import (
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    quantize_,
+)
 from .serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
 
 __all__ = [
     "QuantizedWeight",
     "Int4WeightTensor",
     "Int8WeightTensor",
+    "Int8DynamicActivationInt8WeightTensor",
     "Packing",
     "Int4WeightOnlyConfig",
     "Int8WeightOnlyConfig",
+    "Int8DynamicActivationInt8WeightConfig",
     "quantize_",
     "flatten_state_dict",
     "unflatten_state_dict",

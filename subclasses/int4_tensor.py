@@ -19,6 +19,7 @@ from .base import (
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
 from .int4_packing import pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
+from .int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
 
 GROUP_SIZES = (32, 64, 128, 256)
 EPS = 1e-6
@@ -132,9 +133,10 @@ def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | 
         return F.linear(x, weight.dequantize(), bias)
     if needs_input_grad(x):
         return linear_with_input_grad(x, weight, bias)
-    out = torch._weight_int4pack_mm_for_cpu(
-        as_kernel_input(x), weight.packed, weight.group_size, weight.scale_and_zero
-    )
+    x2d = as_kernel_input(x)
+    if x2d.shape[0] > PREFILL_MIN_ROWS:  # prefill: kernel or dequantize + GEMM by the crossover
+        return as_linear_output(int4_prefill_mm(x2d, weight), x, bias)
+    out = torch._weight_int4pack_mm_for_cpu(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
     return as_linear_output(out, x, bias)
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .base import QuantizedWeight
 from .int4_tensor import GROUP_SIZES, Int4WeightTensor
+from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
 from .int8_tensor import Int8WeightTensor
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -47,6 +48,18 @@ class Int8WeightOnlyConfig:
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         return Int8WeightTensor.from_float(weight)
+
+
+@dataclass(frozen=True)
+class Int8DynamicActivationInt8WeightConfig:
+    """Int8 per-channel weight, int8 per-token dynamic activation, ``torch._int_mm``; see
+    ``Int8DynamicActivationInt8WeightTensor``."""
+
+    def unsupported_reason(self, weight: torch.Tensor) -> str | None:
+        return Int8DynamicActivationInt8WeightTensor.unsupported_reason(weight)
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        return Int8DynamicActivationInt8WeightTensor.from_float(weight)
 
 
 def _is_linear(module: nn.Module, fqn: str) -> bool:

@@ -1,0 +1,132 @@
+"""The int4 prefill path: dequantize the packed weight in one fused pass, then a high-precision GEMM.
+
+The CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) is a decode kernel: its time grows linearly
+with the activation rows M, while a bf16 GEMM barely does. Above a crossover M it is faster to
+dequantize the whole weight (fixed cost) and call ``torch.mm``. ``PREFILL_CROSSOVER`` records the
+crossover measured on the project's CPU; ``perf/crossover.py`` re-measures it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .int4_packing import cpu_layout
+
+if TYPE_CHECKING:
+    from .int4_tensor import Int4WeightTensor
+
+# Crossover by shape class, measured with ``python -m perf.crossover`` (2 threads, bf16,
+# group_size 128, 2-core AVX512/AMX Xeon, torch 2.13, eager with the compiled dequantize below).
+# Rows: (largest weight numel N*K of the class, largest M for which the int4 kernel still wins).
+# The representative shapes were 1024x1024, 2048x2048 and 4096x4096.
+PREFILL_CROSSOVER: tuple[tuple[float, int], ...] = (
+    (1 << 20, 8),
+    (1 << 23, 8),
+    (float("inf"), 8),
+)
+# The smallest threshold: int4_linear's one extra comparison on the decode path uses it.
+PREFILL_MIN_ROWS: int = min(t for _, t in PREFILL_CROSSOVER)
+
+
+def crossover_rows(n: int, k: int) -> int:
+    """The largest activation row count M for which the int4 kernel beats dequantize + GEMM."""
+    numel = n * k
+    for max_numel, rows in PREFILL_CROSSOVER:
+        if numel <= max_numel:
+            return rows
+    return PREFILL_CROSSOVER[-1][1]
+
+
+@torch.compiler.assume_constant_result
+def _layout() -> tuple[int, str]:
+    # cpu_layout() is cached and probes the packing op: not traceable; a constant to Dynamo.
+    return cpu_layout()
+
+
+def dequantize_kn(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The dequantized weight, transposed: [K, N] contiguous, from the CPU kernel's packing.
+
+    Written so that inductor emits one vectorized loop (each packed byte is read in its stored
+    order, scale and zero [K/g, N] contiguous are read along N; a stride-2 read of
+    ``scale_and_zero`` would make inductor give up vectorizing): no intermediates, no transpose copy.
+    Needs N to be a multiple of the layout's block rows (see ``supports_fast_dequantize``).
+    """
+    rows, pairing = _layout()
+    n, k = packed.shape[0], packed.shape[1] * 2
+    # packed is [N/rows, K, rows/2] bytes; each byte holds two output rows of one column.
+    p = packed.view(n // rows, k // group_size, group_size, rows // 2).permute(1, 2, 0, 3)
+    if pairing == "half":  # byte j holds rows j (low nibble) and j + rows/2 (high nibble)
+        p, shape = p.unsqueeze(3), (k // group_size, 1, n // rows, 2, rows // 2)
+        shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device).view(2, 1)
+    else:  # "adjacent": byte j holds rows 2j (low) and 2j + 1 (high)
+        p, shape = p.unsqueeze(4), (k // group_size, 1, n // rows, rows // 2, 2)
+        shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device)
+    q = (p >> shifts) & 15  # [K/g, g, N/rows, pair dims...]
+    return ((q.to(dtype) - 8) * scale.view(shape) + zero.view(shape)).reshape(k, n)
+
+
+def supports_fast_dequantize(n: int) -> bool:
+    return n % _layout()[0] == 0
+
+
+@torch.library.custom_op("unwrap_int4::split_scale_and_zero", mutates_args=())
+def split_scale_and_zero(scale_and_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[K/g, N, 2] -> contiguous scale and zero [K/g, N]. An opaque op so that inductor copies
+    them out once instead of fusing a stride-2 read into the dequantize loop (which it then
+    leaves unvectorized: ~3x slower)."""
+    return scale_and_zero[..., 0].contiguous(), scale_and_zero[..., 1].contiguous()
+
+
+@split_scale_and_zero.register_fake
+def _(scale_and_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = scale_and_zero.shape[:-1]
+    return scale_and_zero.new_empty(shape), scale_and_zero.new_empty(shape)
+
+
+_compiled: Callable[..., torch.Tensor] | None = None
+
+
+def eager_dequantize_kn(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``dequantize_kn`` compiled once and cached (one fused kernel instead of ~6 elementwise
+    passes: ~4x faster at 2048x2048). Each weight shape and dtype compiles once (static shapes: the
+    dynamic-shape version is not vectorized by inductor); past Dynamo's recompile limit (8 shapes)
+    it runs eagerly. If compiling fails (no C++ compiler), warns once and
+    runs ``dequantize_kn`` eagerly from then on."""
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(dequantize_kn, dynamic=False)
+    try:
+        return _compiled(packed, scale, zero, group_size, dtype)
+    except Exception as error:  # a backend failure: keep working, slower
+        if _compiled is dequantize_kn:
+            raise
+        warnings.warn(f"compiling the int4 dequantize failed ({error!r}); running it eagerly", stacklevel=2)
+        _compiled = dequantize_kn
+        return dequantize_kn(packed, scale, zero, group_size, dtype)
+
+
+def prefill_mm(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x2d @ W^T`` via a fused dequantize (inlined under torch.compile, cached-compiled in eager)
+    and ``torch.mm``; x2d is [M, K], the result [M, N] in x2d's dtype."""
+    scale, zero = split_scale_and_zero(scale_and_zero)
+    dequantize = dequantize_kn if torch.compiler.is_compiling() else eager_dequantize_kn
+    w_kn = dequantize(packed, scale, zero, group_size, x2d.dtype)
+    return torch.mm(x2d, w_kn)
+
+
+def int4_prefill_mm(x2d: torch.Tensor, weight: "Int4WeightTensor") -> torch.Tensor:
+    """``x2d @ weight^T`` for x2d [M, K] with M above ``PREFILL_MIN_ROWS`` (CPU packing): the int4
+    kernel up to the weight's crossover, dequantize + GEMM above it."""
+    n, k = weight.shape
+    if x2d.shape[0] <= crossover_rows(n, k):
+        return torch._weight_int4pack_mm_for_cpu(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
+    if not supports_fast_dequantize(n):  # a partial last block: the generic (slower) unpack
+        return torch.mm(x2d, weight.dequantize().t())
+    return prefill_mm(x2d, weight.packed, weight.scale_and_zero, weight.group_size)
