@@ -59,7 +59,7 @@ def kernel_chain(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | N
     floor's buffers or the bf16 weights), each feeding the next: the time nothing can beat.
     None when ``model`` holds other layers."""
     layers = [m for m in model.modules() if not list(m.children())]
-    if all(type(m) is nn.Linear and m.bias is None for m in layers):
+    if all(type(m) is nn.Linear and m.bias is None and type(m.weight) is nn.Parameter for m in layers):
         weights = [m.weight for m in layers]
 
         def run(x: torch.Tensor) -> torch.Tensor:

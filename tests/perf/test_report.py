@@ -1,0 +1,82 @@
+"""The overhead report: table, JSON, CLI options, kernel-only chains, a real (eager) measurement."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from perf.__main__ import main, parse_args
+from perf.modes import kernel_chain, prepare
+from perf.report import Block, Row, format_block, measure_workload, to_json, write_plot
+from perf.workloads import build_variants
+
+
+def sample_block():
+    return Block("W1 8x256", "int4", "us", ("eager", "compiled", "aoti"), [
+        Row("bf16", {"eager": 200.0, "compiled": 250.0, "aoti": 160.0}, guards=129, kernel=150.0),
+        Row("floor", {"eager": 60.0, "compiled": 80.0, "aoti": 50.0}, guards=161, kernel=45.0),
+        Row("ours wrapped", {"eager": 90.0, "compiled": 100.0, "aoti": None}, guards=169, kernel=45.0),
+        Row("ours unwrapped", {"eager": 66.0, "compiled": 84.0, "aoti": 48.0}, guards=160, kernel=45.0),
+    ], notes=["a note"])
+
+
+def test_table_shows_ratios_overhead_and_the_fastest_way():
+    text = format_block(sample_block())
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 66 (1.10) | 84 (1.05) | 48 (0.96) | 160 | 45 | 3 | 0.30 | 0.96 |" in lines["ours unwrapped"]
+    assert "| 100 (1.25) | - | 169 |" in lines["ours wrapped"]  # AOTI not measured for wrapped
+    assert "Fastest: **ours unwrapped, AOTInductor**: 48 us, 0.30x bf16's best." in text
+    assert "Note: a note" in text
+
+
+def test_json_is_plain_data_with_best_and_fastest():
+    data = json.loads(json.dumps(to_json([sample_block()], {"torch": "x", "threads": 2})))
+    block = data["blocks"][0]
+    assert block["fastest"] == {"variant": "ours unwrapped", "mode": "aoti", "time": 48.0}
+    row = block["rows"][2]
+    assert row["variant"] == "ours wrapped" and row["times"]["aoti"] is None
+    assert (row["best_mode"], row["best"], row["guards"], row["kernel"]) == ("eager", 90.0, 169, 45.0)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_kernel_chain_computes_what_the_model_computes(fmt):
+    models, x = build_variants("W2 512-1024-1024", fmt)
+    with torch.inference_mode():
+        assert torch.equal(kernel_chain(models["floor"])(x), models["floor"](x))
+        assert torch.equal(kernel_chain(models["bf16"])(x), models["bf16"](x))
+    assert kernel_chain(models["ours wrapped"]) is None  # its weights are subclasses: no direct chain
+
+
+def test_measure_workload_eager_rows():
+    lines = []
+    block = measure_workload("W1 8x256", "int8", ("eager",), quick=True, progress=lines.append)
+    assert [r.variant for r in block.rows] == ["bf16", "floor", "ours wrapped", "ours unwrapped"]
+    assert all(r.times["eager"] > 0 and r.kernel > 0 for r in block.rows)
+    assert any("ours unwrapped" in line for line in lines)
+
+
+def test_prepare_compiled_counts_guards_and_rejects_unknown_modes():
+    models, x = build_variants("W1 8x256", "int4")
+    fn, guards = prepare(models["floor"], (x,), "compiled")
+    with torch.inference_mode():
+        assert torch.equal(fn(), models["floor"](x))
+    assert guards > 0
+    with pytest.raises(ValueError, match="mode must be one of"):
+        prepare(models["floor"], (x,), "jit")
+
+
+def test_cli_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--threads", "0"])
+    assert "--threads must be a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--format", "int3"])
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    assert main(["--plot", str(tmp_path / "a.png"), "--quick"]) == 2
+    assert "pip install 'unwrap[plot]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="needs matplotlib"):
+        write_plot(str(tmp_path / "a.png"), [sample_block()])
