@@ -100,3 +100,20 @@ def test_compiled_dynamic_rows_two_graphs_and_numerics():
             reference = F.linear(F.linear(x, model[0].weight.dequantize()), model[1].weight.dequantize())
             assert sqnr(reference, compiled(x)) > 30, m
     assert counter.frame_count == 2
+
+
+def test_prefill_benchmark_bodies_run_once():
+    """Smoke: every case of perf/bench_prefill.py, each body once (small layer to stay fast)."""
+    from perf import bench_prefill
+
+    calls = []
+
+    def once(fn, *args):
+        calls.append(fn(*args).shape)
+
+    for fmt in bench_prefill.FORMATS:
+        for mode in bench_prefill.MODES:
+            for rows in bench_prefill.ROWS:
+                bench_prefill.run_prefill(once, fmt, mode, rows, size=256)
+    assert calls == [(rows, 256) for _ in range(len(bench_prefill.FORMATS) * 2) for rows in bench_prefill.ROWS]
+    assert bench_prefill.prefill_ms(lambda: None, repeats=1) >= 0

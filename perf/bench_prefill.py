@@ -1,0 +1,88 @@
+"""Prefill benchmarks: one 2048x2048 linear, M activation rows, per format with bf16 beside it.
+
+Run: ``pytest perf/bench_prefill.py --benchmark-only`` (2 threads; ``BENCH_THREADS`` to change).
+Each case is ``(format, mode, M)``; ``compiled`` compiles the unwrapped layer once per format with
+dynamic M, so one graph serves every M above the int4 crossover (see ``subclasses.int4_prefill``).
+``prefill_ms`` is the plain timing helper for whole models (time to first token).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from subclasses import (
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    quantize_,
+)
+from unwrap import unwrap
+
+FORMATS: dict[str, Callable[[], object] | None] = {
+    "bf16": None,
+    "int4": lambda: Int4WeightOnlyConfig(group_size=128),
+    "int8": Int8WeightOnlyConfig,
+    "int8-dyn": Int8DynamicActivationInt8WeightConfig,
+}
+MODES = ("eager", "compiled")
+ROWS = (1, 8, 32, 128, 512)
+SIZE = 2048
+
+
+def prefill_ms(model: Callable[..., object], *args: object, repeats: int = 5, warmup: int = 1) -> float:
+    """Minimum wall time of ``model(*args)`` in ms under ``torch.inference_mode()`` (one call per
+    repeat: a prefill is long enough to time alone). Use it for time-to-first-token."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(*args)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*args)
+            best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+@functools.cache
+def layer(fmt: str, mode: str, size: int = SIZE) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A bias-free bf16 ``nn.Linear(size, size)`` in ``fmt``, unwrapped, compiled if asked
+    (cached, so that every M of a format shares one compiled model)."""
+    torch.manual_seed(0)
+    model: nn.Module = nn.Linear(size, size, bias=False).to(torch.bfloat16).eval()
+    make_config = FORMATS[fmt]
+    if make_config is not None:
+        unwrap(quantize_(model, make_config()))
+    return torch.compile(model) if mode == "compiled" else model
+
+
+def run_prefill(benchmark: Callable[..., object], fmt: str, mode: str, rows: int, size: int = SIZE) -> None:
+    """The body of every case: build (cached), warm up (compiles), then ``benchmark(model, x)``."""
+    model = layer(fmt, mode, size)
+    x = torch.randn(rows, size, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        model(x)
+        model(x)
+        benchmark(model, x)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_prefill(benchmark, fmt: str, mode: str, rows: int) -> None:
+    benchmark.group = f"prefill {SIZE}x{SIZE} {mode} M={rows}"
+    run_prefill(benchmark, fmt, mode, rows)
