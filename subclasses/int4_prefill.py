@@ -27,8 +27,10 @@ PREFILL_CROSSOVER: tuple[tuple[float, int], ...] = (
     (1 << 23, 8),
     (float("inf"), 8),
 )
-# The smallest threshold: int4_linear's one extra comparison on the decode path uses it.
-PREFILL_MIN_ROWS: int = min(t for _, t in PREFILL_CROSSOVER)
+# int4_linear sends M <= PREFILL_MIN_ROWS straight to the kernel (its one comparison on the decode
+# path). 1, not the smallest crossover: under torch.compile a dynamic M is known to be >= 2, so
+# "M <= 1" installs no guard, and every M >= 2 shares one graph (see int4_prefill_mm).
+PREFILL_MIN_ROWS: int = 1
 
 
 def crossover_rows(n: int, k: int) -> int:
@@ -88,6 +90,21 @@ def _(scale_and_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale_and_zero.new_empty(shape), scale_and_zero.new_empty(shape)
 
 
+@torch.library.custom_op("unwrap_int4::kernel_in_cond", mutates_args=())
+def int4_kernel_in_cond(x2d: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """``_weight_int4pack_mm_for_cpu``, opaque to inductor. Inside a ``torch.cond`` branch inductor
+    (torch 2.13) rewrites the kernel to ``quantized.int4mm_packed_weight_cpu`` with group_size as a
+    subgraph constant that is None at run time ("group size must be a scalar")."""
+    return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
+
+
+@int4_kernel_in_cond.register_fake
+def _(x2d: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    return x2d.new_empty(x2d.shape[0], packed.shape[0])
+
+
+# Weights with fewer elements dequantize eagerly (a 512x512 one in ~0.1 ms): not worth a compile.
+COMPILE_MIN_NUMEL = 1 << 18
 _compiled: Callable[..., torch.Tensor] | None = None
 
 
@@ -100,6 +117,8 @@ def eager_dequantize_kn(
     it runs eagerly. If compiling fails (no C++ compiler), warns once and
     runs ``dequantize_kn`` eagerly from then on."""
     global _compiled
+    if packed.numel() * 2 < COMPILE_MIN_NUMEL:  # small: eager costs little, compiling seconds
+        return dequantize_kn(packed, scale, zero, group_size, dtype)
     if _compiled is None:
         _compiled = torch.compile(dequantize_kn, dynamic=False)
     try:
@@ -122,11 +141,32 @@ def prefill_mm(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Te
 
 
 def int4_prefill_mm(x2d: torch.Tensor, weight: "Int4WeightTensor") -> torch.Tensor:
-    """``x2d @ weight^T`` for x2d [M, K] with M above ``PREFILL_MIN_ROWS`` (CPU packing): the int4
-    kernel up to the weight's crossover, dequantize + GEMM above it."""
+    """``x2d @ weight^T`` for x2d [M, K] (CPU packing): the int4 kernel up to the weight's crossover,
+    dequantize + GEMM above it.
+
+    Under torch.compile with a dynamic M both paths go into the graph behind a ``torch.cond`` on
+    ``M > crossover``, chosen at run time: a Python branch would guard on M and split prompt
+    lengths into one graph per side of every crossover.
+    """
     n, k = weight.shape
-    if x2d.shape[0] <= crossover_rows(n, k):
-        return torch._weight_int4pack_mm_for_cpu(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
+    rows = crossover_rows(n, k)
+    packed, scale_and_zero, group_size = weight.packed, weight.scale_and_zero, weight.group_size
+    dynamic = torch.compiler.is_compiling()  # Dynamo shows a dynamic M as an int: assume it is
     if not supports_fast_dequantize(n):  # a partial last block: the generic (slower) unpack
+        if dynamic or x2d.shape[0] <= rows:  # (compiled with dynamic M: the kernel only)
+            return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
         return torch.mm(x2d, weight.dequantize().t())
-    return prefill_mm(x2d, weight.packed, weight.scale_and_zero, weight.group_size)
+
+    def kernel(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
+        if dynamic:  # inside torch.cond: see int4_kernel_in_cond
+            return int4_kernel_in_cond(x2d, packed, group_size, scale_and_zero)
+        return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
+
+    def dequantize(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
+        return prefill_mm(x2d, packed, scale_and_zero, group_size)
+
+    if dynamic:
+        return torch.cond(x2d.shape[0] > rows, dequantize, kernel, (x2d, packed, scale_and_zero))
+    if x2d.shape[0] <= rows:
+        return kernel(x2d, packed, scale_and_zero)
+    return dequantize(x2d, packed, scale_and_zero)

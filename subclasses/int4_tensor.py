@@ -134,7 +134,9 @@ def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | 
     if needs_input_grad(x):
         return linear_with_input_grad(x, weight, bias)
     x2d = as_kernel_input(x)
-    if x2d.shape[0] > PREFILL_MIN_ROWS:  # prefill: kernel or dequantize + GEMM by the crossover
+    # prefill: kernel or dequantize + GEMM by the crossover. Compiled, M may be dynamic (even
+    # unbacked): no Python comparison on it; int4_prefill_mm decides inside the graph.
+    if torch.compiler.is_compiling() or x2d.shape[0] > PREFILL_MIN_ROWS:
         return as_linear_output(int4_prefill_mm(x2d, weight), x, bias)
     out = torch._weight_int4pack_mm_for_cpu(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
     return as_linear_output(out, x, bias)

@@ -22,7 +22,7 @@ def _spy_prefill_mm():
 def test_table_is_ordered_and_lookup_follows_classes():
     bounds = [bound for bound, _ in PREFILL_CROSSOVER]
     assert bounds == sorted(bounds) and bounds[-1] == float("inf")
-    assert PREFILL_MIN_ROWS == min(rows for _, rows in PREFILL_CROSSOVER) >= 1
+    assert PREFILL_MIN_ROWS == 1 and min(rows for _, rows in PREFILL_CROSSOVER) >= 1
     for bound, rows in PREFILL_CROSSOVER[:-1]:
         n = 64
         assert crossover_rows(n, int(bound) // n) == rows  # the bound belongs to its class
@@ -54,7 +54,7 @@ def test_boundary_rows_take_different_paths_and_both_match_reference(n, k):
 def test_decode_rows_never_reach_the_prefill_module():
     weight = Int4WeightTensor.from_float(torch.randn(64, 256, dtype=torch.bfloat16), 128)
     with mock.patch.object(prefill, "crossover_rows", side_effect=AssertionError("looked up")):
-        for m in (1, PREFILL_MIN_ROWS):
+        for m in range(1, PREFILL_MIN_ROWS + 1):
             F.linear(torch.randn(m, 256, dtype=torch.bfloat16), weight)
 
 
@@ -87,7 +87,7 @@ def test_gradient_still_flows_on_the_prefill_path():
 
 
 def test_compiled_dynamic_rows_two_graphs_and_numerics():
-    """Decode then prompts of several lengths: one decode graph and one prefill graph (dynamic M)."""
+    """Decode, then M on both sides of the crossovers: one graph for M = 1, one for every M >= 2."""
     model = nn.Sequential(nn.Linear(256, 128, bias=False), nn.Linear(128, 64, bias=False)).to(torch.bfloat16)
     quantize_(model, Int4WeightOnlyConfig(group_size=64))
     unwrap(model)
@@ -95,7 +95,7 @@ def test_compiled_dynamic_rows_two_graphs_and_numerics():
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     t = max(crossover_rows(128, 256), crossover_rows(64, 128))
     with torch.inference_mode():
-        for m in (1, t + 2, t + 40, 3 * t + 7, 1):
+        for m in (1, t + 2, 2, t, t + 40, 3 * t + 7, 1):
             x = torch.randn(m, 256, dtype=torch.bfloat16)
             reference = F.linear(F.linear(x, model[0].weight.dequantize()), model[1].weight.dequantize())
             assert sqnr(reference, compiled(x)) > 30, m
