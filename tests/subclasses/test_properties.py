@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -31,10 +31,12 @@ from subclasses.int4_tensor import GROUP_SIZES
 from unwrap import unwrap
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Output vs. the dequantized weight applied in fp32: what remains is the output's rounding to
-# its dtype and fp32 accumulation order (minima measured over 1,500 random examples: bf16 48 dB,
-# fp16 66 dB, fp32 124 dB; gradients alike).
-MIN_SQNR_DB = {"bf16": 40.0, "fp16": 55.0, "fp32": 100.0}
+# Output vs. the weight dequantized in fp32 and F.linear in fp32: what remains is rounding (the
+# output's, the bias add's, a bf16-dequantized weight's on paths that use one) and accumulation order.
+# Lowest seen in sweeps of 2,000 random cases (`python -m tests.subclasses.test_properties --sweep
+# 2000`, and one with N = 1 more frequent): bf16 44.5 dB, fp16 63.5 dB, fp32 103.6 dB; gradients
+# 52.6, 69.2 dB, exact. A wrong result is below 20 dB.
+MIN_SQNR_DB = {"bf16": 38.0, "fp16": 55.0, "fp32": 90.0}
 BATCHES = [(), (0,), (1,), (3,), (7,), (257,), (1, 1), (2, 0), (3, 5), (1, 13), (4, 33)]
 LAYOUTS = ["contiguous", "transposed", "strided", "expanded"]
 APIS = ["from_float", "quantize_", "unwrapped"]
@@ -73,7 +75,7 @@ def expected_rejection(case: Case) -> str | None:
 
 def make_input(case: Case, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(leaf, x): ``x`` has shape ``batch + (k,)`` laid out as ``case.layout``; it is a view of
-    ``leaf`` (which holds the gradient when requires_grad)."""
+    ``leaf`` (which requires grad when ``case.requires_grad``)."""
     shape = (*case.batch, case.k)
     if case.layout == "transposed":  # reversed strides
         leaf = torch.randn(shape[::-1], dtype=dtype)
@@ -91,13 +93,19 @@ def make_input(case: Case, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
     return leaf, view(leaf)
 
 
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float | None:
-    """SQNR in dB of ``out`` against ``ref`` (None for empty tensors, inf when equal)."""
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor, signal: torch.Tensor | None = None) -> float | None:
+    """SQNR in dB of ``out`` against ``ref`` (None for empty tensors, inf when equal).
+
+    ``signal`` (default ``ref``) is the magnitude rounding errors scale with: for ``x @ W.T + b``
+    it is ``|x @ W.T| + |b|``, since the kernel's output is rounded to the dtype before the bias is
+    added, and a bias cancelling the product (N = 1: one element) must not count as an error.
+    """
     if ref.numel() == 0:
         return None
     ref, out = ref.double(), out.double()
     noise = (ref - out).norm().item()
-    return float("inf") if noise == 0 else 20 * torch.log10(ref.norm() / noise).item()
+    signal = ref if signal is None else signal.double()
+    return float("inf") if noise == 0 else 20 * torch.log10(signal.norm() / noise).item()
 
 
 def run_case(case: Case) -> dict:
@@ -125,32 +133,27 @@ def run_case(case: Case) -> dict:
     leaf, x = make_input(case, dtype)
     out = linear(x) if case.api != "from_float" else F.linear(x, weight, b)
     dense = weight.dequantize().detach() if outcome["quantized"] else weight.detach()
-    ref = F.linear(x.detach().float(), dense.float(), None if b is None else b.float())
+    # The kernels dequantize in fp32 (codes * fp32 scale): so does the reference. A weight
+    # dequantized in bf16 rounds every element, which a cancelling dot product can amplify
+    # (N = 1, K = 532: 34 dB off the kernel's exact result).
+    dense32 = weight.detach().to(torch.float32).dequantize() if outcome["quantized"] else dense.float()
+    product = F.linear(x.detach().float(), dense32)
+    ref, signal = (product, None) if b is None else (product + b.float(), product.abs() + b.float().abs())
     outcome.update(
-        shape=list(out.shape), dtype=str(out.dtype), finite=bool(torch.isfinite(out).all()), sqnr=sqnr_db(ref, out),
+        shape=list(out.shape), dtype=str(out.dtype), finite=bool(torch.isfinite(out).all()),
+        sqnr=sqnr_db(ref, out, signal),
         unchanged=torch.equal(dense, w),
     )
     if case.requires_grad:
+        # The gradient w.r.t. x itself (not the leaf: an expanded view's backward is torch's
+        # bf16 sum over the batch); documented as grad_out @ dequantized weight.
+        x.retain_grad()
         grad_out = torch.randn_like(out)
         out.backward(grad_out)
-        ref_leaf = leaf.detach().float().requires_grad_()
-        view_ref = make_view_like(case, ref_leaf)
-        F.linear(view_ref, dense.float()).backward(grad_out.float())
-        outcome["grad_sqnr"] = sqnr_db(ref_leaf.grad, leaf.grad)
+        outcome["grad_sqnr"] = sqnr_db(grad_out.float() @ dense.float(), x.grad)
         frozen = [weight] if case.api == "from_float" else [p for n, p in linear.named_parameters() if n != "bias"]
         outcome["weight_grad"] = any(p.grad is not None for p in frozen)
     return outcome
-
-
-def make_view_like(case: Case, leaf: torch.Tensor) -> torch.Tensor:
-    """The same view ``make_input`` takes, of another leaf."""
-    if case.layout == "transposed":
-        return leaf.permute(*reversed(range(leaf.dim())))
-    if case.layout == "strided":
-        return leaf[..., ::2]
-    if case.layout == "expanded":
-        return leaf.expand((*case.batch, case.k))
-    return leaf
 
 
 def check_outcome(case: Case, outcome: dict) -> None:
@@ -213,6 +216,15 @@ class Worker:
             self.proc.wait()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny shapes: intra-op threads only add contention on a shared CI machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def worker():
     w = Worker()
@@ -221,6 +233,8 @@ def worker():
 
 
 def run_and_check(case: Case, worker: Worker) -> None:
+    # shown by --hypothesis-show-statistics: how many examples reach a kernel
+    event("rejected (documented error)" if expected_rejection(case) else "quantized")
     outcome = worker.run(asdict(case)) if crashes_raw_kernel(case) else run_case(case)
     check_outcome(case, outcome)
 
@@ -229,8 +243,10 @@ def run_and_check(case: Case, worker: Worker) -> None:
 def cases(draw, fmt: str, dtypes=tuple(DTYPES)) -> Case:
     group_size = draw(st.sampled_from(GROUP_SIZES))
     unit = group_size if fmt == "int4" else 16
-    n = draw(st.one_of(st.integers(1, 10).map(lambda i: 16 * i), st.integers(1, 200)))
-    k = draw(st.one_of(st.integers(1, 4).map(lambda i: unit * i), st.integers(1, 600)))
+    # 3 in 4 sizes are ones the kernels like, so most examples reach a kernel; the rest are anything
+    aligned = [True, True, True, False]
+    n = 16 * draw(st.integers(1, 10)) if draw(st.sampled_from(aligned)) else draw(st.integers(1, 200))
+    k = unit * draw(st.integers(1, 4)) if draw(st.sampled_from(aligned)) else draw(st.integers(1, 600))
     return Case(
         fmt=fmt, group_size=group_size, n=n, k=k, dtype=draw(st.sampled_from(dtypes)),
         batch=draw(st.sampled_from(BATCHES)), layout=draw(st.sampled_from(LAYOUTS)), bias=draw(st.booleans()),
@@ -238,19 +254,19 @@ def cases(draw, fmt: str, dtypes=tuple(DTYPES)) -> Case:
     )
 
 
-@settings(max_examples=150)
+@settings(max_examples=120)
 @given(case=cases("int4"))
 def test_int4_matches_reference_or_clear_error(case, worker):
     run_and_check(case, worker)
 
 
-@settings(max_examples=150)
+@settings(max_examples=120)
 @given(case=cases("int8"))
 def test_int8_matches_reference(case, worker):
     run_and_check(case, worker)
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(case=cases("int8", dtypes=("bf16",)).filter(lambda c: c.k % 16 != 0))
 def test_int8_bf16_unaligned_k_runs_isolated(case, worker):
     """Where the raw bf16 int8 kernel crashes; the wrapper must give the reference result."""
@@ -268,6 +284,7 @@ def test_worker_crash_fails_the_test_not_pytest(worker):
 
 def _serve() -> None:
     """Worker loop: one JSON case per stdin line, one JSON outcome per stdout line."""
+    torch.set_num_threads(1)
     for line in sys.stdin:
         payload = json.loads(line)
         if payload.get("crash"):
@@ -282,5 +299,25 @@ def _serve() -> None:
         print(json.dumps(outcome), flush=True)
 
 
+def _sweep(count: int) -> None:
+    """Print the smallest SQNR per dtype over ``count`` random cases: how MIN_SQNR_DB was chosen."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")  # .example() outside a test warns
+    lowest: dict[str, float] = {}
+    for fmt in ("int4", "int8"):
+        for _ in range(count // 2):
+            case = cases(fmt).example()
+            outcome = run_case(case)
+            check_outcome(case, outcome)
+            for key in ("sqnr", "grad_sqnr"):
+                if outcome["quantized"] and outcome.get(key) is not None:
+                    name = f"{case.dtype} {key}"
+                    lowest[name] = min(lowest.get(name, float("inf")), outcome[key])
+    print({name: round(value, 1) for name, value in sorted(lowest.items())})
+
+
 if __name__ == "__main__":
-    _serve()
+    if sys.argv[1:2] == ["--sweep"]:
+        _sweep(int(sys.argv[2]))
+    else:
+        _serve()
