@@ -130,7 +130,7 @@ def run_case(case: Case) -> dict:
     except (TypeError, ValueError) as error:
         return {**outcome, "error": [type(error).__name__, str(error)]}
     outcome["quantized"] = isinstance(weight, (Int4WeightTensor, Int8WeightTensor))
-    leaf, x = make_input(case, dtype)
+    _, x = make_input(case, dtype)
     out = linear(x) if case.api != "from_float" else F.linear(x, weight, b)
     dense = weight.dequantize().detach() if outcome["quantized"] else weight.detach()
     # The kernels dequantize in fp32 (codes * fp32 scale): so does the reference. A weight
