@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from .workloads import WORKLOADS
 from .report import Progress, format_report, run_report, write_json, write_plot
 
 LLMS = ("Qwen2 tiny", "Qwen2 0.5B")
@@ -22,13 +23,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("int4", "int8", "all"), default="all", help="weight format (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="CI smoke: fewer timings, no 0.5B model")
+    parser.add_argument("--only", metavar="NAMES", help="comma-separated substrings of workload names to run "
+                        "(e.g. 'W1,tiny'); names: " + ", ".join([*WORKLOADS, *LLMS]))
     parser.add_argument("--no-llm", action="store_true", help="skip the transformers Qwen2 models")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also write a bar chart PNG (needs matplotlib: the 'plot' extra)")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads}")
+    if args.only is not None:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in wanted if not any(w in name for name in (*WORKLOADS, *LLMS))]
+        if not wanted or unknown:
+            parser.error(f"--only {args.only!r}: no workload matches {unknown or 'nothing'}; names: "
+                         + ", ".join([*WORKLOADS, *LLMS]))
+        args.only = wanted
     return args
+
+
+def selected(names, only: list[str] | None) -> list[str]:
+    return [n for n in names if only is None or any(w in n for w in only)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import transformers  # noqa: F401
 
-            llm = list(LLMS[:1] if args.quick else LLMS)
+            llm = selected(LLMS[:1] if args.quick else LLMS, args.only)
         except ImportError:
             print("transformers not installed (the 'hf' extra): skipping the Qwen2 models", file=sys.stderr)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "quick": args.quick, "formats": fmts}
-    blocks = run_report(fmts, quick=args.quick, llm=llm, progress=Progress())
+    blocks = run_report(fmts, quick=args.quick, llm=llm, progress=Progress(), workloads=selected(WORKLOADS, args.only))
     print(format_report(blocks, meta), end="")
     if args.json:
         write_json(args.json, blocks, meta)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import tempfile
+import types
 from typing import Callable
 
 import torch
@@ -36,12 +38,8 @@ def prepare(model: nn.Module, args: tuple, mode: str) -> tuple[Callable[[], obje
     if mode == "eager":
         return (lambda: model(*args)), None
     if mode in ("compiled", "cpp_wrapper"):
-        # Every model here shares forward code objects (nn.Sequential, transformers classes):
-        # without a reset, earlier variants' cache entries would be looked up (and count toward
-        # the recompile limit) on every call of this one.
-        torch._dynamo.reset()
         options = {"cpp_wrapper": True} if mode == "cpp_wrapper" else {}
-        compiled, counts = compile_counting_guards(model, options=options)
+        compiled, counts = compile_counting_guards(fresh_caller(model), options=options)
         with torch.inference_mode():
             compiled(*args)
         return (lambda: compiled(*args)), sum(counts)
@@ -52,6 +50,23 @@ def prepare(model: nn.Module, args: tuple, mode: str) -> tuple[Callable[[], obje
         path = torch._inductor.aoti_compile_and_package(exported, package_path=path)
     runner = torch._inductor.aoti_load_package(path)
     return (lambda: runner(*args)), None
+
+
+_CALLERS = itertools.count()
+
+
+def fresh_caller(model: Callable) -> Callable:
+    """``lambda *a, **k: model(*a, **k)`` with a code object of its own. Dynamo keeps compiled
+    code per code object, and every variant here shares forward code (nn.Sequential, the
+    transformers classes): compiled directly, each variant's guards would be tried on the others'
+    calls and count toward the recompile limit. A fresh caller keeps them apart, so many compiled
+    variants can live side by side and be timed interleaved."""
+
+    def call(*args: object, **kwargs: object) -> object:
+        return model(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=f"call_{next(_CALLERS)}")
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 def kernel_chain(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -132,18 +132,3 @@ class Decoder:
         """``n`` greedy tokens after a fresh prefill."""
         self.reset()
         return [self.next() for _ in range(n)]
-
-
-def ms_per_token(decoder: Decoder, *, repeats: int = 5, tokens: int = 8, warmup: int = 3) -> float:
-    """Minimum over ``repeats`` of the mean wall time of ``tokens`` decode steps, in ms."""
-    for _ in range(warmup):
-        decoder.next()
-    best = float("inf")
-    for _ in range(repeats):
-        if decoder.position + tokens > decoder.max_len:
-            decoder.reset()
-        start = time.perf_counter()
-        for _ in range(tokens):
-            decoder.next()
-        best = min(best, (time.perf_counter() - start) / tokens)
-    return best * 1e3

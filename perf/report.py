@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .modes import MODE_TITLES, MODES, kernel_chain, prepare, torchao_available, torchao_model
-from .timing import compile_counting_guards, min_time_us
+from .timing import compile_counting_guards
 from .workloads import WORKLOADS, build_variants
 
 VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
@@ -85,8 +85,8 @@ def interleaved_min_us(fns: dict[str, Callable[[], object]], *, repeats: int, nu
 
 
 def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: bool, progress: Callable[[str], None]) -> Block:
-    """Time every variant of ``workload`` in every mode (us per forward, batch 1). Compiled
-    modes are timed right after their compile; eager, AOTInductor and the kernels interleaved."""
+    """Time every variant of ``workload`` in every mode (us per forward, batch 1): prepare (compile)
+    everything first, then time it all interleaved, so load on a shared machine hits all alike."""
     models, x = build_variants(workload, fmt)
     if torchao_available():
         try:
@@ -95,7 +95,6 @@ def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: 
             progress(f"torchao row skipped: {error}")
     block = Block(workload, fmt, "us", modes, [Row(variant) for variant in models])
     repeats, number = (3, 50) if quick else (9, 200)
-    compiled_times: dict[tuple[str, str], float] = {}
     fns: dict[tuple[str, str], Callable[[], object]] = {}
     for v in ("bf16", "floor"):
         chain = kernel_chain(models[v])
@@ -113,18 +112,12 @@ def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: 
                 row.note = f"{MODE_TITLES[mode]} failed: {type(error).__name__}"
                 progress(f"  failed: {error}")
                 continue
-            if mode in ("compiled", "cpp_wrapper"):
-                # Timed now: the next compile resets Dynamo (the variants share forward code
-                # objects, whose cache entries would otherwise pile up and be searched).
-                with torch.inference_mode():
-                    compiled_times[(row.variant, mode)] = min_time_us(fn, repeats=repeats, number=number)
-            else:
-                fns[(row.variant, mode)] = fn
+            fns[(row.variant, mode)] = fn
             if mode == "compiled":
                 row.guards = guards
-    progress(f"{workload} {fmt}: timing eager, AOTInductor and kernels, interleaved")
+    progress(f"{workload} {fmt}: timing {len(fns)} ways, interleaved")
     with torch.inference_mode():
-        times = {**interleaved_min_us(fns, repeats=repeats, number=number), **compiled_times}
+        times = interleaved_min_us(fns, repeats=repeats, number=number)
     for row in block.rows:
         for mode in modes:
             row.times[mode] = times.get((row.variant, mode))
@@ -134,38 +127,65 @@ def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: 
 
 def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[str], None]) -> list[Block]:
     """Next-token ms/token of a transformers Qwen2 (greedy, static KV cache), eager and compiled,
-    for bf16 and, per format, the floor and ours (wrapped eagerly; unwrapped eagerly and compiled)."""
-    from .qwen import QWEN2_SHAPES, Decoder, build_qwen2, ms_per_token, qwen2_variants
+    for bf16 and, per format, the floor and ours (wrapped: eager only; unwrapped: both). All
+    decoders of a format are built and compiled first, then timed interleaved."""
+    from .modes import fresh_caller
+    from .qwen import QWEN2_SHAPES, Decoder, build_qwen2, qwen2_variants
 
     progress(f"{name}: building (random weights)")
     bf16 = build_qwen2(QWEN2_SHAPES[name])
     small = QWEN2_SHAPES[name]["hidden_size"] <= 256
-    timing = dict(repeats=5, tokens=16 if small else 4, warmup=3) if not quick else dict(repeats=3, tokens=8, warmup=2)
+    rounds, tokens = (3, 4) if quick else ((15, 8) if small else (7, 4))
 
-    def time_row(variant: str, model: torch.nn.Module, compiled_too: bool) -> Row:
-        row = Row(variant)
-        progress(f"{name}: {variant}, eager")
-        row.times["eager"] = ms_per_token(Decoder(model), **timing)
+    def decoders(variant: str, model: torch.nn.Module, row: Row, compiled_too: bool) -> dict:
+        out = {(variant, "eager"): Decoder(model)}
+        row.times["compiled"] = None
         if compiled_too:
             progress(f"{name}: {variant}, compiling")
-            torch._dynamo.reset()
-            step, counts = compile_counting_guards(model)
-            row.times["compiled"] = ms_per_token(Decoder(model, step), **timing)
-            row.guards = sum(counts)
-        else:
-            row.times["compiled"] = None
-        return row
+            step, counts = compile_counting_guards(fresh_caller(model))
+            out[(variant, "compiled")] = Decoder(model, step)
+            out[(variant, "compiled")].next()  # compiles now
+            guard_counts[variant] = counts
+        return out
 
-    bf16_row = time_row("bf16", bf16, True)
+    guard_counts: dict[str, list[int]] = {}
+    bf16_row = Row("bf16")
+    bf16_decoders = decoders("bf16", bf16, bf16_row, True)
     blocks = []
     for fmt in fmts:
         variants, notes = qwen2_variants(bf16, fmt)
         block = Block(name, fmt, "ms/token", ("eager", "compiled"), [bf16_row], notes)
+        all_decoders = dict(bf16_decoders)
         for variant, model in variants.items():
-            block.rows.append(time_row(variant, model, compiled_too=variant != "ours wrapped"))
+            block.rows.append(Row(variant))
+            all_decoders.update(decoders(variant, model, block.rows[-1], compiled_too=variant != "ours wrapped"))
+        progress(f"{name} {fmt}: timing {len(all_decoders)} decoders, interleaved")
+        best = interleaved_min_ms_per_token(all_decoders, rounds=rounds, tokens=tokens)
+        for row in block.rows:
+            row.times.update({mode: best[(row.variant, mode)] for mode in block.modes if (row.variant, mode) in best})
+            if row.variant in guard_counts:
+                row.guards = sum(guard_counts[row.variant])
         blocks.append(block)
-        del variants
+        del variants, all_decoders
     return blocks
+
+
+def interleaved_min_ms_per_token(decoders: dict, *, rounds: int, tokens: int, warmup: int = 3) -> dict:
+    """Per decoder, the minimum over ``rounds`` of the mean time of ``tokens`` greedy steps (ms);
+    each round visits every decoder in turn."""
+    for decoder in decoders.values():
+        for _ in range(warmup):
+            decoder.next()
+    best = {key: float("inf") for key in decoders}
+    for _ in range(rounds):
+        for key, decoder in decoders.items():
+            if decoder.position + tokens > decoder.max_len:
+                decoder.reset()
+            start = time.perf_counter()
+            for _ in range(tokens):
+                decoder.next()
+            best[key] = min(best[key], (time.perf_counter() - start) / tokens * 1e3)
+    return best
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -265,12 +285,13 @@ def write_plot(path: str, blocks: list[Block]) -> None:
     fig.savefig(path)
 
 
-def run_report(fmts: list[str], *, quick: bool, llm: list[str], progress: Callable[[str], None]) -> list[Block]:
-    """Measure the built-in workloads (W2, W1) in every mode, then the LLMs, per format."""
+def run_report(fmts: list[str], *, quick: bool, llm: list[str], progress: Callable[[str], None],
+               workloads: list[str] | None = None) -> list[Block]:
+    """Measure the built-in workloads (W2, W1; default all) in every mode, then the LLMs, per format."""
     blocks = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # compile/export chatter; quantize_'s notes are kept per block
-        for workload in sorted(WORKLOADS, reverse=True):  # W2 first: the reported model
+        for workload in sorted(WORKLOADS if workloads is None else workloads, reverse=True):  # W2 first
             for fmt in fmts:
                 blocks.append(measure_workload(workload, fmt, MODES, quick=quick, progress=progress))
         for name in llm:
