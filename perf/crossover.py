@@ -9,6 +9,7 @@ interpolation between the bracketing M). Run: ``python -m perf.crossover [--thre
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -22,13 +23,18 @@ SHAPE_CLASSES: tuple[tuple[float, int, int], ...] = (
     (1 << 23, 2048, 2048),
     (float("inf"), 4096, 4096),
 )
-ROWS = (2, 4, 6, 8, 12, 16, 24, 32, 48)
+ROWS = (4, 8, 12, 16, 24, 32, 48, 64, 96)
+
+
+@functools.cache
+def _weight(n: int, k: int, group_size: int, dtype: torch.dtype) -> Int4WeightTensor:
+    return Int4WeightTensor.from_float(torch.randn(n, k, dtype=dtype), group_size)
 
 
 def time_paths(n: int, k: int, m: int, *, group_size: int = 128, dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
     """(int4 kernel us, dequantize + mm us) for x [m, k] and an int4 weight [n, k]: the minimum
     over interleaved repeats, so that load from other processes hits both paths alike."""
-    weight = Int4WeightTensor.from_float(torch.randn(n, k, dtype=dtype), group_size)
+    weight = _weight(n, k, group_size, dtype)
     x = torch.randn(m, k, dtype=dtype)
     packed, scale_and_zero = weight.packed, weight.scale_and_zero
 
@@ -40,7 +46,7 @@ def time_paths(n: int, k: int, m: int, *, group_size: int = 128, dtype: torch.dt
 
     number = max(2, 100 // m)
     kernel, dequant = float("inf"), float("inf")
-    for _ in range(7):
+    for _ in range(9):
         kernel = min(kernel, min_time_us(kernel_path, repeats=1, number=number, warmup=1))
         dequant = min(dequant, min_time_us(dequantize_path, repeats=1, number=number, warmup=1))
     return kernel, dequant

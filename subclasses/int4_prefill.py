@@ -19,13 +19,18 @@ if TYPE_CHECKING:
     from .int4_tensor import Int4WeightTensor
 
 # Crossover by shape class, measured with ``python -m perf.crossover`` (2 threads, bf16,
-# group_size 128, 2-core AVX512/AMX Xeon, torch 2.13, eager with the compiled dequantize below).
+# group_size 128, the project's 2-core AVX512/AMX Xeon, torch 2.13, eager with the compiled
+# dequantize below, min over 9 interleaved rounds; 2026-11-22, another 2-thread job running).
 # Rows: (largest weight numel N*K of the class, largest M for which the int4 kernel still wins).
-# The representative shapes were 1024x1024, 2048x2048 and 4096x4096.
+# Representative shapes 1024x1024 / 2048x2048 / 4096x4096; kernel vs dequantize+mm, ms:
+#   1024^2: M=32 0.38 vs 0.43, M=48 0.59 vs 0.51 -> 37
+#   2048^2: M=64 3.6 vs 3.9,  M=96 5.5 vs 4.7  -> 73
+#   4096^2: M=96 18.9 vs 26.6 (no crossing up to 96; a fresh 32 MiB dequantize buffer page-faults
+#           ~10 ms per call) -> 96, the largest M measured
 PREFILL_CROSSOVER: tuple[tuple[float, int], ...] = (
-    (1 << 20, 8),
-    (1 << 23, 8),
-    (float("inf"), 8),
+    (1 << 20, 37),
+    (1 << 23, 73),
+    (float("inf"), 96),
 )
 # int4_linear sends M <= PREFILL_MIN_ROWS straight to the kernel (its one comparison on the decode
 # path). 1, not the smallest crossover: under torch.compile a dynamic M is known to be >= 2, so
