@@ -154,6 +154,11 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
     blocks = []
     for fmt in fmts:
         variants, notes = qwen2_variants(bf16, fmt)
+        if torchao_available():
+            try:
+                variants["torchao"] = torchao_model(bf16, fmt)
+            except Exception as error:  # an API change in torchao must not sink the report
+                progress(f"torchao row skipped: {error}")
         block = Block(name, fmt, "ms/token", ("eager", "compiled"), [bf16_row], notes)
         all_decoders = dict(bf16_decoders)
         for variant, model in variants.items():

@@ -85,3 +85,15 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_pat
     assert "pip install 'unwrap[plot]'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs matplotlib"):
         write_plot(str(tmp_path / "a.png"), [sample_block()])
+
+
+def test_a_torchao_row_appears_when_torchao_is_importable(monkeypatch):
+    import copy
+
+    import perf.report as report
+
+    monkeypatch.setattr(report, "torchao_available", lambda: True)
+    monkeypatch.setattr(report, "torchao_model", lambda bf16, fmt: copy.deepcopy(bf16))  # a stand-in
+    block = report.measure_workload("W2 512-1024-1024", "int4", ("eager",), quick=True, progress=lambda m: None)
+    assert [r.variant for r in block.rows][-1] == "torchao" and block.rows[-1].times["eager"] > 0
+    assert "| torchao |" in format_block(block)
