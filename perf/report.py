@@ -197,11 +197,16 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
+def _num(t: float) -> str:
+    """Three significant digits, without exponents (1840, not 1.84e+03)."""
+    return f"{t:.0f}" if abs(t) >= 100 else f"{t:.3g}"
+
+
 def _cell(t: float | None, floor: float | None) -> str:
     if t is None:
         return "-"
     ratio = _ratio(t, floor)
-    return f"{t:.3g} ({ratio})" if ratio else f"{t:.3g}"
+    return f"{_num(t)} ({ratio})" if ratio else _num(t)
 
 
 def format_block(block: Block) -> str:
@@ -220,8 +225,8 @@ def format_block(block: Block) -> str:
     for row in block.rows:
         best = row.best()
         cells = [_cell(row.times.get(m), floor.times.get(m) if floor else None) for m in block.modes]
-        overhead = f"{best[1] - row.kernel:.3g}" if best and row.kernel is not None else "-"
-        kernel = f"{row.kernel:.3g}" if row.kernel is not None else "-"
+        overhead = _num(best[1] - row.kernel) if best and row.kernel is not None else "-"
+        kernel = _num(row.kernel) if row.kernel is not None else "-"
         guards = str(row.guards) if row.guards is not None else "-"
         best_t = best[1] if best else None
         lines.append("| " + " | ".join([row.variant, *cells, guards, kernel, overhead,
@@ -230,7 +235,7 @@ def format_block(block: Block) -> str:
     if fastest:
         row, mode, t = fastest
         versus = f", {t / bf16_best:.2f}x bf16's best" if bf16_best else ""
-        lines += ["", f"Fastest: **{row.variant}, {MODE_TITLES[mode]}**: {t:.3g} {block.unit}{versus}."]
+        lines += ["", f"Fastest: **{row.variant}, {MODE_TITLES[mode]}**: {_num(t)} {block.unit}{versus}."]
     lines += [f"Note: {note}" for note in block.notes]
     lines += [f"Note: {row.variant}: {row.note}" for row in block.rows if row.note]
     return "\n".join(lines)
@@ -284,7 +289,8 @@ def write_plot(path: str, blocks: list[Block]) -> None:
             ax.bar([j + i * width for j in range(len(block.rows))], values, width, label=MODE_TITLES[mode])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(block.rows))], [r.variant for r in block.rows])
         ax.set_title(f"{block.workload}, {block.format}")
-        ax.set_ylabel(block.unit)
+        ax.set_ylabel(f"{block.unit} (log scale)")
+        ax.set_yscale("log")  # bf16 and the quantized rows differ by up to 10x
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
