@@ -12,6 +12,7 @@ import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .int4_packing import cpu_layout
 
@@ -170,6 +171,8 @@ def int4_prefill_mm(x2d: torch.Tensor, weight: "Int4WeightTensor") -> torch.Tens
     def dequantize(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
         return prefill_mm(x2d, packed, scale_and_zero, group_size)
 
+    if dynamic and guard_or_false(x2d.shape[0] == 1):  # compiled decode (static M = 1): no cond
+        return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
     if dynamic:
         return torch.cond(x2d.shape[0] > rows, dequantize, kernel, (x2d, packed, scale_and_zero))
     if x2d.shape[0] <= rows:

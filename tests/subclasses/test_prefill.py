@@ -117,3 +117,21 @@ def test_prefill_benchmark_bodies_run_once():
                 bench_prefill.run_prefill(once, fmt, mode, rows, size=256)
     assert calls == [(rows, 256) for _ in range(len(bench_prefill.FORMATS) * 2) for rows in bench_prefill.ROWS]
     assert bench_prefill.prefill_ms(lambda: None, repeats=1) >= 0
+
+
+def test_compiled_3d_decode_calls_the_kernel_directly():
+    """Compiled [1, 1, K] decode (the transformers layout, static M = 1): no torch.cond, no custom op."""
+    model = nn.Linear(256, 128, bias=False).to(torch.bfloat16)
+    quantize_(model, Int4WeightOnlyConfig(group_size=64))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    compiled = torch.compile(unwrap(model), backend=backend, fullgraph=True)
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    assert len(graphs) == 1 and "_weight_int4pack_mm_for_cpu" in graphs[0]
+    assert "cond" not in graphs[0] and "kernel_in_cond" not in graphs[0]
