@@ -126,3 +126,15 @@ def test_quantize_unwrap_compile_and_checkpoint():
         out = compiled(x)
     assert counter.frame_count == 1
     assert sqnr(eager, out) > 30
+
+
+def test_safetensors_checkpoint_round_trip(tmp_path):
+    from subclasses import load_checkpoint, save_checkpoint
+
+    model = nn.Sequential(nn.Linear(64, 48)).to(torch.bfloat16)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    save_checkpoint(model.state_dict(), tmp_path / "model.safetensors")
+    state = load_checkpoint(tmp_path / "model.safetensors")
+    loaded = state["0.weight"]
+    assert type(loaded) is Int8DynamicActivationInt8WeightTensor
+    assert torch.equal(loaded.qdata, model[0].weight.qdata) and torch.equal(loaded.scale, model[0].weight.scale)
