@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from .base import (
@@ -14,7 +15,6 @@ from .base import (
     aten,
     check_activation,
     linear_with_input_grad,
-    needs_input_grad,
     target_dtype_device,
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
@@ -127,12 +127,15 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     check_activation(x, weight)
-    if weight.packing != Packing.CPU or not x.is_cpu:
+    if weight.packing != Packing.CPU:  # no kernel here (an activation elsewhere: the kernel says so)
         if weight.packing == Packing.CUDA_TINYGEMM:
             return tinygemm_linear(x, weight, bias)
         return F.linear(x, weight.dequantize(), bias)
-    if needs_input_grad(x):
+    if x.requires_grad and torch.is_grad_enabled():
         return linear_with_input_grad(x, weight, bias)
+    # decode: nothing but the kernel. guard_or_false: a dynamic (even unbacked) M goes on below.
+    if x.dim() == 2 and bias is None and x.is_contiguous() and x.stride(1) == 1 and guard_or_false(x.shape[0] <= PREFILL_MIN_ROWS):
+        return torch._weight_int4pack_mm_for_cpu(x, weight.packed, weight.group_size, weight.scale_and_zero)
     x2d = as_kernel_input(x)
     # prefill: kernel or dequantize + GEMM by the crossover. Compiled, M may be dynamic (even
     # unbacked): no Python comparison on it; int4_prefill_mm decides inside the graph.

@@ -14,7 +14,6 @@ from .base import (
     aten,
     check_activation,
     linear_with_input_grad,
-    needs_input_grad,
     target_dtype_device,
 )
 from .int8_cuda import int8_cuda_linear
@@ -71,14 +70,17 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_linear(x: torch.Tensor, weight: Int8WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     check_activation(x, weight)
-    if not x.is_cpu:
+    if not weight.qdata.is_cpu:
         if weight.qdata.is_cuda:
             return int8_cuda_linear(x, weight, bias)
         return F.linear(x, weight.dequantize(), bias)
-    if needs_input_grad(x):
+    if x.requires_grad and torch.is_grad_enabled():
         return linear_with_input_grad(x, weight, bias)
+    unsafe_bf16 = x.dtype == torch.bfloat16 and x.shape[-1] % 16
+    if x.dim() == 2 and bias is None and not unsafe_bf16 and x.is_contiguous() and x.stride(1) == 1:  # decode: just the kernel
+        return torch._weight_int8pack_mm(x, weight.qdata, weight.scale)
     x2d = as_kernel_input(x)
-    if x.dtype == torch.bfloat16 and x.shape[-1] % 16:
+    if unsafe_bf16:
         # The bf16 kernel is unsafe for this K (segfault / NaN); fp32 is exact for bf16 inputs.
         out = torch._weight_int8pack_mm(x2d.float(), weight.qdata, weight.scale.float()).to(x.dtype)
     else:

@@ -226,6 +226,21 @@ def test_2d_batch_1_to_64_with_mark_dynamic_compiles_twice(name, one_thread):
     assert backend.compiles == 2
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_2d_batch_unbacked_compiles_once(name, one_thread):
+    """A 2-D activation with an unbacked M: the decode fast path must not guard on M."""
+    model = tiny_model(name)
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.inference_mode():
+        for b in [5, 1, 2, 64]:
+            x = torch.randn(b, 64, dtype=BF16)
+            if b == 5:
+                torch._dynamo.decorators.mark_unbacked(x, 0)
+            assert sqnr(model(x), compiled(x)) > 35, b
+    assert backend.compiles == 1
+
+
 # ---- threads ----
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -210,7 +210,11 @@ def _eager_get(module: UnwrappedModule, name: str) -> torch.Tensor:
 
 
 # Globals of the generated getters: classes and non-literal metadata they refer to.
-_GENERATED_GLOBALS: dict[str, Any] = {"torch": torch, "_eager_get": _eager_get}
+_GENERATED_GLOBALS: dict[str, Any] = {
+    "torch": torch,
+    "is_compiling": torch.compiler.is_compiling,
+    "_eager_get": _eager_get,
+}
 
 
 def _literal(value: Any) -> str | None:
@@ -248,13 +252,29 @@ def _install_property(module: UnwrappedModule, name: str) -> None:
     guards on the getter's code (one guard) instead of on every field of the metadata, and a
     metadata change installs a new getter, which fails that guard and recompiles."""
     store = "_parameters" if module._unwrapped_kind[name] == "parameter" else "_buffers"
-    source = (
-        "def get(self):\n"
-        "    if torch.compiler.is_compiling():\n"
-        f"        plain = self.{store}\n"
-        f"        return {_rebuild_source(module._unwrapped[name], name, 'plain')}\n"
-        f"    return _eager_get(self, {name!r})\n"
-    )
+    spec = module._unwrapped[name]
+    lines = [
+        "def get(self):",
+        "    if is_compiling():",
+        f"        plain = self.{store}",
+        f"        return {_rebuild_source(spec, name, 'plain')}",
+    ]
+    if not spec.requires_grad:
+        # The eager cache check, unrolled: the cached subclass is valid while each registered
+        # plain tensor is the very one it was built from (in-place changes show through).
+        held = " and ".join(
+            f"plain[{name + SEPARATOR + path!r}] is held[{i}]" for i, path in enumerate(spec.paths())
+        )
+        lines += [
+            f"    cached = {_global(spec)}.cached",
+            "    if cached is not None:",
+            f"        value, held = cached",
+            f"        plain = self.{store}",
+            f"        if {held}:",
+            "            return value",
+        ]
+    lines.append(f"    return _eager_get(self, {name!r})")
+    source = "\n".join(lines) + "\n"
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<unwrap getter {type(module).__name__}.{name}>", "exec"), _GENERATED_GLOBALS, namespace)
 
