@@ -137,7 +137,7 @@ class UnwrappedModule(nn.Module):
                 _refresh_nested(spec, new_spec)
                 spec.cached = None
                 _APPLIED.setdefault(fn, {})[id(spec)] = spec
-            _install_property(self, name)
+        _refresh_class(self)
         # The plain tensors are converted already: hide them from nn.Module._apply.
         orders = [(store, list(store)) for store in (self._parameters, self._buffers)]
         hidden = {}
@@ -246,38 +246,73 @@ def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
     )
 
 
-def _install_property(module: UnwrappedModule, name: str) -> None:
-    """(Re)generate ``type(module).<name>``. Under torch.compile its getter rebuilds the subclass
-    from the plain tensors with the metadata written into its code as literals: Dynamo then
-    guards on the getter's code (one guard) instead of on every field of the metadata, and a
-    metadata change installs a new getter, which fails that guard and recompiles."""
+def _accessor_source(module: UnwrappedModule, name: str, signature: str, result: str) -> str:
+    """Source of a function returning ``result`` (``{}``: the subclass ``name``). Under
+    torch.compile it rebuilds the subclass from the plain tensors with the metadata written in as
+    literals; in eager it returns the cached subclass while each plain tensor it was built from is
+    still registered (in-place changes show through), else ``_eager_get`` rebuilds it."""
     store = "_parameters" if module._unwrapped_kind[name] == "parameter" else "_buffers"
     spec = module._unwrapped[name]
     lines = [
-        "def get(self):",
+        f"def {signature}:",
         "    if is_compiling():",
         f"        plain = self.{store}",
-        f"        return {_rebuild_source(spec, name, 'plain')}",
+        f"        return {result.format(_rebuild_source(spec, name, 'plain'))}",
     ]
     if not spec.requires_grad:
-        # The eager cache check, unrolled: the cached subclass is valid while each registered
-        # plain tensor is the very one it was built from (in-place changes show through).
         held = " and ".join(
             f"plain[{name + SEPARATOR + path!r}] is held[{i}]" for i, path in enumerate(spec.paths())
         )
         lines += [
             f"    cached = {_global(spec)}.cached",
             "    if cached is not None:",
-            f"        value, held = cached",
+            "        value, held = cached",
             f"        plain = self.{store}",
             f"        if {held}:",
-            "            return value",
+            f"            return {result.format('value')}",
         ]
-    lines.append(f"    return _eager_get(self, {name!r})")
-    source = "\n".join(lines) + "\n"
-    namespace: dict[str, Any] = {}
-    exec(compile(source, f"<unwrap getter {type(module).__name__}.{name}>", "exec"), _GENERATED_GLOBALS, namespace)
+    lines.append(f"    return {result.format(f'_eager_get(self, {name!r})')}")
+    return "\n".join(lines) + "\n"
 
+
+def _generate(module: UnwrappedModule, source: str, function: str) -> Callable:
+    namespace: dict[str, Any] = {}
+    filename = f"<unwrap {type(module).__name__}.{function}>"
+    exec(compile(source, filename, "exec"), _GENERATED_GLOBALS, namespace)
+    return namespace[function]
+
+
+def _install_accessors(module: UnwrappedModule) -> None:
+    """Generate, on ``type(module)`` (a class of its own), a property per unwrapped name and, for
+    an ``nn.Linear`` whose weight declares its ``F.linear`` (a ``function_table`` entry, as
+    ``subclasses.QuantizedWeight`` does), a forward that calls it directly.
+
+    Under torch.compile the rebuild's metadata are literals in this generated code, so Dynamo
+    guards nothing about them; the module's type is what it guards (one check it makes anyway).
+    That is safe because new metadata always come with a new class (``_refresh_class``)."""
+    cls = type(module)
+    for name in module._unwrapped:
+        getter = _generate(module, _accessor_source(module, name, "get(self)", "{}"), "get")
+        doc = f"The tensor subclass `{name}`, rebuilt from its plain tensors."
+        setattr(cls, name, property(getter, _setter(name), doc=doc))
+    spec = module._unwrapped.get("weight")
+    linear = getattr(spec.subclass, "function_table", {}).get(F.linear) if spec is not None else None
+    if module._original_class.forward is nn.Linear.forward and linear is not None:
+        # Reading the weight here, not through the property, also spares Dynamo a guard per
+        # layer on the property's getter; eager skips the __torch_function__ round trip.
+        result = f"{_global(linear)}(input, {{}}, self.bias)"
+        cls.forward = _generate(module, _accessor_source(module, "weight", "forward(self, input)", result), "forward")
+
+
+def _refresh_class(module: UnwrappedModule) -> None:
+    """Move ``module`` to a fresh class and generate its accessors from the current specs: a
+    compiled graph built with the old metadata fails its type guard and recompiles."""
+    original = module._original_class
+    module.__class__ = type(f"Unwrapped{original.__name__}", (UnwrappedModule, original), {"_original_class": original})
+    _install_accessors(module)
+
+
+def _setter(name: str) -> Callable[[UnwrappedModule, torch.Tensor], None]:
     def set(module: UnwrappedModule, value: torch.Tensor) -> None:
         if not is_traceable_wrapper_subclass(value):
             raise TypeError(
@@ -287,32 +322,9 @@ def _install_property(module: UnwrappedModule, name: str) -> None:
         kind = module._unwrapped_kind[name]
         _unregister_plain(module, name)
         _register_plain(module, name, value, kind)
-        _install_property(module, name)
+        _refresh_class(module)
 
-    doc = f"The tensor subclass `{name}`, rebuilt from its plain tensors."
-    setattr(type(module), name, property(namespace["get"], set, doc=doc))
-    _install_forward(module)
-
-
-def _direct_linear_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    weight = self.weight
-    return weight.function_table[F.linear](input, weight, self.bias)
-
-
-def _install_forward(module: UnwrappedModule) -> None:
-    """An unwrapped ``nn.Linear`` whose weight declares its own ``F.linear`` (a ``function_table``
-    entry, as ``subclasses.QuantizedWeight`` does) calls it directly: in eager this skips the
-    ``__torch_function__`` round trip (~1.3 us per call). Anything else keeps its own forward."""
-    cls = type(module)
-    direct = (
-        module._original_class.forward is nn.Linear.forward
-        and "weight" in module._unwrapped
-        and F.linear in getattr(module._unwrapped["weight"].subclass, "function_table", {})
-    )
-    if direct:
-        cls.forward = _direct_linear_forward
-    elif "forward" in cls.__dict__:
-        del cls.forward
+    return set
 
 
 def _register_plain(module: nn.Module, name: str, value: torch.Tensor, kind: str, spec_cache: dict | None = None) -> None:
@@ -384,7 +396,7 @@ def _unwrap_module(module: nn.Module, spec_cache: dict) -> None:
         module._non_persistent_buffers_set.discard(name)
         module._unwrapped_kind[name] = kind
         _register_plain(module, name, value, kind, spec_cache)
-        _install_property(module, name)
+    _install_accessors(module)
     # Keep the plain tensors where the subclass stood, so state_dict keeps its key order.
     _reorder(module._parameters, param_order)
     _reorder(module._buffers, buffer_order)

@@ -193,6 +193,31 @@ def test_compiled_graph_takes_plain_tensors_no_breaks_no_recompiles(fmt):
         torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_new_metadata_recompiles_never_stale():
+    """Same inner shapes and dtypes, other metadata (the packing): the compiled model must notice."""
+    from subclasses.int4_packing import pack_canonical
+
+    model = unwrap(quantized_model("int4"))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        w = model[0].weight
+        canonical = Int4WeightTensor(pack_canonical(w.codes()), w.scale_and_zero, w.group_size, "canonical", tuple(w.shape), w.dtype)
+        assert canonical.packed.shape == w.packed.shape and canonical.packed.dtype == w.packed.dtype
+        model[0].weight = canonical
+        out = compiled(x)
+        torch.testing.assert_close(out, model(x))
+    assert model[0].weight.packing == "canonical"
+    assert len(compiles) == 2
+
+
 @pytest.mark.parametrize("fmt", sorted(CONFIGS))
 def test_export_of_unwrapped_quantized_model(fmt):
     model = unwrap(quantized_model(fmt))

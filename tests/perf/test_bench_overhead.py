@@ -1,0 +1,77 @@
+"""perf/bench_overhead.py: every benchmark body runs once (so none can rot), and the deterministic
+half of the floor targets: guard counts and the kernels in the compiled graph."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from perf import bench_overhead
+from perf.modes import fresh_caller
+from perf.workloads import CONFIGS, WORKLOADS, build_variants
+
+
+class OnceBenchmark:
+    """pytest-benchmark's fixture, reduced to one call."""
+
+    def __init__(self) -> None:
+        self.group, self.extra_info, self.calls = None, {}, 0
+
+    def __call__(self, fn):
+        self.calls += 1
+        return fn()
+
+
+def test_every_benchmark_body_runs_once():
+    for workload in WORKLOADS:
+        for fmt in CONFIGS:
+            for mode in bench_overhead.MODES:
+                for variant in bench_overhead.VARIANTS:
+                    benchmark = OnceBenchmark()
+                    info = bench_overhead.run_case(benchmark, workload, fmt, variant, mode, rounds=1, number=1)
+                    assert benchmark.calls == 1
+                    assert benchmark.extra_info == info
+                    assert info["ratio_to_floor"] > 0
+                    assert info["layers"] == (8 if workload.startswith("W1") else 2)
+                    assert (info["guards"] is None) == (mode == "eager")
+    bench_overhead.prepared.cache_clear()
+
+
+def compiled_kernels(model: torch.nn.Module, x: torch.Tensor) -> tuple[Counter, int]:
+    """The calls in Inductor's generated code (kernels, extern ops) and the guard count."""
+    guards: list[int] = []
+
+    def keep_all(entries: list) -> list[bool]:
+        guards.append(len(entries))
+        return [True] * len(entries)
+
+    compiled = torch.compile(fresh_caller(model), options={"guard_filter_fn": keep_all})
+    with torch.inference_mode():
+        _, code = run_and_get_code(compiled, x)
+    calls = re.findall(r"(torch\.ops\.[\w.]+|extern_kernels\.\w+|cpp_fused_\w+|aten\.\w+)\(", "\n".join(code))
+    return Counter(calls), sum(guards)
+
+
+# Guards on the globals the quantized linear path reads (its functions, the subclass class, the
+# packing constant...): checked once per call, whatever the number of layers.
+GLOBAL_GUARDS = 8
+
+
+@pytest.mark.parametrize("fmt", list(CONFIGS))
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_compiled_graph_and_guards_match_the_floor(workload, fmt):
+    """No copy / pad / slice kernel the floor lacks; guards at most the floor's + 1 per layer
+    (+ GLOBAL_GUARDS once)."""
+    models, x = build_variants(workload, fmt)
+    floor_calls, floor_guards = compiled_kernels(models["floor"], x)
+    layers = len(models["floor"])
+    assert sum(floor_calls.values()) == layers  # the kernel per layer, nothing else
+    for variant in ("ours wrapped", "ours unwrapped"):
+        calls, guards = compiled_kernels(models[variant], x)
+        assert calls == floor_calls, variant
+        if variant == "ours unwrapped":
+            assert guards <= floor_guards + layers + GLOBAL_GUARDS, (guards, floor_guards)
