@@ -126,17 +126,28 @@ class UnwrappedModule(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # Convert each subclass as a whole (a device move may repack it), then update the plain
         # tensors in place (`.data`), so shared weights stay shared and the specs stay right.
+        # Where `.data` cannot take the new tensor (e.g. to the meta device) the plain tensors are
+        # replaced, the same new objects for every module sharing them.
+        applied = _APPLIED.setdefault(fn, {})
         for name, spec in self._unwrapped.items():
             plain = self._plain_tensors(name)
-            if _APPLIED.get(fn, {}).get(id(spec)) is not spec:  # a tied weight converts once
+            if applied.get(id(spec), (None,))[0] is not spec:  # a tied weight converts once
                 converted = fn(spec.rebuild(plain))
                 new_spec, new_plain = flatten_subclass(converted)
+                replaced: dict[str, torch.Tensor] = {}
                 for path, tensor in plain.items():
-                    tensor.data = new_plain[path].detach()
+                    new = new_plain[path].detach()
+                    if torch._has_compatible_shallow_copy_type(tensor, new):
+                        tensor.data = new
+                    else:
+                        replaced[path] = nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
                 spec.meta, spec.outer_size, spec.outer_stride = new_spec.meta, new_spec.outer_size, new_spec.outer_stride
                 _refresh_nested(spec, new_spec)
                 spec.cached = None
-                _APPLIED.setdefault(fn, {})[id(spec)] = spec
+                applied[id(spec)] = (spec, replaced)
+            store = self._parameters if self._unwrapped_kind[name] == "parameter" else self._buffers
+            for path, tensor in applied[id(spec)][1].items():
+                store[f"{name}{SEPARATOR}{path}"] = tensor
         _refresh_class(self)
         # The plain tensors are converted already: hide them from nn.Module._apply.
         orders = [(store, list(store)) for store in (self._parameters, self._buffers)]
@@ -155,7 +166,7 @@ class UnwrappedModule(nn.Module):
                 store.update((key, hidden[key] if key in hidden else items[key]) for key in order)
 
 
-_APPLIED: "weakref.WeakKeyDictionary[Callable, dict[int, SubclassSpec]]" = weakref.WeakKeyDictionary()
+_APPLIED: "weakref.WeakKeyDictionary[Callable, dict[int, tuple[SubclassSpec, dict[str, torch.Tensor]]]]" = weakref.WeakKeyDictionary()
 
 
 def _refresh_nested(spec: SubclassSpec, new: SubclassSpec) -> None:

@@ -107,6 +107,14 @@ def test_tied_weight_stays_one_set_of_plain_tensors():
     assert isinstance(model.head.weight, Int4WeightTensor)
 
 
+
+def test_tied_weight_stays_tied_across_a_move_to_meta():
+    """The meta device takes new plain tensors (`.data` cannot cross): both owners get the same."""
+    model = unwrap(quantize_(TiedLM().bfloat16(), Int4WeightOnlyConfig(group_size=64))).to("meta")
+    assert model.head.weight__packed is model.head_copy.weight__packed
+    assert model.head.weight__packed.device.type == "meta"
+    assert len(list(model.parameters())) == 4  # body + head, two inner tensors each
+
 class WithBuffers(nn.Module):
     def __init__(self):
         super().__init__()
