@@ -23,7 +23,7 @@ from perf.workloads import CONFIGS, WORKLOADS, build_variants
 
 VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped")
 MODES = ("eager", "compiled")
-ROUNDS = 7  # interleaved rounds behind ratio_to_floor
+ROUNDS = 20  # interleaved rounds behind ratio_to_floor (minimum of each)
 
 
 @functools.cache

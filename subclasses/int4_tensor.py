@@ -133,8 +133,9 @@ def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | 
         return F.linear(x, weight.dequantize(), bias)
     if x.requires_grad and torch.is_grad_enabled():
         return linear_with_input_grad(x, weight, bias)
-    # decode: nothing but the kernel. guard_or_false: a dynamic (even unbacked) M goes on below.
-    if x.dim() == 2 and bias is None and x.is_contiguous() and x.stride(1) == 1 and guard_or_false(x.shape[0] <= PREFILL_MIN_ROWS):
+    # decode (M = 1; K > 1, so contiguous means unit stride): nothing but the kernel.
+    # guard_or_false: a dynamic (even unbacked) M goes on below.
+    if x.dim() == 2 and bias is None and x.is_contiguous() and guard_or_false(x.shape[0] == 1):
         return torch._weight_int4pack_mm_for_cpu(x, weight.packed, weight.group_size, weight.scale_and_zero)
     x2d = as_kernel_input(x)
     # prefill: kernel or dequantize + GEMM by the crossover. Compiled, M may be dynamic (even

@@ -311,7 +311,9 @@ def _install_accessors(module: UnwrappedModule) -> None:
     if module._original_class.forward is nn.Linear.forward and linear is not None:
         # Reading the weight here, not through the property, also spares Dynamo a guard per
         # layer on the property's getter; eager skips the __torch_function__ round trip.
-        result = f"{_global(linear)}(input, {{}}, self.bias)"
+        # nn.Linear keeps its bias in _parameters; reading it there spares nn.Module.__getattr__.
+        bias = "self._parameters['bias']" if "bias" in module._parameters else "self.bias"
+        result = f"{_global(linear)}(input, {{}}, {bias})"
         cls.forward = _generate(module, _accessor_source(module, "weight", "forward(self, input)", result), "forward")
 
 
