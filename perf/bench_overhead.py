@@ -2,6 +2,8 @@
 compiled, int4 and int8, batch 1, one thread.
 
 Run: ``pytest perf/bench_overhead.py --benchmark-only`` (``BENCH_THREADS`` changes the thread count).
+On a machine with a CUDA GPU, ``test_overhead_cuda`` adds the same cases on the GPU (plus
+``reduce-overhead``: CUDA graphs, and torchao when installed), each call synchronized.
 Each group (``{workload} {format} {mode}``) holds the four variants side by side. Every case also
 times itself against the floor in interleaved rounds (the same moment of a noisy machine) and
 records in ``extra_info``: ``floor_us``, ``ours_us`` (minima of those rounds), ``ratio_to_floor``,
@@ -17,7 +19,8 @@ from typing import Callable
 import pytest
 import torch
 
-from perf.modes import prepare
+from perf.cuda import CUDA_MODES, cuda_available, cuda_time_us, cuda_variants, synchronized
+from perf.modes import fresh_caller, prepare
 from perf.report import interleaved_min_us
 from perf.workloads import CONFIGS, WORKLOADS, build_variants
 
@@ -75,3 +78,38 @@ def _threads():
 def test_overhead(benchmark, workload: str, fmt: str, mode: str, variant: str) -> None:
     benchmark.group = f"{workload} {fmt} {mode}"
     run_case(benchmark, workload, fmt, variant, mode)
+
+
+@functools.cache
+def _cuda_variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
+    return cuda_variants(workload, fmt)
+
+
+@functools.cache
+def prepared_cuda(workload: str, fmt: str, variant: str, mode: str) -> Callable[[], object]:
+    """A warm, synchronized runner of ``variant`` on the GPU in ``mode`` (one of ``CUDA_MODES``)."""
+    models, x = _cuda_variants(workload, fmt)
+    model = models[variant]
+    if mode == "eager":
+        return synchronized(lambda: model(x))
+    compiled = torch.compile(fresh_caller(model), mode=None if mode == "compiled" else mode)
+    with torch.inference_mode():
+        for _ in range(3):  # CUDA graphs record on a later call than the first
+            compiled(x)
+    return synchronized(lambda: compiled(x))
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", [*VARIANTS, "torchao"])
+@pytest.mark.parametrize("mode", CUDA_MODES)
+@pytest.mark.parametrize("fmt", list(CONFIGS))
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_overhead_cuda(benchmark, workload: str, fmt: str, mode: str, variant: str) -> None:
+    if variant not in _cuda_variants(workload, fmt)[0]:
+        pytest.skip("torchao is not installed")
+    benchmark.group = f"cuda {workload} {fmt} {mode}"
+    with torch.inference_mode():
+        ours, floor = prepared_cuda(workload, fmt, variant, mode), prepared_cuda(workload, fmt, "floor", mode)
+        benchmark(ours)
+        ours_us, floor_us = cuda_time_us(ours), cuda_time_us(floor)
+    benchmark.extra_info.update({"ours_us": ours_us, "floor_us": floor_us, "ratio_to_floor": ours_us / floor_us})
