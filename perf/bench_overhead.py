@@ -13,7 +13,6 @@ records in ``extra_info``: ``floor_us``, ``ours_us`` (minima of those rounds), `
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import pytest
@@ -26,6 +25,7 @@ from perf.workloads import CONFIGS, WORKLOADS, build_variants
 
 VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped")
 MODES = ("eager", "compiled")
+DEFAULT_THREADS = 1  # host overhead: one thread (BENCH_THREADS overrides; perf/conftest.py)
 ROUNDS = 20  # interleaved rounds behind ratio_to_floor (minimum of each)
 
 
@@ -61,14 +61,6 @@ def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant:
     }
     benchmark.extra_info.update(info)
     return info
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -9,7 +9,6 @@ dynamic M, so one graph serves every M above the int4 crossover (see ``subclasse
 from __future__ import annotations
 
 import functools
-import os
 import time
 from typing import Callable
 
@@ -34,6 +33,7 @@ FORMATS: dict[str, Callable[[], object] | None] = {
 MODES = ("eager", "compiled")
 ROWS = (1, 8, 32, 128, 512)
 SIZE = 2048
+DEFAULT_THREADS = 2  # BENCH_THREADS overrides (perf/conftest.py)
 
 
 def prefill_ms(model: Callable[..., object], *args: object, repeats: int = 5, warmup: int = 1) -> float:
@@ -70,14 +70,6 @@ def run_prefill(benchmark: Callable[..., object], fmt: str, mode: str, rows: int
         model(x)
         model(x)
         benchmark(model, x)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("rows", ROWS)

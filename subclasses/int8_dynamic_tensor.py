@@ -6,22 +6,19 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    FLOAT_DTYPES,
-    QuantizedWeight,
     as_kernel_input,
     as_linear_output,
-    aten,
     check_activation,
     linear_with_input_grad,
 )
-from .int8_tensor import _to_copy, quantize_int8
+from .int8_tensor import Int8WeightTensor
 
 ACTIVATION_QMAX = 127  # symmetric [-127, 127]: no -128, so negating a code never overflows
 EPS = torch.finfo(torch.float32).eps
 
 
-class Int8DynamicActivationInt8WeightTensor(QuantizedWeight):
-    """Int8 weight [N, K] (per output channel, symmetric: ``Int8WeightTensor``'s math) whose
+class Int8DynamicActivationInt8WeightTensor(Int8WeightTensor):
+    """An ``Int8WeightTensor`` (its math, ``from_float``, ``dequantize`` and ``.to()``) whose
     ``F.linear`` also quantizes the activation, per row ("token"), symmetric, at every call and
     multiplies int8 x int8 -> int32 with ``torch._int_mm``.
 
@@ -36,32 +33,6 @@ class Int8DynamicActivationInt8WeightTensor(QuantizedWeight):
     and K, N multiples of 8, elsewhere the same integer product runs in fp32 (exact while
     |x_q @ qdata^T| < 2**24, i.e. always for K <= 1040).
     """
-
-    tensor_data_names = ("qdata", "scale")
-    tensor_attribute_names = ()
-    qdata: torch.Tensor
-    scale: torch.Tensor
-
-    @classmethod
-    def unsupported_reason(cls, weight: torch.Tensor) -> str | None:
-        """Why ``weight`` cannot be quantized, or None if it can."""
-        if weight.dim() != 2:
-            return f"weight must be 2-D, got shape {tuple(weight.shape)}"
-        if weight.dtype not in FLOAT_DTYPES:
-            return f"weight dtype must be one of {FLOAT_DTYPES}, got {weight.dtype}"
-        return None
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8DynamicActivationInt8WeightTensor":
-        """Quantize a high-precision [N, K] weight (arithmetic in the weight's dtype)."""
-        reason = cls.unsupported_reason(weight)
-        if reason is not None:
-            raise ValueError(reason)
-        qdata, scale = quantize_int8(weight.detach())
-        return cls(qdata, scale, tuple(weight.shape), weight.dtype)
-
-    def dequantize(self) -> torch.Tensor:  # type: ignore[override]
-        return self.qdata.to(self.dtype) * self.scale.unsqueeze(1)
 
 
 def quantize_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,4 +67,3 @@ def int8_dynamic_linear(
 
 
 Int8DynamicActivationInt8WeightTensor.function_table[F.linear] = int8_dynamic_linear
-Int8DynamicActivationInt8WeightTensor.dispatch_table[aten._to_copy.default] = _to_copy

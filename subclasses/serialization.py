@@ -143,7 +143,7 @@ def _expected_inner(
         if packing != Packing.CANONICAL:
             raise ValueError(f"{where}: int4 checkpoints store packing {Packing.CANONICAL!r}, got {packing!r}")
         return {"packed": ((n, k // 2), torch.uint8), "scale_and_zero": ((k // group_size, n, 2), dtype)}
-    if cls is Int8WeightTensor:
+    if issubclass(cls, Int8WeightTensor):  # int8 dynamic too
         return {"qdata": ((n, k), torch.int8), "scale": ((n,), dtype)}
     return {}  # a format without a rule here: names are checked, shapes are the class's business
 

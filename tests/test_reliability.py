@@ -212,8 +212,14 @@ def test_batch_1_to_64_and_varied_lengths_compile_at_most_twice(name, one_thread
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_2d_batch_1_to_64_with_mark_dynamic_compiles_twice(name, one_thread):
-    """Plain mark_dynamic specialises size 1: one graph for batch 1, one for the rest."""
+@pytest.mark.parametrize(
+    "mark,compiles",
+    [(torch._dynamo.mark_dynamic, 2), (torch._dynamo.decorators.mark_unbacked, 1)],
+    ids=["mark_dynamic", "mark_unbacked"],
+)
+def test_2d_batch_1_to_64_compiles(name, mark, compiles, one_thread):
+    """Plain mark_dynamic specialises size 1: one graph for batch 1, one for the rest. An unbacked
+    M gives one graph for all (the decode fast path must not guard on M)."""
     model = tiny_model(name)
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -221,24 +227,11 @@ def test_2d_batch_1_to_64_with_mark_dynamic_compiles_twice(name, one_thread):
         for b in [7, *range(1, 65)]:
             x = torch.randn(b, 64, dtype=BF16)
             if b == 7:
-                torch._dynamo.mark_dynamic(x, 0)
-            compiled(x)
-    assert backend.compiles == 2
-
-
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_2d_batch_unbacked_compiles_once(name, one_thread):
-    """A 2-D activation with an unbacked M: the decode fast path must not guard on M."""
-    model = tiny_model(name)
-    backend = CountingBackend()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    with torch.inference_mode():
-        for b in [5, 1, 2, 64]:
-            x = torch.randn(b, 64, dtype=BF16)
-            if b == 5:
-                torch._dynamo.decorators.mark_unbacked(x, 0)
-            assert sqnr(model(x), compiled(x)) > 35, b
-    assert backend.compiles == 1
+                mark(x, 0)
+            out = compiled(x)
+            if b in (7, 1, 2, 64):
+                assert sqnr(model(x), out) > 35, b
+    assert backend.compiles == compiles
 
 
 # ---- threads ----
