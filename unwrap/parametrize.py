@@ -275,7 +275,7 @@ def _accessor_source(module: UnwrappedModule, name: str, signature: str, result:
             f"plain[{name + SEPARATOR + path!r}] is held[{i}]" for i, path in enumerate(spec.paths())
         )
         lines += [
-            f"    cached = {_global(spec)}.cached",
+            f"    cached = self._unwrapped[{name!r}].cached",  # not a global: that would outlive the module
             "    if cached is not None:",
             "        value, held = cached",
             f"        plain = self.{store}",

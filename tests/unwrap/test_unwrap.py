@@ -169,6 +169,20 @@ def test_rebuilt_weight_never_stale(fmt):
     assert getattr(rebuilt, name.split("__")[1]) is getattr(layer, name)
 
 
+
+def test_a_dropped_unwrapped_model_frees_its_weights():
+    """The eager cache lives on the module: nothing global keeps a dropped model's tensors alive."""
+    import gc
+    import weakref
+
+    model = unwrap(quantized_model("int4"))
+    with torch.no_grad():
+        model(torch.randn(2, 128, dtype=torch.bfloat16))  # fills the cache
+    packed = weakref.ref(model[0].weight__packed)
+    del model
+    gc.collect()
+    assert packed() is None
+
 def test_assigning_a_new_subclass_routes_through_and_plain_raises():
     model = unwrap(quantized_model("int8"))
     new = quantized_model("int8")[0].weight
