@@ -73,7 +73,6 @@ class UnwrappedModule(nn.Module):
 
     _unwrapped: dict[str, SubclassSpec]
     _unwrapped_kind: dict[str, str]
-    _unwrapped_keys: dict[str, tuple[dict[str, Any], tuple[str, ...]]]
     _original_class: type
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -200,21 +199,12 @@ class _DifferentiableRebuild(torch.autograd.Function):
 
 
 def _eager_get(module: UnwrappedModule, name: str) -> torch.Tensor:
+    """Rebuild the subclass ``name`` in eager (the generated accessors' cache missed): with
+    gradients to the plain tensors when it requires grad, else rebuilt once and cached."""
     spec = module._unwrapped[name]
-    if spec.requires_grad and torch.is_grad_enabled():
-        return _DifferentiableRebuild.apply(spec, *module._plain_tensors(name).values())
-    cached = spec.cached
-    if cached is not None:
-        # Valid while every registered plain tensor is the very one it was built from
-        # (in-place changes are seen through them; a reassignment rebuilds).
-        store, keys = module._unwrapped_keys[name]
-        value, held = cached
-        for key, tensor in zip(keys, held):
-            if store[key] is not tensor:
-                break
-        else:
-            return value
     plain = module._plain_tensors(name)
+    if spec.requires_grad and torch.is_grad_enabled():
+        return _DifferentiableRebuild.apply(spec, *plain.values())
     value = spec.rebuild(plain)
     spec.cached = (value, tuple(plain.values()))
     return value
@@ -270,18 +260,16 @@ def _accessor_source(module: UnwrappedModule, name: str, signature: str, result:
         f"        plain = self.{store}",
         f"        return {result.format(_rebuild_source(spec, name, 'plain'))}",
     ]
-    if not spec.requires_grad:
-        held = " and ".join(
-            f"plain[{name + SEPARATOR + path!r}] is held[{i}]" for i, path in enumerate(spec.paths())
-        )
-        lines += [
-            f"    cached = self._unwrapped[{name!r}].cached",  # not a global: that would outlive the module
-            "    if cached is not None:",
-            "        value, held = cached",
-            f"        plain = self.{store}",
-            f"        if {held}:",
-            f"            return {result.format('value')}",
-        ]
+    held = " and ".join(f"plain[{name + SEPARATOR + path!r}] is held[{i}]" for i, path in enumerate(spec.paths()))
+    lines += [
+        f"    cached = self._unwrapped[{name!r}].cached",  # not a global: that would outlive the module
+        # a subclass that requires grad is rebuilt differentiably whenever grad mode is on
+        f"    if cached is not None{' and not torch.is_grad_enabled()' if spec.requires_grad else ''}:",
+        "        value, held = cached",
+        f"        plain = self.{store}",
+        f"        if {held}:",
+        f"            return {result.format('value')}",
+    ]
     lines.append(f"    return {result.format(f'_eager_get(self, {name!r})')}")
     return "\n".join(lines) + "\n"
 
@@ -320,9 +308,13 @@ def _install_accessors(module: UnwrappedModule) -> None:
 def _refresh_class(module: UnwrappedModule) -> None:
     """Move ``module`` to a fresh class and generate its accessors from the current specs: a
     compiled graph built with the old metadata fails its type guard and recompiles."""
-    original = module._original_class
-    module.__class__ = type(f"Unwrapped{original.__name__}", (UnwrappedModule, original), {"_original_class": original})
+    module.__class__ = _unwrapped_class(module._original_class)
     _install_accessors(module)
+
+
+def _unwrapped_class(original: type) -> type:
+    """A class of one module's own: ``Unwrapped<original>``, to hold its generated accessors."""
+    return type(f"Unwrapped{original.__name__}", (UnwrappedModule, original), {"_original_class": original})
 
 
 def _setter(name: str) -> Callable[[UnwrappedModule, torch.Tensor], None]:
@@ -363,8 +355,6 @@ def _register_plain(module: nn.Module, name: str, value: torch.Tensor, kind: str
             if kind == "non-persistent buffer":
                 module._non_persistent_buffers_set.add(key)
     module._unwrapped[name] = spec
-    store = module._parameters if kind == "parameter" else module._buffers
-    module._unwrapped_keys[name] = (store, tuple(f"{name}{SEPARATOR}{path}" for path in spec.paths()))
 
 
 def _unregister_plain(module: UnwrappedModule, name: str) -> dict[str, torch.Tensor]:
@@ -394,12 +384,9 @@ def _unwrap_module(module: nn.Module, spec_cache: dict) -> None:
     if not entries:
         return
     if not isinstance(module, UnwrappedModule):
-        original = type(module)
-        namespace = {"_original_class": original}
-        module.__class__ = type(f"Unwrapped{original.__name__}", (UnwrappedModule, original), namespace)
+        module.__class__ = _unwrapped_class(type(module))
         module._unwrapped = {}
         module._unwrapped_kind = {}
-        module._unwrapped_keys = {}
     else:
         raise ValueError(f"{type(module).__name__} already holds unwrapped tensors; rewrap it first")
     param_order, buffer_order = list(module._parameters), list(module._buffers)
@@ -474,7 +461,7 @@ def rewrap(model: nn.Module) -> nn.Module:
             values[name] = rebuilt[id(spec)]
         kinds = module._unwrapped_kind
         module.__class__ = module._original_class
-        for attr in ("_unwrapped", "_unwrapped_kind", "_unwrapped_keys"):
+        for attr in ("_unwrapped", "_unwrapped_kind"):
             module.__dict__.pop(attr, None)
         for name, value in values.items():
             if kinds[name] == "parameter":
