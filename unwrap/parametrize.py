@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -11,57 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-SEPARATOR = "__"
-
-
-@dataclass(eq=False)
-class SubclassSpec:
-    """How to rebuild one tensor subclass from plain tensors registered on its module(s).
-
-    ``inner`` maps each name of ``__tensor_flatten__`` to a nested spec or to a plain tensor's
-    path (``"packed"``, or ``"a__b"`` when nested); the plain tensor lives on the owning module as
-    ``f"{attribute}__{path}"``. One spec is shared by every module that shares the weight.
-    """
-
-    subclass: type
-    meta: Any
-    outer_size: torch.Size
-    outer_stride: tuple[int, ...]
-    inner: dict[str, "SubclassSpec | str"]
-    requires_grad: bool = False
-    # Eager cache: the last rebuilt subclass and the plain tensors it was built from.
-    cached: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = field(default=None, repr=False)
-
-    def paths(self) -> list[str]:
-        out: list[str] = []
-        for value in self.inner.values():
-            out.extend(value.paths() if isinstance(value, SubclassSpec) else [value])
-        return out
-
-    def rebuild(self, plain: dict[str, torch.Tensor]) -> torch.Tensor:
-        inner = {
-            name: value.rebuild(plain) if isinstance(value, SubclassSpec) else plain[value]
-            for name, value in self.inner.items()
-        }
-        return self.subclass.__tensor_unflatten__(inner, self.meta, self.outer_size, self.outer_stride)
-
-
-def flatten_subclass(tensor: torch.Tensor, prefix: str = "") -> tuple[SubclassSpec, dict[str, torch.Tensor]]:
-    """Spec and plain tensors (by path) of a traceable wrapper subclass, recursively."""
-    names, meta = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
-    inner: dict[str, SubclassSpec | str] = {}
-    plain: dict[str, torch.Tensor] = {}
-    for name in names:
-        value = getattr(tensor, name)
-        path = f"{prefix}{name}"
-        if is_traceable_wrapper_subclass(value):
-            inner[name], nested = flatten_subclass(value, path + SEPARATOR)
-            plain.update(nested)
-        else:
-            inner[name] = path
-            plain[path] = value
-    spec = SubclassSpec(type(tensor), meta, tensor.size(), tensor.stride(), inner, tensor.requires_grad)
-    return spec, plain
+from .spec import SEPARATOR, SubclassSpec, DifferentiableRebuild, refresh_nested, flatten_subclass
 
 
 class UnwrappedModule(nn.Module):
@@ -141,7 +90,7 @@ class UnwrappedModule(nn.Module):
                     else:
                         replaced[path] = nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
                 spec.meta, spec.outer_size, spec.outer_stride = new_spec.meta, new_spec.outer_size, new_spec.outer_stride
-                _refresh_nested(spec, new_spec)
+                refresh_nested(spec, new_spec)
                 spec.cached = None
                 applied[id(spec)] = (spec, replaced)
             store = self._parameters if self._unwrapped_kind[name] == "parameter" else self._buffers
@@ -168,43 +117,13 @@ class UnwrappedModule(nn.Module):
 _APPLIED: "weakref.WeakKeyDictionary[Callable, dict[int, tuple[SubclassSpec, dict[str, torch.Tensor]]]]" = weakref.WeakKeyDictionary()
 
 
-def _refresh_nested(spec: SubclassSpec, new: SubclassSpec) -> None:
-    for name, value in spec.inner.items():
-        other = new.inner[name]
-        if isinstance(value, SubclassSpec) and isinstance(other, SubclassSpec):
-            value.meta, value.outer_size, value.outer_stride = other.meta, other.outer_size, other.outer_stride
-            _refresh_nested(value, other)
-
-
-class _DifferentiableRebuild(torch.autograd.Function):
-    """Eager rebuild with gradients: the subclass's gradient is split back into the plain ones."""
-
-    @staticmethod
-    def forward(ctx: Any, spec: SubclassSpec, *plain: torch.Tensor) -> torch.Tensor:
-        ctx.spec = spec
-        return spec.rebuild(dict(zip(spec.paths(), plain)))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        paths = ctx.spec.paths()
-        if not is_traceable_wrapper_subclass(grad):
-            return (None, *(None for _ in paths))
-        _, grads = flatten_subclass(grad)
-        if set(grads) != set(paths):
-            raise NotImplementedError(
-                f"the gradient of an unwrapped {ctx.spec.subclass.__name__} is nested differently "
-                f"({sorted(grads)}) than the parameter ({paths}); run under torch.compile, or rewrap"
-            )
-        return (None, *(grads[path] for path in paths))
-
-
 def _eager_get(module: UnwrappedModule, name: str) -> torch.Tensor:
     """Rebuild the subclass ``name`` in eager (the generated accessors' cache missed): with
     gradients to the plain tensors when it requires grad, else rebuilt once and cached."""
     spec = module._unwrapped[name]
     plain = module._plain_tensors(name)
     if spec.requires_grad and torch.is_grad_enabled():
-        return _DifferentiableRebuild.apply(spec, *plain.values())
+        return DifferentiableRebuild.apply(spec, *plain.values())
     value = spec.rebuild(plain)
     spec.cached = (value, tuple(plain.values()))
     return value
