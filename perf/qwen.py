@@ -96,26 +96,34 @@ def qwen2_variants(bf16: nn.Module, fmt: str) -> tuple[dict[str, nn.Module], lis
 
 
 class Decoder:
-    """Greedy decoding with a ``StaticCache``: an eager prefill, then one-token steps through
-    ``step`` (the model itself, or its compiled version) at increasing cache positions."""
+    """Greedy decoding with a ``StaticCache``: a prefill of a fixed prompt through ``prefill`` (the
+    model itself by default, or a compiled version), then one-token steps through ``step`` (the
+    model, or its compiled version) at increasing cache positions."""
 
-    def __init__(self, model: nn.Module, step: Callable | None = None, *, max_len: int = 256, prompt_len: int = 8) -> None:
+    def __init__(self, model: nn.Module, step: Callable | None = None, *, max_len: int = 256, prompt_len: int = 8,
+                 prefill: Callable | None = None) -> None:
         from transformers import StaticCache
 
         self.model, self.step = model, (model if step is None else step)
+        self.prefill = model if prefill is None else prefill
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.max_len, self.prompt_len = max_len, prompt_len
+        with torch.inference_mode():  # the cache allocates its tensors on first use: do that in eager, or a
+            model(torch.zeros(1, 1, dtype=torch.long), past_key_values=self.cache, use_cache=True,  # compiled
+                  cache_position=torch.tensor([0]), logits_to_keep=1)  # prefill recompiles on its 2nd call
         self.reset()
 
-    def reset(self) -> None:
-        """Empty the cache and prefill a fixed prompt (token ids 1..prompt_len)."""
-        prompt = torch.arange(1, self.prompt_len + 1).unsqueeze(0)
+    def reset(self) -> int:
+        """Empty the cache and prefill a fixed prompt (token ids 1..prompt_len, modulo the
+        vocabulary); returns the first generated token. Timing it gives the time to first token."""
+        prompt = (torch.arange(1, self.prompt_len + 1) % self.model.config.vocab_size).unsqueeze(0)
         with torch.inference_mode():  # the cache's tensors are inference tensors
             self.cache.reset()
-            out = self.model(prompt, past_key_values=self.cache, use_cache=True,
-                             cache_position=torch.arange(self.prompt_len), logits_to_keep=1)
+            out = self.prefill(prompt, past_key_values=self.cache, use_cache=True,
+                               cache_position=torch.arange(self.prompt_len), logits_to_keep=1)
         self.position = self.prompt_len
         self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+        return int(self.token)
 
     def next(self) -> int:
         """Decode one token greedily; returns it. Resets (re-prefills) when the cache is full."""

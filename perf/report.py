@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,13 +24,15 @@ VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
 @dataclass
 class Row:
     """One model variant: time per mode (None: not measured), guards of the default compile,
-    kernel-only time of its kernels called directly (None: not applicable)."""
+    kernel-only time of its kernels called directly (None: not applicable), and for LLMs the time
+    to first token per mode (ms, a prefill of the block's ``prefill_tokens``)."""
 
     variant: str
     times: dict[str, float | None] = field(default_factory=dict)
     guards: int | None = None
     kernel: float | None = None
     note: str = ""
+    ttft: dict[str, float | None] = field(default_factory=dict)
 
     def best(self) -> tuple[str, float] | None:
         measured = [(t, m) for m, t in self.times.items() if t is not None]
@@ -45,6 +49,7 @@ class Block:
     modes: tuple[str, ...]
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    prefill_tokens: int | None = None  # LLMs: prompt length of the rows' ``ttft`` (None: not measured)
 
     def row(self, variant: str) -> Row | None:
         return next((r for r in self.rows if r.variant == variant), None)
@@ -68,19 +73,34 @@ class Progress:
         print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=self.stream, flush=True)
 
 
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """The garbage collector collected once, then off (as ``timeit`` does): after compiling, the
+    heap holds millions of objects and one full collection inside a timed span costs 0.2-2 s."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def interleaved_min_us(fns: dict[str, Callable[[], object]], *, repeats: int, number: int, warmup: int = 10) -> dict[str, float]:
     """Per callable, the minimum over ``repeats`` rounds of the mean of ``number`` calls (us).
     Rounds visit every callable in turn, so a burst of load on a shared machine hits them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = {key: float("inf") for key in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(number):
+    with no_gc():
+        for fn in fns.values():
+            for _ in range(warmup):
                 fn()
-            best[key] = min(best[key], (time.perf_counter() - start) / number * 1e6)
+        best = {key: float("inf") for key in fns}
+        for _ in range(repeats):
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(number):
+                    fn()
+                best[key] = min(best[key], (time.perf_counter() - start) / number * 1e6)
     return best
 
 
@@ -125,17 +145,30 @@ def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: 
     return block
 
 
-def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[str], None]) -> list[Block]:
+# Prompt length of the time-to-first-token columns, per LLM (LLMs not named here: not measured).
+PREFILL_TOKENS: dict[str, int] = {"Qwen2 0.5B": 512}
+
+
+def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[str], None],
+                prefill_tokens: int | None = None) -> list[Block]:
     """Next-token ms/token of a transformers Qwen2 (greedy, static KV cache), eager and compiled,
     for bf16 and, per format, the floor and ours (wrapped: eager only; unwrapped: both). All
-    decoders of a format are built and compiled first, then timed interleaved."""
+    decoders of a format are built and compiled first, then timed interleaved.
+
+    With ``prefill_tokens`` (default ``PREFILL_TOKENS.get(name)``), also the time to first token of
+    a prompt that long (prefill into an empty static cache, greedy first token), eager for every
+    row, compiled (a compile of its own for that length, apart from the decode step's) for bf16,
+    ours unwrapped and torchao, timed interleaved after the decoders."""
     from .modes import fresh_caller
     from .qwen import QWEN2_SHAPES, Decoder, build_qwen2, qwen2_variants
 
+    if prefill_tokens is None:
+        prefill_tokens = PREFILL_TOKENS.get(name)
     progress(f"{name}: building (random weights)")
     bf16 = build_qwen2(QWEN2_SHAPES[name])
     small = QWEN2_SHAPES[name]["hidden_size"] <= 256
     rounds, tokens = (3, 4) if quick else ((15, 8) if small else (7, 4))
+    prefill_rounds = 2 if quick else 3
 
     def decoders(variant: str, model: torch.nn.Module, row: Row, compiled_too: bool) -> dict:
         out = {(variant, "eager"): Decoder(model)}
@@ -148,9 +181,21 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
             guard_counts[variant] = counts
         return out
 
+    def prefills(variant: str, model: torch.nn.Module, compiled_too: bool) -> dict:
+        """Decoders whose ``reset`` is one timed prefill (the constructor's is the warm-up)."""
+        if not prefill_tokens:
+            return {}
+        progress(f"{name}: {variant}, {prefill_tokens}-token prefill" + (", compiling" if compiled_too else ""))
+        length = dict(max_len=prefill_tokens, prompt_len=prefill_tokens)
+        out = {(variant, "eager"): Decoder(model, **length)}
+        if compiled_too:
+            out[(variant, "compiled")] = Decoder(model, prefill=compile_counting_guards(fresh_caller(model))[0], **length)
+        return out
+
     guard_counts: dict[str, list[int]] = {}
     bf16_row = Row("bf16")
     bf16_decoders = decoders("bf16", bf16, bf16_row, True)
+    bf16_prefills = prefills("bf16", bf16, True)
     blocks = []
     for fmt in fmts:
         variants, notes = qwen2_variants(bf16, fmt)
@@ -159,37 +204,49 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
                 variants["torchao"] = torchao_model(bf16, fmt)
             except Exception as error:  # an API change in torchao must not sink the report
                 progress(f"torchao row skipped: {error}")
-        block = Block(name, fmt, "ms/token", ("eager", "compiled"), [bf16_row], notes)
-        all_decoders = dict(bf16_decoders)
+        block = Block(name, fmt, "ms/token", ("eager", "compiled"), [bf16_row], notes, prefill_tokens or None)
+        all_decoders, all_prefills = dict(bf16_decoders), dict(bf16_prefills)
         for variant, model in variants.items():
             block.rows.append(Row(variant))
             all_decoders.update(decoders(variant, model, block.rows[-1], compiled_too=variant != "ours wrapped"))
+            # The floor's prefill is the int4/int8 kernel at every M (eager shows that); compiling it
+            # would add ~40 s cold to the default run (measured 2541 vs 2591 ms eager, int4 at 0.5B).
+            all_prefills.update(prefills(variant, model, compiled_too=variant not in ("ours wrapped", "floor")))
         progress(f"{name} {fmt}: timing {len(all_decoders)} decoders, interleaved")
         best = interleaved_min_ms_per_token(all_decoders, rounds=rounds, tokens=tokens)
+        ttft: dict = {}
+        if all_prefills:
+            progress(f"{name} {fmt}: timing {len(all_prefills)} prefills of {prefill_tokens} tokens, interleaved")
+            prefill_us = interleaved_min_us({key: d.reset for key, d in all_prefills.items()},
+                                            repeats=prefill_rounds, number=1, warmup=0)
+            ttft = {key: us / 1e3 for key, us in prefill_us.items()}
         for row in block.rows:
             row.times.update({mode: best[(row.variant, mode)] for mode in block.modes if (row.variant, mode) in best})
             if row.variant in guard_counts:
                 row.guards = sum(guard_counts[row.variant])
+            if block.prefill_tokens:
+                row.ttft = {mode: ttft.get((row.variant, mode)) for mode in block.modes}
         blocks.append(block)
-        del variants, all_decoders
+        del variants, all_decoders, all_prefills
     return blocks
 
 
 def interleaved_min_ms_per_token(decoders: dict, *, rounds: int, tokens: int, warmup: int = 3) -> dict:
     """Per decoder, the minimum over ``rounds`` of the mean time of ``tokens`` greedy steps (ms);
     each round visits every decoder in turn."""
-    for decoder in decoders.values():
-        for _ in range(warmup):
-            decoder.next()
-    best = {key: float("inf") for key in decoders}
-    for _ in range(rounds):
-        for key, decoder in decoders.items():
-            if decoder.position + tokens > decoder.max_len:
-                decoder.reset()
-            start = time.perf_counter()
-            for _ in range(tokens):
+    with no_gc():
+        for decoder in decoders.values():
+            for _ in range(warmup):
                 decoder.next()
-            best[key] = min(best[key], (time.perf_counter() - start) / tokens * 1e3)
+        best = {key: float("inf") for key in decoders}
+        for _ in range(rounds):
+            for key, decoder in decoders.items():
+                if decoder.position + tokens > decoder.max_len:
+                    decoder.reset()
+                start = time.perf_counter()
+                for _ in range(tokens):
+                    decoder.next()
+                best[key] = min(best[key], (time.perf_counter() - start) / tokens * 1e3)
     return best
 
 
@@ -210,12 +267,17 @@ def _cell(t: float | None, floor: float | None) -> str:
 
 
 def format_block(block: Block) -> str:
-    """A Markdown table: each time with its ratio to the floor in the same mode, the guards of the
-    default compile, kernel-only time, host overhead (best − kernel), best ÷ bf16's best."""
+    """A Markdown table: each time with its ratio to the floor in the same mode, the time to first
+    token with its ratio to bf16 (LLMs with ``prefill_tokens``), the guards of the default compile,
+    kernel-only time, host overhead (best − kernel), best ÷ bf16's best."""
     floor, bf16 = block.row("floor"), block.row("bf16")
-    head = ["variant", *(MODE_TITLES[m] for m in block.modes), "guards", "kernel", "overhead", "best/bf16", "best/floor"]
+    ttft_modes = block.modes if block.prefill_tokens else ()
+    head = ["variant", *(MODE_TITLES[m] for m in block.modes), *(f"TTFT {MODE_TITLES[m]}" for m in ttft_modes),
+            "guards", "kernel", "overhead", "best/bf16", "best/floor"]
+    ttft_title = (f"; TTFT: ms to the first token of a {block.prefill_tokens}-token prompt, in brackets: ratio to bf16"
+                  if ttft_modes else "")
     lines = [
-        f"### {block.workload}, {block.format} ({block.unit}; in brackets: ratio to the floor in the same mode)",
+        f"### {block.workload}, {block.format} ({block.unit}; in brackets: ratio to the floor in the same mode{ttft_title})",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -225,6 +287,7 @@ def format_block(block: Block) -> str:
     for row in block.rows:
         best = row.best()
         cells = [_cell(row.times.get(m), floor.times.get(m) if floor else None) for m in block.modes]
+        cells += [_cell(row.ttft.get(m), bf16.ttft.get(m) if bf16 else None) for m in ttft_modes]
         overhead = _num(best[1] - row.kernel) if best and row.kernel is not None else "-"
         kernel = _num(row.kernel) if row.kernel is not None else "-"
         guards = str(row.guards) if row.guards is not None else "-"
@@ -259,7 +322,7 @@ def to_json(blocks: list[Block], meta: dict) -> dict:
         fastest = block.fastest()
         out.append({
             "workload": block.workload, "format": block.format, "unit": block.unit, "modes": list(block.modes),
-            "rows": rows, "notes": block.notes,
+            "rows": rows, "notes": block.notes, "prefill_tokens": block.prefill_tokens,
             "fastest": None if not fastest else {"variant": fastest[0].variant, "mode": fastest[1], "time": fastest[2]},
         })
     return {"meta": meta, "blocks": out}

@@ -97,3 +97,29 @@ def test_a_torchao_row_appears_when_torchao_is_importable(monkeypatch):
     block = report.measure_workload("W2 512-1024-1024", "int4", ("eager",), quick=True, progress=lambda m: None)
     assert [r.variant for r in block.rows][-1] == "torchao" and block.rows[-1].times["eager"] > 0
     assert "| torchao |" in format_block(block)
+
+
+def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
+    pytest.importorskip("transformers", reason="the 'hf' extra")
+    import perf.qwen as qwen
+    import perf.report as report
+
+    monkeypatch.setitem(qwen.QWEN2_SHAPES, "Qwen2 test", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    monkeypatch.setattr(report, "compile_counting_guards", lambda model, **kwargs: (model, [7]))  # eager stand-in: fast
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # 64 rows: above the int4 crossover, so ours prefills through dequantize + mm
+        [block] = report.measure_llm("Qwen2 test", ["int4"], quick=True, progress=lambda m: None, prefill_tokens=64)
+    finally:
+        torch.set_num_threads(threads)
+    assert block.prefill_tokens == 64 and [r.variant for r in block.rows] == ["bf16", "floor", "ours wrapped", "ours unwrapped"]
+    for row in block.rows:
+        assert row.times["eager"] > 0 and row.ttft["eager"] > 0
+        assert (row.ttft["compiled"] is None) == (row.variant in ("ours wrapped", "floor"))  # eager only
+    text = format_block(block)
+    assert "| variant | eager | compiled | TTFT eager | TTFT compiled | guards |" in text
+    assert "TTFT: ms to the first token of a 64-token prompt, in brackets: ratio to bf16" in text
+    data = json.loads(json.dumps(to_json([block], {})))["blocks"][0]
+    assert data["prefill_tokens"] == 64 and data["rows"][0]["ttft"]["compiled"] > 0
+    assert to_json([sample_block()], {})["blocks"][0]["prefill_tokens"] is None
