@@ -18,8 +18,8 @@ from typing import Callable
 import pytest
 import torch
 
-from perf.cuda import CUDA_MODES, cuda_available, cuda_time_us, cuda_variants, synchronized
-from perf.modes import fresh_caller, prepare
+from perf.cuda import CUDA_MODES, cuda_available, cuda_time_us, cuda_variants, prepare_cuda, synchronized
+from perf.modes import prepare
 from perf.report import interleaved_min_us
 from perf.workloads import CONFIGS, WORKLOADS, build_variants
 
@@ -81,14 +81,7 @@ def _cuda_variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
 def prepared_cuda(workload: str, fmt: str, variant: str, mode: str) -> Callable[[], object]:
     """A warm, synchronized runner of ``variant`` on the GPU in ``mode`` (one of ``CUDA_MODES``)."""
     models, x = _cuda_variants(workload, fmt)
-    model = models[variant]
-    if mode == "eager":
-        return synchronized(lambda: model(x))
-    compiled = torch.compile(fresh_caller(model), mode=None if mode == "compiled" else mode)
-    with torch.inference_mode():
-        for _ in range(3):  # CUDA graphs record on a later call than the first
-            compiled(x)
-    return synchronized(lambda: compiled(x))
+    return synchronized(prepare_cuda(models[variant], (x,), mode))
 
 
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")

@@ -19,6 +19,8 @@ from torch import nn
 
 from subclasses import Int4WeightTensor, Int8WeightTensor
 
+from .modes import fresh_caller
+
 CUDA_MODES = ("eager", "compiled", "reduce-overhead")
 
 
@@ -112,8 +114,8 @@ def prepare_cuda(model: nn.Module, args: tuple, mode: str) -> Callable[[], objec
         raise ValueError(f"mode must be one of {CUDA_MODES}, got {mode!r}")
     if mode == "eager":
         return lambda: model(*args)
-    torch._dynamo.reset()  # the variants share forward code objects (nn.Sequential)
-    compiled = torch.compile(model, mode=None if mode == "compiled" else mode)
+    # fresh_caller: the variants share forward code (nn.Sequential); each keeps its own compiled code
+    compiled = torch.compile(fresh_caller(model), mode=None if mode == "compiled" else mode)
     with torch.inference_mode():
         for _ in range(3):  # CUDA graphs record on a later call than the first
             compiled(*args)

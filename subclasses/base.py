@@ -239,10 +239,6 @@ class _LinearWithDequantizedGrad(torch.autograd.Function):
         return grad_out @ weight.dequantize(), None
 
 
-def needs_input_grad(x: torch.Tensor) -> bool:
-    return x.requires_grad and torch.is_grad_enabled()
-
-
 def linear_with_input_grad(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear that is differentiable w.r.t. ``x`` (and ``bias``); the weight gets no gradient."""
     out = _LinearWithDequantizedGrad.apply(x, weight)

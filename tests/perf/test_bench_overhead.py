@@ -12,6 +12,7 @@ from torch._inductor.utils import run_and_get_code
 
 from perf import bench_overhead
 from perf.modes import fresh_caller
+from perf.timing import compile_counting_guards
 from perf.workloads import CONFIGS, WORKLOADS, build_variants
 
 
@@ -43,13 +44,7 @@ def test_every_benchmark_body_runs_once():
 
 def compiled_kernels(model: torch.nn.Module, x: torch.Tensor) -> tuple[Counter, int]:
     """The calls in Inductor's generated code (kernels, extern ops) and the guard count."""
-    guards: list[int] = []
-
-    def keep_all(entries: list) -> list[bool]:
-        guards.append(len(entries))
-        return [True] * len(entries)
-
-    compiled = torch.compile(fresh_caller(model), options={"guard_filter_fn": keep_all})
+    compiled, guards = compile_counting_guards(fresh_caller(model))
     with torch.inference_mode():
         _, code = run_and_get_code(compiled, x)
     calls = re.findall(r"(torch\.ops\.[\w.]+|extern_kernels\.\w+|cpp_fused_\w+|aten\.\w+)\(", "\n".join(code))
