@@ -42,7 +42,7 @@ def time_paths(n: int, k: int, m: int, *, group_size: int = 128, dtype: torch.dt
         return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
 
     def dequantize_path() -> torch.Tensor:
-        return prefill_mm(x, packed, scale_and_zero, group_size)
+        return prefill_mm(x, packed, scale_and_zero, group_size, n, k)
 
     number = max(2, 100 // m)
     kernel, dequant = float("inf"), float("inf")

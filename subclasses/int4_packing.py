@@ -36,6 +36,13 @@ def unpack_canonical(packed: torch.Tensor) -> torch.Tensor:
 
 def pack_cpu(q: torch.Tensor) -> torch.Tensor:
     """int [N, K] in 0..15 -> the local CPU kernel's uint8 [N, K/2]."""
+    # Probe the layout now, eagerly: every later reader of these bytes (dequantize, the prefill
+    # path) may run under export or Dynamo tracing, where the probe's ops would be traced.
+    cpu_layout()
+    return _convert_for_cpu(q)
+
+
+def _convert_for_cpu(q: torch.Tensor) -> torch.Tensor:
     # inner_k_tiles does not change the CPU layout; 1 is the value every K accepts.
     return torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
 
@@ -67,7 +74,7 @@ def cpu_layout() -> tuple[int, str]:
     capability = torch.backends.cpu.get_cpu_capability()
     layout = CPU_LAYOUTS.get(capability)
     probe = torch.randint(0, 16, (64 + 32 + 16, 64), generator=torch.Generator().manual_seed(0))
-    if layout is None or not torch.equal(_unpack_with(pack_cpu(probe), *layout), probe.to(torch.uint8)):
+    if layout is None or not torch.equal(_unpack_with(_convert_for_cpu(probe), *layout), probe.to(torch.uint8)):
         raise NotImplementedError(
             f"unknown int4 CPU packing for CPU capability {capability!r} (torch {torch.__version__}); "
             f"known: {sorted(CPU_LAYOUTS)}"
@@ -78,3 +85,11 @@ def cpu_layout() -> tuple[int, str]:
 def unpack_cpu(packed: torch.Tensor) -> torch.Tensor:
     """The local CPU kernel's uint8 [N, K/2] -> uint8 [N, K] in 0..15."""
     return _unpack_with(packed, *cpu_layout())
+
+
+def dequantize_codes(q: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The [N, K] weight from codes q [N, K] and scale_and_zero [K/g, N, 2]: ``(q - 8) * scale + zero``."""
+    n, k = q.shape
+    scale_and_zero = scale_and_zero.transpose(0, 1).unsqueeze(2)  # [N, K/g, 1, 2]
+    w = (q.view(n, k // group_size, group_size).to(dtype) - 8) * scale_and_zero[..., 0] + scale_and_zero[..., 1]
+    return w.view(n, k)

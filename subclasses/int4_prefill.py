@@ -12,9 +12,9 @@ import warnings
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .int4_packing import cpu_layout
+from .int4_packing import cpu_layout, dequantize_codes, unpack_cpu
 
 if TYPE_CHECKING:
     from .int4_tensor import Int4WeightTensor
@@ -55,7 +55,7 @@ def _layout() -> tuple[int, str]:
 
 
 def dequantize_kn(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype, n: int, k: int
 ) -> torch.Tensor:
     """The dequantized weight, transposed: [K, N] contiguous, from the CPU kernel's packing.
 
@@ -65,7 +65,6 @@ def dequantize_kn(
     Needs N to be a multiple of the layout's block rows (see ``supports_fast_dequantize``).
     """
     rows, pairing = _layout()
-    n, k = packed.shape[0], packed.shape[1] * 2
     # packed is [N/rows, K, rows/2] bytes; each byte holds two output rows of one column.
     p = packed.view(n // rows, k // group_size, group_size, rows // 2).permute(1, 2, 0, 3)
     if pairing == "half":  # byte j holds rows j (low nibble) and j + rows/2 (high nibble)
@@ -96,26 +95,13 @@ def _(scale_and_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale_and_zero.new_empty(shape), scale_and_zero.new_empty(shape)
 
 
-@torch.library.custom_op("unwrap_int4::kernel_in_cond", mutates_args=())
-def int4_kernel_in_cond(x2d: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
-    """``_weight_int4pack_mm_for_cpu``, opaque to inductor. Inside a ``torch.cond`` branch inductor
-    (torch 2.13) rewrites the kernel to ``quantized.int4mm_packed_weight_cpu`` with group_size as a
-    subgraph constant that is None at run time ("group size must be a scalar")."""
-    return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
-
-
-@int4_kernel_in_cond.register_fake
-def _(x2d: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
-    return x2d.new_empty(x2d.shape[0], packed.shape[0])
-
-
 # Weights with fewer elements dequantize eagerly (a 512x512 one in ~0.1 ms): not worth a compile.
 COMPILE_MIN_NUMEL = 1 << 18
 _compiled: Callable[..., torch.Tensor] | None = None
 
 
 def eager_dequantize_kn(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype, n: int, k: int
 ) -> torch.Tensor:
     """``dequantize_kn`` compiled once and cached (one fused kernel instead of ~6 elementwise
     passes: ~4x faster at 2048x2048). Each weight shape and dtype compiles once (static shapes: the
@@ -124,57 +110,75 @@ def eager_dequantize_kn(
     runs ``dequantize_kn`` eagerly from then on."""
     global _compiled
     if packed.numel() * 2 < COMPILE_MIN_NUMEL:  # small: eager costs little, compiling seconds
-        return dequantize_kn(packed, scale, zero, group_size, dtype)
+        return dequantize_kn(packed, scale, zero, group_size, dtype, n, k)
     if _compiled is None:
         _compiled = torch.compile(dequantize_kn, dynamic=False)
     try:
-        return _compiled(packed, scale, zero, group_size, dtype)
+        return _compiled(packed, scale, zero, group_size, dtype, n, k)
     except Exception as error:  # a backend failure: keep working, slower
         if _compiled is dequantize_kn:
             raise
         warnings.warn(f"compiling the int4 dequantize failed ({error!r}); running it eagerly", stacklevel=2)
         _compiled = dequantize_kn
-        return dequantize_kn(packed, scale, zero, group_size, dtype)
+        return dequantize_kn(packed, scale, zero, group_size, dtype, n, k)
 
 
-def prefill_mm(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int) -> torch.Tensor:
+def prefill_mm(
+    x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int
+) -> torch.Tensor:
     """``x2d @ W^T`` via a fused dequantize (inlined under torch.compile, cached-compiled in eager)
     and ``torch.mm``; x2d is [M, K], the result [M, N] in x2d's dtype."""
+    if not supports_fast_dequantize(n):  # a partial last block: the generic (slower) unpack
+        return torch.mm(x2d, dequantize_codes(unpack_cpu(packed), scale_and_zero, group_size, x2d.dtype).t())
     scale, zero = split_scale_and_zero(scale_and_zero)
     dequantize = dequantize_kn if torch.compiler.is_compiling() else eager_dequantize_kn
-    w_kn = dequantize(packed, scale, zero, group_size, x2d.dtype)
+    w_kn = dequantize(packed, scale, zero, group_size, x2d.dtype, n, k)
     return torch.mm(x2d, w_kn)
+
+
+def mm_by_rows(
+    x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int
+) -> torch.Tensor:
+    """``x2d @ W^T``: the int4 kernel up to the crossover row count of an [n, k] weight,
+    dequantize + GEMM above it. M must be known (an int)."""
+    if x2d.shape[0] <= crossover_rows(n, k):
+        return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
+    return prefill_mm(x2d, packed, scale_and_zero, group_size, n, k)
+
+
+@torch.library.custom_op("unwrap_int4::mm_by_rows", mutates_args=())
+def mm_by_rows_at_run_time(
+    x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int
+) -> torch.Tensor:
+    """``mm_by_rows`` as one opaque op, for graphs compiled or exported with a symbolic M: the
+    choice is made when M is known, so one graph serves every M. (A ``torch.cond`` in the graph
+    failed whenever the weight's inner sizes were symbolic too, as under ``dynamic=True`` or
+    ``torch.export``; and inductor mis-lowers the int4 kernel inside a cond branch.)"""
+    return mm_by_rows(x2d, packed, scale_and_zero, group_size, n, k)
+
+
+@mm_by_rows_at_run_time.register_fake
+def _(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
+    return x2d.new_empty(x2d.shape[0], n)
 
 
 def int4_prefill_mm(x2d: torch.Tensor, weight: "Int4WeightTensor") -> torch.Tensor:
     """``x2d @ weight^T`` for x2d [M, K] (CPU packing): the int4 kernel up to the weight's crossover,
     dequantize + GEMM above it.
 
-    Under torch.compile with a dynamic M both paths go into the graph behind a ``torch.cond`` on
-    ``M > crossover``, chosen at run time: a Python branch would guard on M and split prompt
-    lengths into one graph per side of every crossover.
+    Traced with a symbolic M (``dynamic=True``, a recompile after a second batch size,
+    ``mark_dynamic``/``mark_unbacked``, export with dynamic dims) the choice is one opaque op
+    decided at run time: a Python branch would guard on M and split prompt lengths into one graph
+    per side of every crossover. With a static M the chosen path is traced into the graph (the
+    dequantize fused by inductor). Sizes come from the weight's metadata (ints), never from the
+    inner tensors, whose sizes may be symbolic under ``dynamic=True`` and export.
     """
-    n, k = weight.shape
-    rows = crossover_rows(n, k)
+    n, k = weight.outer_shape
     packed, scale_and_zero, group_size = weight.packed, weight.scale_and_zero, weight.group_size
-    dynamic = torch.compiler.is_compiling()  # Dynamo shows a dynamic M as an int: assume it is
-    if not supports_fast_dequantize(n):  # a partial last block: the generic (slower) unpack
-        if dynamic or x2d.shape[0] <= rows:  # (compiled with dynamic M: the kernel only)
-            return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
-        return torch.mm(x2d, weight.dequantize().t())
-
-    def kernel(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
-        if dynamic:  # inside torch.cond: see int4_kernel_in_cond
-            return int4_kernel_in_cond(x2d, packed, group_size, scale_and_zero)
+    m, rows = x2d.shape[0], crossover_rows(n, k)
+    # statically_known_true installs no guard: a symbolic M answers False to both.
+    if statically_known_true(m <= rows):
         return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
-
-    def dequantize(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor) -> torch.Tensor:
-        return prefill_mm(x2d, packed, scale_and_zero, group_size)
-
-    if dynamic and guard_or_false(x2d.shape[0] == 1):  # compiled decode (static M = 1): no cond
-        return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
-    if dynamic:
-        return torch.cond(x2d.shape[0] > rows, dequantize, kernel, (x2d, packed, scale_and_zero))
-    if x2d.shape[0] <= rows:
-        return kernel(x2d, packed, scale_and_zero)
-    return dequantize(x2d, packed, scale_and_zero)
+    if statically_known_true(m > rows):
+        return prefill_mm(x2d, packed, scale_and_zero, group_size, n, k)
+    return mm_by_rows_at_run_time(x2d, packed, scale_and_zero, group_size, n, k)

@@ -18,7 +18,7 @@ from .base import (
     target_dtype_device,
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
-from .int4_packing import pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
+from .int4_packing import dequantize_codes, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
 from .int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -106,11 +106,7 @@ class Int4WeightTensor(QuantizedWeight):
         return _UNPACK[self.packing](self.packed)
 
     def dequantize(self) -> torch.Tensor:  # type: ignore[override]
-        n, k = self.shape
-        scale_and_zero = self.scale_and_zero.transpose(0, 1).unsqueeze(2)  # [N, K/g, 1, 2]
-        q = self.codes().view(n, k // self.group_size, self.group_size).to(self.dtype)
-        w = (q - 8) * scale_and_zero[..., 0] + scale_and_zero[..., 1]
-        return w.view(n, k)
+        return dequantize_codes(self.codes(), self.scale_and_zero, self.group_size, self.dtype)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,13 +81,29 @@ class DifferentiableRebuild(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        # The inputs' gradients never depend on this: only what the plain tensors receive does.
         paths = ctx.spec.paths()
-        if not is_traceable_wrapper_subclass(grad):
-            return (None, *(None for _ in paths))
-        _, grads = flatten_subclass(grad)
-        if set(grads) != set(paths):
-            raise NotImplementedError(
-                f"the gradient of an unwrapped {ctx.spec.subclass.__name__} is nested differently "
-                f"({sorted(grads)}) than the parameter ({paths}); run under torch.compile, or rewrap"
-            )
-        return (None, *(grads[path] for path in paths))
+        if is_traceable_wrapper_subclass(grad):
+            _, grads = flatten_subclass(grad)
+            if set(grads) == set(paths):
+                return (None, *(grads[path] for path in paths))
+            got = f"a {type(grad).__name__} nested as {sorted(grads)}"
+        else:
+            got = f"a plain {type(grad).__name__}"
+        _warn_unmapped_gradient_once(ctx.spec, got, paths)
+        return (None, *(None for _ in paths))
+
+
+_WARNED_UNMAPPED: set[type] = set()
+
+
+def _warn_unmapped_gradient_once(spec: SubclassSpec, got: str, paths: list[str]) -> None:
+    if spec.subclass in _WARNED_UNMAPPED:
+        return
+    _WARNED_UNMAPPED.add(spec.subclass)
+    warnings.warn(
+        f"an unwrapped {spec.subclass.__name__} parameter received {got} as its gradient, which does "
+        f"not map onto its plain tensors ({paths}): they get no gradient (None). The other "
+        "gradients are unaffected. Rewrap the model (unwrap.rewrap) to train such a parameter.",
+        stacklevel=2,
+    )

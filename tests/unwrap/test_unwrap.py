@@ -1,4 +1,5 @@
 import copy
+import warnings
 import io
 
 import pytest
@@ -314,3 +315,55 @@ def test_rewrap_restores_exactly():
     assert [n for n, _ in model.named_parameters()] == names
     assert [type(m) for m in model.modules()] == classes
     assert_state_dicts_equal(before, model.state_dict())
+
+
+class NestedGradientDiffers(nn.Module):
+    """torch's own case: the gradient of ``p2`` (a TwoTensor of plain tensors) comes back nested
+    like ``p1`` (a TwoTensor of a TwoTensor), so it cannot be split onto p2's plain tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.p1 = nn.Parameter(TwoTensor(TwoTensor(torch.randn(3, 4), torch.randn(3, 4)), torch.randn(3, 4)))
+        self.p2 = nn.Parameter(TwoTensor(torch.randn(3, 4), torch.randn(3, 4)))
+        self.p3 = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return x + 2 * self.p1 + self.p2 + self.p3
+
+
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
+def test_gradient_nested_differently_warns_once_and_leaves_none(compile_backend, monkeypatch):
+    from unwrap import spec as spec_module
+
+    monkeypatch.setattr(spec_module, "_WARNED_UNMAPPED", set())
+    reference = NestedGradientDiffers()
+    unwrapped = unwrap(copy.deepcopy(reference))
+    results = []
+    for model in (reference, unwrapped):
+        run = model if compile_backend is None else torch.compile(model, backend=compile_backend, fullgraph=True)
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):  # a second backward: no second warning
+                x.grad = None
+                model.zero_grad(set_to_none=True)
+                out = run(x)
+                out.sum().backward()
+        results.append((out, x.grad, [str(w.message) for w in caught]))
+    (out_ref, grad_ref, _), (out_unw, grad_unw, messages) = results
+    torch.testing.assert_close(out_unw, out_ref)
+    torch.testing.assert_close(grad_unw, grad_ref)
+    grads = {name: p.grad for name, p in unwrapped.named_parameters()}
+    torch.testing.assert_close(grads["p3"], reference.p3.grad)
+    if compile_backend is None:
+        # p1's gradient nests like p1: split onto its plain tensors, equal to the reference's parts
+        torch.testing.assert_close(grads["p1__a__a"], reference.p1.grad.a.a)
+        torch.testing.assert_close(grads["p1__b"], reference.p1.grad.b)
+        # p2's does not: None, and one warning naming the class and the plain tensors
+        assert grads["p2__a"] is None and grads["p2__b"] is None
+        unmapped = [m for m in messages if "does not map onto its plain tensors" in m]
+        assert len(unmapped) == 1 and "TwoTensor" in unmapped[0] and "['a', 'b']" in unmapped[0]
+    else:
+        # compiled, the subclass is rebuilt inside the graph by its (non-differentiable) constructor:
+        # the plain tensors of unwrapped subclass parameters get no gradient (documented in README)
+        assert all(g is None for name, g in grads.items() if "__" in name)
