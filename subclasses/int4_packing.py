@@ -82,9 +82,16 @@ def cpu_layout() -> tuple[int, str]:
     return layout
 
 
+@torch.compiler.assume_constant_result
+def traced_cpu_layout() -> tuple[int, str]:
+    """``cpu_layout()`` for code that torch.compile traces: a constant to Dynamo (the cached probe
+    itself is not traceable and would break the graph)."""
+    return cpu_layout()
+
+
 def unpack_cpu(packed: torch.Tensor) -> torch.Tensor:
     """The local CPU kernel's uint8 [N, K/2] -> uint8 [N, K] in 0..15."""
-    return _unpack_with(packed, *cpu_layout())
+    return _unpack_with(packed, *traced_cpu_layout())
 
 
 def dequantize_codes(q: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:

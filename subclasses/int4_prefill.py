@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .int4_packing import cpu_layout, dequantize_codes, unpack_cpu
+from .int4_packing import dequantize_codes, traced_cpu_layout, unpack_cpu
 
 if TYPE_CHECKING:
     from .int4_tensor import Int4WeightTensor
@@ -48,12 +48,6 @@ def crossover_rows(n: int, k: int) -> int:
     return PREFILL_CROSSOVER[-1][1]
 
 
-@torch.compiler.assume_constant_result
-def _layout() -> tuple[int, str]:
-    # cpu_layout() is cached and probes the packing op: not traceable; a constant to Dynamo.
-    return cpu_layout()
-
-
 def dequantize_kn(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype, n: int, k: int
 ) -> torch.Tensor:
@@ -64,7 +58,7 @@ def dequantize_kn(
     ``scale_and_zero`` would make inductor give up vectorizing): no intermediates, no transpose copy.
     Needs N to be a multiple of the layout's block rows (see ``supports_fast_dequantize``).
     """
-    rows, pairing = _layout()
+    rows, pairing = traced_cpu_layout()
     # packed is [N/rows, K, rows/2] bytes; each byte holds two output rows of one column.
     p = packed.view(n // rows, k // group_size, group_size, rows // 2).permute(1, 2, 0, 3)
     if pairing == "half":  # byte j holds rows j (low nibble) and j + rows/2 (high nibble)
@@ -78,7 +72,7 @@ def dequantize_kn(
 
 
 def supports_fast_dequantize(n: int) -> bool:
-    return n % _layout()[0] == 0
+    return n % traced_cpu_layout()[0] == 0
 
 
 @torch.library.custom_op("unwrap_int4::split_scale_and_zero", mutates_args=())

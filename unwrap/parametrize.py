@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -10,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .spec import SEPARATOR, SubclassSpec, DifferentiableRebuild, refresh_nested, flatten_subclass
+from .spec import SEPARATOR, DifferentiableRebuild, SubclassSpec, flatten_subclass, refresh_nested, untraceable_metadata
 
 
 class UnwrappedModule(nn.Module):
@@ -286,7 +287,9 @@ def _unregister_plain(module: UnwrappedModule, name: str) -> dict[str, torch.Ten
     return plain
 
 
-def _subclass_entries(module: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
+def _subclass_entries(module: nn.Module, prefix: str, left_wrapped: dict[str, str]) -> list[tuple[str, torch.Tensor, str]]:
+    """The subclass parameters and buffers ``unwrap`` can take; the others go to ``left_wrapped``
+    (qualified name -> why)."""
     entries = []
     for name, value in module._parameters.items():
         if value is not None and is_traceable_wrapper_subclass(value):
@@ -295,11 +298,18 @@ def _subclass_entries(module: nn.Module) -> list[tuple[str, torch.Tensor, str]]:
         if value is not None and is_traceable_wrapper_subclass(value):
             persistent = name not in module._non_persistent_buffers_set
             entries.append((name, value, "buffer" if persistent else "non-persistent buffer"))
-    return entries
+    kept = []
+    for name, value, kind in entries:
+        reason = untraceable_metadata(value)
+        if reason is None:
+            kept.append((name, value, kind))
+        else:
+            left_wrapped[f"{prefix}{name}"] = reason
+    return kept
 
 
-def _unwrap_module(module: nn.Module, spec_cache: dict) -> None:
-    entries = _subclass_entries(module)
+def _unwrap_module(module: nn.Module, prefix: str, spec_cache: dict, left_wrapped: dict[str, str]) -> None:
+    entries = _subclass_entries(module, prefix, left_wrapped)
     if not entries:
         return
     if not isinstance(module, UnwrappedModule):
@@ -343,14 +353,26 @@ def unwrap_tensor_subclass_parameters(module: nn.Module) -> nn.Module:
     ``module.weight`` still returns the subclass (cached in eager, rebuilt if a plain tensor is
     reassigned); ``state_dict()`` keys, values and order, and checkpoints in both directions;
     tied weights stay one set of plain tensors; non-persistent buffers stay non-persistent;
-    ``.to()``/``.half()`` convert the subclass as a whole. Assigning a tensor subclass to an
+    ``.to()``/``.half()`` convert the subclass as a whole. A subclass whose flatten metadata holds
+    objects torch.compile cannot treat as constants (see ``spec.untraceable_metadata``) stays
+    wrapped, named in one warning: unwrapping it would break compilation. Assigning a tensor subclass to an
     unwrapped name re-registers it; assigning a plain tensor raises TypeError. Calling it on an
     already unwrapped module, or on one without subclasses, changes nothing. Returns ``module``.
     """
     spec_cache: dict[int, tuple[SubclassSpec, dict[str, torch.Tensor]]] = {}
-    for submodule in module.modules():
+    left_wrapped: dict[str, str] = {}
+    for fqn, submodule in module.named_modules():
         if not isinstance(submodule, UnwrappedModule):
-            _unwrap_module(submodule, spec_cache)
+            _unwrap_module(submodule, f"{fqn}." if fqn else "", spec_cache, left_wrapped)
+    if left_wrapped:
+        # Unwrapped, such a weight would break torch.compile (Dynamo cannot rebuild the subclass
+        # from its plain tensors); wrapped, it compiles as it did before.
+        listed = "; ".join(f"{name} ({why})" for name, why in left_wrapped.items())
+        warnings.warn(
+            f"unwrap left {len(left_wrapped)} tensor(s) wrapped: torch.compile cannot rebuild them "
+            f"from plain tensors because their metadata is not made of constants: {listed}",
+            stacklevel=2,
+        )
     return module
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,39 @@ def flatten_subclass(tensor: torch.Tensor, prefix: str = "") -> tuple[SubclassSp
             plain[path] = value
     spec = SubclassSpec(type(tensor), meta, tensor.size(), tensor.stride(), inner, tensor.requires_grad)
     return spec, plain
+
+
+# Metadata values Dynamo treats as constants when it rebuilds a subclass inside a graph.
+_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format, enum.Enum)
+
+
+def untraceable_metadata(tensor: torch.Tensor) -> str | None:
+    """What in ``tensor``'s flatten metadata (or a nested subclass's) torch.compile cannot treat as
+    a constant, e.g. ``"a QuantizeTensorToInt8Kwargs"``; None when every value is one of
+    ``_CONSTANT_TYPES`` or a tuple, list, dict or ``torch.Size`` of them."""
+    names, meta = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+    bad = _first_non_constant(meta)
+    if bad is not None:
+        return f"a {type(bad).__name__} in {type(tensor).__name__}'s metadata"
+    for name in names:
+        inner = getattr(tensor, name)
+        if is_traceable_wrapper_subclass(inner):
+            reason = untraceable_metadata(inner)
+            if reason is not None:
+                return reason
+    return None
+
+
+def _first_non_constant(value: Any) -> Any:
+    if isinstance(value, _CONSTANT_TYPES):
+        return None
+    if isinstance(value, (tuple, list)):
+        items: Any = value
+    elif isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    else:
+        return value
+    return next((bad for bad in map(_first_non_constant, items) if bad is not None), None)
 
 
 def refresh_nested(spec: SubclassSpec, new: SubclassSpec) -> None:
