@@ -9,6 +9,7 @@ from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, quantize_
+from tests.conftest import needs, sqnr
 from unwrap import rewrap, unwrap, unwrap_tensor_subclass_parameters
 
 CONFIGS = {"int4": Int4WeightOnlyConfig(group_size=64), "int8": Int8WeightOnlyConfig()}
@@ -367,3 +368,92 @@ def test_gradient_nested_differently_warns_once_and_leaves_none(compile_backend,
         # compiled, the subclass is rebuilt inside the graph by its (non-differentiable) constructor:
         # the plain tensors of unwrapped subclass parameters get no gradient (documented in README)
         assert all(g is None for name, g in grads.items() if "__" in name)
+
+
+class Recipe:
+    """Metadata Dynamo cannot pass to a subclass constructor it traces ("Failed to convert
+    args/kwargs to proxy"), as with torchao's ``act_quant_kwargs``; equal by value, so the
+    wrapped weight's metadata guard holds."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Recipe) and other.scale == self.scale
+
+    def __hash__(self) -> int:
+        return hash(self.scale)
+
+
+class RecipeTensor(torch.Tensor):
+    """A traceable wrapper subclass whose flatten metadata holds a ``Recipe``; every op unwraps."""
+
+    @staticmethod
+    def __new__(cls, inner, recipe):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner, recipe):
+        self.inner, self.recipe = inner, recipe
+
+    def __tensor_flatten__(self):
+        return ["inner"], {"recipe": self.recipe}
+
+    @staticmethod
+    def __tensor_unflatten__(inner_tensors, meta, outer_size, outer_stride):
+        return RecipeTensor(inner_tensors["inner"], meta["recipe"])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:  # nn.Parameter needs detach to keep the type
+            return RecipeTensor(args[0].inner.detach(), args[0].recipe)
+        unwrap_one = lambda t: t.inner * t.recipe.scale if isinstance(t, RecipeTensor) else t  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap_one, args), **torch.utils._pytree.tree_map(unwrap_one, kwargs or {}))
+
+
+def recipe_model():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[1].weight = nn.Parameter(RecipeTensor(torch.randn(4, 8), Recipe(0.5)), requires_grad=False)
+    return model
+
+
+def test_unwrapping_non_constant_metadata_would_break_fullgraph(monkeypatch):
+    """Why the rule exists: forced through, unwrap turns a model that compiles into one that does not."""
+    from unwrap import parametrize
+
+    monkeypatch.setattr(parametrize, "untraceable_metadata", lambda tensor: None)
+    model = unwrap(recipe_model())
+    with pytest.raises(Exception, match="proxy"), torch.no_grad():
+        torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(3, 8))
+
+
+def test_subclass_with_non_constant_metadata_stays_wrapped_and_compiles():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4))
+    model[1].weight = nn.Parameter(RecipeTensor(torch.randn(4, 8), Recipe(0.5)), requires_grad=False)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match=r"left 1 tensor\(s\) wrapped.*1\.weight \(a Recipe in RecipeTensor's metadata\)"):
+        unwrap(model)
+    assert isinstance(model[1].weight, nn.Parameter) and isinstance(model[1].weight, RecipeTensor)
+    assert "weight" in model[1]._parameters  # still an ordinary parameter, not plain tensors
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), expected)
+
+
+def test_torchao_w8a8_weight_stays_wrapped_and_fullgraph_compiles():
+    """torchao's Int8Tensor with act_quant_kwargs (a dataclass in its metadata): torch's own unwrap
+    breaks fullgraph there; ours leaves it wrapped, with the warning."""
+    needs("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig as AoW8A8
+    from torchao.quantization import quantize_ as ao_quantize_
+
+    model = nn.Sequential(nn.Linear(128, 64)).to(torch.bfloat16)
+    ao_quantize_(model, AoW8A8(version=2))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match=r"0\.weight \(a QuantizeTensorToInt8Kwargs"):
+        unwrap(model)
+    with torch.no_grad():
+        out = torch.compile(model, fullgraph=True)(x)
+    assert sqnr(expected, out) > 35  # inductor fuses torchao's activation quantization differently
