@@ -8,6 +8,7 @@ from .quant_api import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
+    QuantizeSummary,
     quantize_,
 )
 from .serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
@@ -22,6 +23,7 @@ __all__ = [
     "Int8WeightOnlyConfig",
     "Int8DynamicActivationInt8WeightConfig",
     "quantize_",
+    "QuantizeSummary",
     "flatten_state_dict",
     "unflatten_state_dict",
     "save_checkpoint",

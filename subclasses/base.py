@@ -243,3 +243,16 @@ def linear_with_input_grad(x: torch.Tensor, weight: QuantizedWeight, bias: torch
     """F.linear that is differentiable w.r.t. ``x`` (and ``bias``); the weight gets no gradient."""
     out = _LinearWithDequantizedGrad.apply(x, weight)
     return add_bias(out, bias)
+
+
+def check_embedding(ids: torch.Tensor, weight: QuantizedWeight, max_norm: float | None) -> None:
+    """Reject, before any lookup, what ``F.embedding(ids, weight)`` cannot do on a quantized weight.
+    (``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` only shape the weight's gradient, and
+    quantized weights have none.)"""
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"embedding indices must be int32 or int64, got {ids.dtype}")
+    if max_norm is not None:
+        raise ValueError(
+            f"max_norm={max_norm} renormalizes the weight in place; a {type(weight).__name__} cannot be "
+            "changed in place: dequantize it first (nn.Embedding.from_pretrained(weight.dequantize()))"
+        )

@@ -100,3 +100,24 @@ def dequantize_codes(q: torch.Tensor, scale_and_zero: torch.Tensor, group_size: 
     scale_and_zero = scale_and_zero.transpose(0, 1).unsqueeze(2)  # [N, K/g, 1, 2]
     w = (q.view(n, k // group_size, group_size).to(dtype) - 8) * scale_and_zero[..., 0] + scale_and_zero[..., 1]
     return w.view(n, k)
+
+
+def gather_cpu_rows(packed: torch.Tensor, rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Codes of the weight rows ``rows`` (int64 [T]) from the CPU kernel's packing: uint8 [T, K].
+
+    Reads only those rows' bytes (an embedding lookup must not unpack the whole vocabulary): row r
+    sits in a block of ``size`` rows starting at ``start``, stored [K, size/2] bytes; its nibble is
+    at byte ``pos`` of each column, high nibble when ``high``."""
+    block, pairing = traced_cpu_layout()
+    full = n - n % block
+    in_full = rows < full
+    j = torch.where(in_full, rows % block, rows - full)  # index inside its block
+    half = torch.where(in_full, block // 2, (n % block) // 2)
+    if pairing == "half":  # full blocks pair j with j + size/2; the remainder block is adjacent
+        pos = torch.where(in_full, j % half.clamp(min=1), j // 2)
+        high = torch.where(in_full, j >= half, j % 2 == 1)
+    else:
+        pos, high = j // 2, j % 2 == 1
+    columns = torch.arange(k, device=packed.device)
+    index = ((rows - j) * (k // 2) + pos).unsqueeze(1) + columns * half.unsqueeze(1)
+    return (packed.reshape(-1)[index] >> (high.to(torch.uint8) * 4).unsqueeze(1)) & 15

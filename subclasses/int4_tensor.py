@@ -14,11 +14,12 @@ from .base import (
     as_linear_output,
     aten,
     check_activation,
+    check_embedding,
     linear_with_input_grad,
     target_dtype_device,
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
-from .int4_packing import dequantize_codes, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
+from .int4_packing import dequantize_codes, gather_cpu_rows, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
 from .int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -142,6 +143,32 @@ def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | 
     return as_linear_output(out, x, bias)
 
 
+def int4_embedding(
+    ids: torch.Tensor,
+    weight: Int4WeightTensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    """``F.embedding``: gathers the looked-up rows' codes and dequantizes only those rows."""
+    check_embedding(ids, weight, max_norm)
+    n, k = weight.outer_shape
+    if weight.packing == Packing.CUDA_TINYGEMM:  # an int32 tile layout: no cheap row gather
+        return F.embedding(ids, weight.dequantize())
+    rows = ids.reshape(-1).long()
+    # index_select bounds-checks the ids (eager and inductor) before the gather reads bytes
+    scale_and_zero = weight.scale_and_zero.index_select(1, rows).transpose(0, 1)  # [T, K/g, 2]
+    if weight.packing == Packing.CPU:
+        codes = gather_cpu_rows(weight.packed, rows, n, k)
+    else:
+        codes = unpack_canonical(weight.packed.index_select(0, rows))
+    groups = codes.view(-1, k // weight.group_size, weight.group_size).to(weight.outer_dtype)
+    out = (groups - 8) * scale_and_zero[..., :1] + scale_and_zero[..., 1:]
+    return out.view(*ids.shape, k)
+
+
 def _to_copy(func, args, kwargs):
     weight: Int4WeightTensor = args[0]
     dtype, device = target_dtype_device(weight, kwargs)
@@ -155,4 +182,5 @@ def _to_copy(func, args, kwargs):
 
 
 Int4WeightTensor.function_table[F.linear] = int4_linear
+Int4WeightTensor.function_table[F.embedding] = int4_embedding
 Int4WeightTensor.dispatch_table[aten._to_copy.default] = _to_copy

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -15,6 +16,7 @@ from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
 from .int8_tensor import Int8WeightTensor
 
 FilterFn = Callable[[nn.Module, str], bool]
+logger = logging.getLogger("subclasses")
 
 
 class WeightConfig(Protocol):
@@ -24,7 +26,11 @@ class WeightConfig(Protocol):
 
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig:
-    """Int4 weight-only, group-wise asymmetric (tinygemm math); see ``Int4WeightTensor``."""
+    """Int4 weight-only, group-wise asymmetric (tinygemm math); see ``Int4WeightTensor``.
+
+    A weight whose in_features is not a multiple of ``group_size`` gets the largest smaller
+    supported group size that divides it (SmolLM2's 576 = 9 x 64: group 64), named in the summary
+    of ``quantize_``; ``quantize_(..., strict=True)`` refuses instead."""
 
     group_size: int = 128
 
@@ -32,11 +38,24 @@ class Int4WeightOnlyConfig:
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
 
+    def group_size_for(self, in_features: int) -> int:
+        """``group_size`` if it divides ``in_features``, else the largest smaller one that does
+        (``group_size`` itself when none does: the weight is then unsupported)."""
+        fits = [g for g in GROUP_SIZES if g <= self.group_size and in_features % g == 0]
+        return max(fits) if fits else self.group_size
+
+    def strict_reason(self, weight: torch.Tensor) -> str | None:
+        """Why ``quantize_(..., strict=True)`` refuses ``weight``: the configured group size does not fit."""
+        if weight.dim() == 2 and weight.shape[1] % self.group_size:
+            return f"in_features={weight.shape[1]} must be divisible by group_size={self.group_size}"
+        return None
+
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
-        return Int4WeightTensor.unsupported_reason(weight, self.group_size)
+        group_size = self.group_size_for(weight.shape[-1]) if weight.dim() == 2 else self.group_size
+        return Int4WeightTensor.unsupported_reason(weight, group_size)
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        return Int4WeightTensor.from_float(weight, self.group_size)
+        return Int4WeightTensor.from_float(weight, self.group_size_for(weight.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,55 @@ class Int8DynamicActivationInt8WeightConfig:
         return Int8DynamicActivationInt8WeightTensor.from_float(weight)
 
 
+def _is_linear_or_embedding(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding))
+
+
+@dataclass
+class QuantizeSummary:
+    """What ``quantize_`` did: printable (``print(model.quantize_summary)``), also logged once.
+
+    ``quantized``: a label per format and group size (``"Int4WeightTensor g64"``) -> the weights'
+    names; ``skipped``: name -> why it stayed in high precision; bytes: every parameter and buffer
+    of the model, each storage counted once (a tied weight once), before and after."""
+
+    config: str
+    quantized: dict[str, list[str]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def __str__(self) -> str:
+        count = sum(len(names) for names in self.quantized.values())
+        lines = [f"quantize_ with {self.config}: {count} weight(s) quantized, {len(self.skipped)} left in high precision"]
+        lines += [f"  {label}: {len(names)}" for label, names in self.quantized.items()]
+        lines += [f"  high precision: {name} ({why})" for name, why in self.skipped.items()]
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+        lines.append(f"  weight bytes: {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)")
+        return "\n".join(lines)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (a quantized weight: its inner tensors), each storage once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        parts = tensor.inner_tensors() if isinstance(tensor, QuantizedWeight) else [tensor]
+        for part in parts:
+            if part.device.type == "meta":
+                continue
+            key = part.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += part.untyped_storage().nbytes()
+    return total
+
+
+def _label(weight: QuantizedWeight) -> str:
+    group_size = getattr(weight, "group_size", None)
+    return type(weight).__name__ + (f" g{group_size}" if group_size else "")
+
+
 def _is_linear(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear)
 
@@ -74,16 +142,19 @@ def quantize_(
     strict: bool = False,
 ) -> nn.Module:
     """Replace, in place, the ``weight`` of every module ``filter_fn(module, fqn)`` accepts
-    (default: every ``nn.Linear``) by a quantized weight built by ``config``.
+    (default: every ``nn.Linear`` and ``nn.Embedding``) by a quantized weight built by ``config``.
 
     The new weights are ``nn.Parameter(requires_grad=False)``. A Parameter shared by several
-    modules (tied weights) is quantized once and the one quantized Parameter is assigned to all of
-    them; if some of its users are not accepted by ``filter_fn`` it stays in high precision.
-    Weights the config cannot take (shape, dtype) stay in high precision and are named in one
-    warning, or raise ValueError when ``strict=True``. Already-quantized weights are left as is.
-    Returns ``model``.
+    modules (a tied ``embed_tokens``/``lm_head``) is quantized once and the one quantized Parameter
+    is assigned to all of them (the embedding gathers rows, the linear runs the kernel); if some of
+    its users are not accepted by ``filter_fn`` it stays in high precision. Weights the config
+    cannot take (shape, dtype) stay in high precision and are named in one warning, or raise
+    ValueError when ``strict=True`` (which also refuses int4 group-size fallbacks). Already-quantized
+    weights are left as is. What was done is ``model.quantize_summary`` (a ``QuantizeSummary``),
+    logged once at INFO by the ``subclasses`` logger. Returns ``model``.
     """
-    accept = filter_fn or _is_linear
+    accept = filter_fn or _is_linear_or_embedding
+    summary = QuantizeSummary(config=repr(config), bytes_before=model_bytes(model))
     users: dict[int, list[tuple[nn.Module, str, bool]]] = {}
     seen: set[tuple[int, str]] = set()
     for fqn, module in model.named_modules(remove_duplicate=False):
@@ -94,7 +165,7 @@ def quantize_(
             accepted = name == "weight" and accept(module, fqn)
             users.setdefault(id(param), []).append((module, f"{fqn}.{name}" if fqn else name, accepted))
 
-    skipped: list[str] = []
+    skipped = summary.skipped
     for entries in users.values():
         if not any(accepted for _, _, accepted in entries):
             continue
@@ -104,18 +175,24 @@ def quantize_(
             continue
         names = ", ".join(f for _, f, _ in entries)
         if not all(accepted for _, _, accepted in entries):
-            skipped.append(f"{names} (shared with a module the filter rejects)")
+            skipped[names] = "shared with a module the filter rejects"
             continue
-        reason = config.unsupported_reason(weight)
+        strict_reason = getattr(config, "strict_reason", None)
+        reason = (strict_reason(weight) if strict and strict_reason else None) or config.unsupported_reason(weight)
         if reason is not None:
-            skipped.append(f"{names} ({reason})")
+            skipped[names] = reason
             continue
         quantized = nn.Parameter(config.quantize(weight), requires_grad=False)
         for module, _, _ in entries:
             module.weight = quantized
+        summary.quantized.setdefault(_label(quantized), []).append(names)
+    summary.bytes_after = model_bytes(model)
     if skipped:
-        message = f"{type(config).__name__} left these weights in high precision: " + "; ".join(skipped)
+        listed = "; ".join(f"{names} ({why})" for names, why in skipped.items())
+        message = f"{type(config).__name__} left these weights in high precision: {listed}"
         if strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
+    model.quantize_summary = summary  # type: ignore[assignment]
+    logger.info("%s", summary)
     return model

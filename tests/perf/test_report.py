@@ -56,7 +56,10 @@ def test_measure_workload_eager_rows():
         block = measure_workload("W1 8x256", "int8", ("eager",), quick=True, progress=lines.append)
     finally:
         torch.set_num_threads(threads)
-    assert [r.variant for r in block.rows] == ["bf16", "floor", "ours wrapped", "ours unwrapped"]
+    from perf.modes import torchao_available
+
+    torchao = ["torchao"] if torchao_available() else []  # `make setup` installs it
+    assert [r.variant for r in block.rows] == ["bf16", "floor", "ours wrapped", "ours unwrapped", *torchao]
     assert all(r.times["eager"] > 0 and r.kernel > 0 for r in block.rows)
     assert any("ours unwrapped" in line for line in lines)
 

@@ -89,8 +89,9 @@ def test_weight_shared_by_linears_is_quantized_once():
 def test_weight_shared_with_rejected_module_stays_shared_in_high_precision():
     model = TiedLM().bfloat16()
     model.embed.weight = model.head.weight
+    linears_only = lambda module, fqn: isinstance(module, nn.Linear)  # noqa: E731
     with pytest.warns(UserWarning, match="shared with a module the filter rejects"):
-        quantize_(model, Int8WeightOnlyConfig())
+        quantize_(model, Int8WeightOnlyConfig(), linears_only)
     assert model.embed.weight is model.head.weight is model.head2.weight
     assert type(model.head.weight) is nn.Parameter
     assert isinstance(model.proj.weight, Int8WeightTensor)
