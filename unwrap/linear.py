@@ -1,0 +1,57 @@
+"""How a tensor subclass declares its ``F.linear``, so an unwrapped ``nn.Linear`` can call it directly.
+
+An unwrapped ``nn.Linear`` whose weight's class declares its linear gets a generated ``forward``
+that calls that function with the rebuilt weight: eager skips the ``__torch_function__`` round
+trip, and a compiled model guards nothing about the class's tables. The protocol, first match wins:
+
+1. ``__unwrap_linear__``: a class attribute, a function ``(input, weight, bias) -> Tensor`` that
+   computes ``F.linear(input, weight, bias)`` for a ``weight`` of that class (a ``staticmethod``, or
+   a plain function stored on the class). This is the protocol to implement.
+2. ``function_table[F.linear]``: the same function in a dict of ``__torch_function__`` overrides
+   (``subclasses.QuantizedWeight`` keeps one per class).
+3. ``_TORCH_FN_TABLE[cls][F.linear]``: torchao's ``TorchAOBaseTensor`` convention, a per-class dict
+   of overrides called as ``impl(func, types, args, kwargs)``; adapted here to the signature of 1.
+
+A subclass with none of them keeps the generic path (``nn.Linear.forward`` reading the weight
+through its property, so ``F.linear`` goes through ``__torch_function__``). This module imports no
+subclass package: it only reads attributes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+from torch.nn import functional as F
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def declared_linear(subclass: type) -> LinearFn | None:
+    """The ``(input, weight, bias) -> Tensor`` function ``subclass`` declares for ``F.linear``
+    (see the module docstring for the protocol), or None if it declares none."""
+    linear = getattr(subclass, "__unwrap_linear__", None)
+    if callable(linear):
+        return linear
+    table = getattr(subclass, "function_table", None)
+    if isinstance(table, dict) and callable(table.get(F.linear)):
+        return table[F.linear]
+    tables = getattr(subclass, "_TORCH_FN_TABLE", None)
+    per_class = tables.get(subclass) if isinstance(tables, dict) else None
+    if isinstance(per_class, dict) and callable(per_class.get(F.linear)):
+        return _adapt_torch_function(subclass, per_class[F.linear])
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _adapt_torch_function(subclass: type, impl: Callable) -> LinearFn:
+    """``impl(func, types, args, kwargs)`` as ``(input, weight, bias)``; one adapter per class
+    and implementation, so the generated forwards of a model share it."""
+    types = (subclass,)
+
+    def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return impl(F.linear, types, (input, weight, bias), {})
+
+    linear.__name__ = f"{subclass.__name__}_linear"
+    return linear
