@@ -23,7 +23,7 @@ from torch import nn
 
 from .base import FLOAT_DTYPES, QuantizedWeight
 from .int4_cuda import pack_tinygemm, pack_tinygemm_reference, unpack_tinygemm
-from .int4_tensor import GROUP_SIZES, Int4WeightTensor, Packing, quantize_int4
+from .int4_tensor import GROUP_SIZES, Int4WeightTensor, Packing
 from .int8_tensor import Int8WeightTensor
 
 INT4_OPAQUE = "Int4OpaqueTensor"
@@ -133,9 +133,10 @@ def from_torchao_tensor(tensor: torch.Tensor) -> QuantizedWeight:
 
 
 def _tile_packed_pad(dtype: torch.dtype) -> torch.Tensor:
-    """scale_and_zero [2] torchao gives an all-zero (padded) group: tinygemm math on zeros."""
-    _, scale, zero = quantize_int4(torch.zeros(1, 32, dtype=dtype), 32)
-    return torch.stack([scale[0, 0], zero[0, 0]])
+    """The (scale, zero) torchao's ``Int4TilePackedTo4dTensor.from_hp`` gives a padded (all-zero)
+    group: its tinygemm qparams clamp the scale at ``finfo(dtype).tiny``; zero = 8 * scale."""
+    tiny = torch.finfo(dtype).tiny
+    return torch.tensor([tiny, 8 * tiny], dtype=dtype)
 
 
 def to_torchao_tensor(weight: QuantizedWeight) -> torch.Tensor:
