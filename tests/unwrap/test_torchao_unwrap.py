@@ -1,0 +1,63 @@
+"""unwrap on torchao 0.18's tensors: their declared linear is called directly, and the compiled
+model's guards stay within the floor's + 1 per layer + 8 (also after subclasses.from_torchao)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perf.modes import fresh_caller
+from perf.timing import compile_counting_guards
+from tests.optional import import_or_fail_in_ci
+
+import_or_fail_in_ci("torchao", "torchao")
+from perf.bench_torchao import torchao_variants  # noqa: E402
+
+GLOBAL_GUARDS = 8  # as tests/perf/test_bench_overhead.py: guards paid once, whatever the layer count
+
+
+def run(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_unwrapped_torchao_calls_its_linear_without_torch_function(fmt, monkeypatch):
+    models, x = torchao_variants("W1 8x256", fmt)
+    torchao, unwrapped = models["torchao"], models["torchao unwrapped"]
+    cls = type(torchao[0].weight)
+    assert type(unwrapped).__name__ == "Sequential" and type(unwrapped[0]).__name__ == "UnwrappedLinear"
+    reference = run(torchao, x)
+    seen = []
+    original = cls.__dict__.get("__torch_function__", None)
+
+    def counting(klass, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return cls.__mro__[1].__torch_function__.__func__(klass, func, types, args, kwargs)
+
+    monkeypatch.setattr(cls, "__torch_function__", classmethod(counting))
+    assert torch.equal(run(unwrapped, x), reference)
+    assert torch.nn.functional.linear not in seen, seen
+    run(torchao, x)
+    assert torch.nn.functional.linear in seen  # the counter does see torchao's own path
+    monkeypatch.undo()
+    assert cls.__dict__.get("__torch_function__", None) is original
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_compiled_guards_within_the_floor_plus_one_per_layer(fmt):
+    models, x = torchao_variants("W1 8x256", fmt)
+    layers = len(models["floor"])
+    reference = run(models["torchao"], x)
+    guards = {}
+    for variant in ("floor", "torchao unwrapped", "torchao converted"):
+        compiled, counts = compile_counting_guards(fresh_caller(models[variant]))
+        out = run(compiled, x)
+        guards[variant] = sum(counts)
+        if variant != "floor":
+            if fmt == "int4":  # the same kernel on the same bytes
+                assert torch.equal(out, reference), variant
+            else:  # torchao's int8 math (bf16 mm, then the scale) fused by Inductor, or our kernel
+                torch.testing.assert_close(out, reference, rtol=0.02, atol=0.02)
+    for variant in ("torchao unwrapped", "torchao converted"):
+        assert guards[variant] <= guards["floor"] + layers + GLOBAL_GUARDS, guards
