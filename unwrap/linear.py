@@ -47,11 +47,18 @@ def declared_linear(subclass: type) -> LinearFn | None:
 @functools.lru_cache(maxsize=None)
 def _adapt_torch_function(subclass: type, impl: Callable) -> LinearFn:
     """``impl(func, types, args, kwargs)`` as ``(input, weight, bias)``; one adapter per class
-    and implementation, so the generated forwards of a model share it."""
-    types = (subclass,)
+    and implementation, so the generated forwards of a model share it.
 
-    def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return impl(F.linear, types, (input, weight, bias), {})
-
-    linear.__name__ = f"{subclass.__name__}_linear"
+    Written so that a compiled model guards as little as possible on it: the implementation is
+    unwrapped from a ``functools.wraps`` wrapper (torchao registers such a wrapper, whose default
+    argument Dynamo would guard), and the adapter reads it and ``F.linear`` from a namespace of
+    its own rather than from closure cells and this module's globals."""
+    namespace = {"impl": getattr(impl, "__wrapped__", impl), "F_linear": F.linear}
+    source = (
+        "def linear(input, weight, bias=None):\n"
+        "    return impl(F_linear, (type(weight),), (input, weight, bias), {})\n"
+    )
+    exec(compile(source, f"<unwrap linear of {subclass.__qualname__}>", "exec"), namespace)
+    linear = namespace["linear"]
+    linear.__qualname__ = linear.__name__ = f"{subclass.__name__}_linear"
     return linear
