@@ -158,7 +158,7 @@ def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
         inner_name: _rebuild_source(value, name, store) if isinstance(value, SubclassSpec) else f"{store}[{name + SEPARATOR + value!r}]"
         for inner_name, value in spec.inner.items()
     }
-    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta)
+    constructor = _torchao_style_constructor(spec.subclass, sources, spec.meta)
     if constructor is not None:
         return constructor
     inner = ", ".join(f"{inner_name!r}: {source}" for inner_name, source in sources.items())
@@ -169,7 +169,7 @@ def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
     )
 
 
-def torchao_style_constructor(subclass: type, sources: dict[str, str], meta: Any) -> str | None:
+def _torchao_style_constructor(subclass: type, sources: dict[str, str], meta: Any) -> str | None:
     """Source calling ``subclass(...)`` directly, for a class that keeps torchao's generic
     ``TorchAOBaseTensor.__tensor_unflatten__`` (its constructor takes the required tensors, the
     required attributes, then the optional ones by keyword). That unflatten asks ``hasattr`` of the
