@@ -87,6 +87,8 @@ def _from_int4_tile_packed(t: torch.Tensor) -> Int4WeightTensor:
             f"qdata {qdata.dtype} {tuple(qdata.shape)} is not the tinygemm layout with inner_k_tiles=8 of a "
             f"weight padded to in_features={k_pad}"
         )
+    if sz.dtype != torch.bfloat16:
+        raise TorchaoConversionError(f"scale_and_zero is {sz.dtype}; Int4TilePackedTo4dTensor is bf16")
     if not n <= qdata.shape[0] * 8 < n + 16 or sz.dim() != 3 or sz.shape[0] * group_size != k_pad or sz.shape[1] < n:
         raise TorchaoConversionError(f"qdata {tuple(qdata.shape)} / scale_and_zero {tuple(sz.shape)} do not fit shape ({n}, {k})")
     codes = unpack_tinygemm(qdata)[:n, :k]

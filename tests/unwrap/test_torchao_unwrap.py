@@ -3,8 +3,12 @@ model's guards stay within the floor's + 1 per layer + 8 (also after subclasses.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from perf.modes import fresh_caller
 from perf.timing import compile_counting_guards
@@ -14,6 +18,7 @@ import_or_fail_in_ci("torchao", "torchao")
 from perf.bench_torchao import torchao_variants  # noqa: E402
 
 GLOBAL_GUARDS = 8  # as tests/perf/test_bench_overhead.py: guards paid once, whatever the layer count
+KERNEL_CALL = r"(torch\.ops\.[\w.]+|extern_kernels\.\w+|cpp_fused_\w+|aten\.\w+)\("  # calls in Inductor's code
 
 
 def run(model, x):
@@ -50,16 +55,19 @@ def test_compiled_guards_within_the_floor_plus_one_per_layer(workload, fmt):
     models, x = torchao_variants(workload, fmt)
     layers = len(models["floor"])
     reference = run(models["torchao"], x)
-    guards = {}
+    guards, calls = {}, {}
     for variant in ("floor", "torchao unwrapped", "torchao converted"):
         compiled, counts = compile_counting_guards(fresh_caller(models[variant]))
-        out = run(compiled, x)
+        with torch.inference_mode():
+            out, code = run_and_get_code(compiled, x)
+        calls[variant] = Counter(re.findall(KERNEL_CALL, "\n".join(code)))
         guards[variant] = sum(counts)
         if variant != "floor":
             if fmt == "int4":  # the same kernel on the same bytes
                 assert torch.equal(out, reference), variant
             else:  # torchao's int8 math (bf16 mm, then the scale) fused by Inductor, or our kernel
                 torch.testing.assert_close(out, reference, rtol=0.02, atol=0.02)
+    assert calls["torchao converted"] == calls["floor"], calls  # the floor's graph: its kernels, nothing else
     assert guards["torchao converted"] <= guards["floor"] + layers + GLOBAL_GUARDS, guards
     # torchao's Int8Tensor has a third inner tensor (an all-zero zero_point), one more graph input
     # per layer than the floor's two: Dynamo checks it like any input (W2 int8: 73 vs 61 + 2 + 8).
