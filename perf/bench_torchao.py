@@ -54,13 +54,14 @@ def torchao_variants(workload: str, fmt: str, seed: int = 0) -> tuple[dict[str, 
 
 
 @functools.cache
-def _variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
+def cached_variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
+    """``torchao_variants``, built once per process (the benchmark cases and tests share them)."""
     return torchao_variants(workload, fmt)
 
 
 @functools.cache
 def prepared(workload: str, fmt: str, variant: str, mode: str) -> tuple[Callable[[], object], int | None]:
-    models, x = _variants(workload, fmt)
+    models, x = cached_variants(workload, fmt)
     return prepare(models[variant], (x,), mode)
 
 
@@ -78,7 +79,7 @@ def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant:
         "ratio_to_floor": times["ours"] / times["floor"],
         "guards": guards,
         "floor_guards": floor_guards,
-        "layers": sum(1 for _ in _variants(workload, fmt)[0]["floor"].children()),
+        "layers": sum(1 for _ in cached_variants(workload, fmt)[0]["floor"].children()),
     }
     benchmark.extra_info.update(info)
     return info

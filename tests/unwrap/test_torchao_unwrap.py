@@ -15,7 +15,7 @@ from perf.timing import compile_counting_guards
 from tests.optional import import_or_fail_in_ci
 
 import_or_fail_in_ci("torchao", "torchao")
-from perf.bench_torchao import torchao_variants  # noqa: E402
+from perf.bench_torchao import cached_variants as torchao_variants  # noqa: E402 - built once per group
 
 GLOBAL_GUARDS = 8  # as tests/perf/test_bench_overhead.py: guards paid once, whatever the layer count
 KERNEL_CALL = r"(torch\.ops\.[\w.]+|extern_kernels\.\w+|cpp_fused_\w+|aten\.\w+)\("  # calls in Inductor's code
