@@ -20,7 +20,7 @@ subclass package: it only reads attributes.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.nn import functional as F
@@ -62,3 +62,25 @@ def _adapt_torch_function(subclass: type, impl: Callable) -> LinearFn:
     linear = namespace["linear"]
     linear.__qualname__ = linear.__name__ = f"{subclass.__name__}_linear"
     return linear
+
+
+def torchao_style_constructor(subclass: type, sources: dict[str, str], meta: Any, constant: Callable[[Any], str]) -> str | None:
+    """Source calling ``subclass(...)`` directly, for a class that keeps torchao's generic
+    ``TorchAOBaseTensor.__tensor_unflatten__`` (its constructor takes the required tensors, the
+    required attributes, then the optional ones by keyword); None for any other class.
+
+    ``sources``: source of each inner tensor by name; ``constant(value)``: source of a metadata
+    value. Used for the compiled rebuild of the weight: that unflatten asks ``hasattr`` of the
+    class four times, and Dynamo adds a guard for each call of each layer; the call it ends in,
+    written out with the metadata as constants, needs none."""
+    unflatten = getattr(subclass.__tensor_unflatten__, "__func__", None)
+    base = next((c for c in subclass.__mro__ if c.__name__ == "TorchAOBaseTensor"), None)
+    if base is None or unflatten is not getattr(base.__dict__.get("__tensor_unflatten__"), "__func__", None):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    args = [sources[n] for n in subclass.tensor_data_names]
+    args += [constant(meta[n]) for n in subclass.tensor_attribute_names]
+    args += [f"{n}={sources.get(n, 'None')}" for n in getattr(subclass, "optional_tensor_data_names", ())]
+    args += [f"{n}={constant(meta[n])}" for n in getattr(subclass, "optional_tensor_attribute_names", ())]
+    return f"{constant(subclass)}({', '.join(args)})"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .linear import declared_linear
+from .linear import declared_linear, torchao_style_constructor
 from .spec import SEPARATOR, SubclassSpec, DifferentiableRebuild, refresh_nested, flatten_subclass
 
 
@@ -158,7 +158,7 @@ def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
         inner_name: _rebuild_source(value, name, store) if isinstance(value, SubclassSpec) else f"{store}[{name + SEPARATOR + value!r}]"
         for inner_name, value in spec.inner.items()
     }
-    constructor = _torchao_style_constructor(spec.subclass, sources, spec.meta)
+    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: _literal(v) or _global(v))
     if constructor is not None:
         return constructor
     inner = ", ".join(f"{inner_name!r}: {source}" for inner_name, source in sources.items())
@@ -167,26 +167,6 @@ def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
         f"{_global(spec.subclass)}.__tensor_unflatten__({{{inner}}}, {meta}, "
         f"{tuple(spec.outer_size)!r}, {tuple(spec.outer_stride)!r})"
     )
-
-
-def _torchao_style_constructor(subclass: type, sources: dict[str, str], meta: Any) -> str | None:
-    """Source calling ``subclass(...)`` directly, for a class that keeps torchao's generic
-    ``TorchAOBaseTensor.__tensor_unflatten__`` (its constructor takes the required tensors, the
-    required attributes, then the optional ones by keyword). That unflatten asks ``hasattr`` of the
-    class four times, and Dynamo adds a guard for each call of each layer; the call it ends in,
-    written out here with the metadata as literals, needs none. None for any other class."""
-    unflatten = getattr(subclass.__tensor_unflatten__, "__func__", None)
-    base = next((c for c in subclass.__mro__ if c.__name__ == "TorchAOBaseTensor"), None)
-    if base is None or unflatten is not getattr(base.__dict__.get("__tensor_unflatten__"), "__func__", None):
-        return None
-    if not isinstance(meta, dict):
-        return None
-    value = lambda v: _literal(v) or _global(v)  # noqa: E731
-    args = [sources[n] for n in subclass.tensor_data_names]
-    args += [value(meta[n]) for n in subclass.tensor_attribute_names]
-    args += [f"{n}={sources.get(n, 'None')}" for n in getattr(subclass, "optional_tensor_data_names", ())]
-    args += [f"{n}={value(meta[n])}" for n in getattr(subclass, "optional_tensor_attribute_names", ())]
-    return f"{_global(subclass)}({', '.join(args)})"
 
 
 def _accessor_source(module: UnwrappedModule, name: str, signature: str, result: str) -> str:
