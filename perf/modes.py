@@ -116,11 +116,12 @@ def torchao_available() -> bool:
 def torchao_model(bf16: nn.Module, fmt: str) -> nn.Module:
     """A copy of ``bf16`` quantized with torchao's equivalent config (int4: tinygemm math, the
     CPU "opaque" packing, group 128; int8: weight-only per channel)."""
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     model = copy.deepcopy(bf16)
-    if fmt == "int4":
-        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque")
+    if fmt == "int4":  # torchao 0.18 moved the CPU "opaque" int4 (Int4OpaqueTensor) to the prototype
+        config = PrototypeInt4WeightOnlyConfig(group_size=128)
     elif fmt == "int8":
         config = Int8WeightOnlyConfig()
     else:

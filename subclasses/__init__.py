@@ -12,6 +12,13 @@ from .quant_api import (
     quantize_,
 )
 from .serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
+from .torchao_interop import (
+    ConversionSummary,
+    TorchaoConversionError,
+    from_torchao,
+    load_torchao_state_dict,
+    to_torchao,
+)
 
 __all__ = [
     "QuantizedWeight",
@@ -28,4 +35,9 @@ __all__ = [
     "unflatten_state_dict",
     "save_checkpoint",
     "load_checkpoint",
+    "from_torchao",
+    "to_torchao",
+    "load_torchao_state_dict",
+    "ConversionSummary",
+    "TorchaoConversionError",
 ]

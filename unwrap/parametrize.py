@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from .linear import declared_linear, torchao_style_constructor
 from .spec import SEPARATOR, DifferentiableRebuild, SubclassSpec, flatten_subclass, refresh_nested, untraceable_metadata
 
 
@@ -155,11 +155,14 @@ def _global(obj: Any) -> str:
 
 
 def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
-    inner = ", ".join(
-        f"{inner_name!r}: "
-        + (_rebuild_source(value, name, store) if isinstance(value, SubclassSpec) else f"{store}[{name + SEPARATOR + value!r}]")
+    sources = {
+        inner_name: _rebuild_source(value, name, store) if isinstance(value, SubclassSpec) else f"{store}[{name + SEPARATOR + value!r}]"
         for inner_name, value in spec.inner.items()
-    )
+    }
+    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: _literal(v) or _global(v))
+    if constructor is not None:
+        return constructor
+    inner = ", ".join(f"{inner_name!r}: {source}" for inner_name, source in sources.items())
     meta = _literal(spec.meta) or _global(spec.meta)
     return (
         f"{_global(spec.subclass)}.__tensor_unflatten__({{{inner}}}, {meta}, "
@@ -203,8 +206,8 @@ def _generate(module: UnwrappedModule, source: str, function: str) -> Callable:
 
 def _install_accessors(module: UnwrappedModule) -> None:
     """Generate, on ``type(module)`` (a class of its own), a property per unwrapped name and, for
-    an ``nn.Linear`` whose weight declares its ``F.linear`` (a ``function_table`` entry, as
-    ``subclasses.QuantizedWeight`` does), a forward that calls it directly.
+    an ``nn.Linear`` whose weight's class declares its ``F.linear`` (``linear.declared_linear``:
+    ours, torchao's, or any class implementing ``__unwrap_linear__``), a forward that calls it directly.
 
     Under torch.compile the rebuild's metadata are literals in this generated code, so Dynamo
     guards nothing about them; the module's type is what it guards (one check it makes anyway).
@@ -215,7 +218,7 @@ def _install_accessors(module: UnwrappedModule) -> None:
         doc = f"The tensor subclass `{name}`, rebuilt from its plain tensors."
         setattr(cls, name, property(getter, _setter(name), doc=doc))
     spec = module._unwrapped.get("weight")
-    linear = getattr(spec.subclass, "function_table", {}).get(F.linear) if spec is not None else None
+    linear = declared_linear(spec.subclass) if spec is not None else None
     if module._original_class.forward is nn.Linear.forward and linear is not None:
         # Reading the weight here, not through the property, also spares Dynamo a guard per
         # layer on the property's getter; eager skips the __torch_function__ round trip.

@@ -70,3 +70,20 @@ def test_compiled_graph_and_guards_match_the_floor(workload, fmt):
         assert calls == floor_calls, variant
         if variant == "ours unwrapped":
             assert guards <= floor_guards + layers + GLOBAL_GUARDS, (guards, floor_guards)
+
+
+def test_every_torchao_benchmark_body_runs_once_in_eager():
+    """perf/bench_torchao.py: every variant's eager case once, on W1 int4 and W2 int8 (the
+    compiled models of every group are built by tests/unwrap/test_torchao_unwrap.py's guard test,
+    from the same cached variants)."""
+    from tests.optional import import_or_fail_in_ci
+
+    import_or_fail_in_ci("torchao", "torchao")
+    from perf import bench_torchao
+
+    for workload, fmt in (("W1 8x256", "int4"), ("W2 512-1024-1024", "int8")):
+        for variant in bench_torchao.VARIANTS:
+            benchmark = OnceBenchmark()
+            info = bench_torchao.run_case(benchmark, workload, fmt, variant, "eager", rounds=1, number=1)
+            assert benchmark.calls == 1 and info["ratio_to_floor"] > 0 and info["guards"] is None
+    bench_torchao.prepared.cache_clear()  # the runners; the models stay cached for the guard test

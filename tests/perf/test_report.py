@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from perf.__main__ import main, parse_args
-from perf.modes import kernel_chain, prepare
+from perf.modes import kernel_chain, prepare, torchao_available
 from perf.report import Block, Row, format_block, measure_workload, to_json, write_plot
 from perf.workloads import build_variants
 
@@ -56,11 +56,11 @@ def test_measure_workload_eager_rows():
         block = measure_workload("W1 8x256", "int8", ("eager",), quick=True, progress=lines.append)
     finally:
         torch.set_num_threads(threads)
-    from perf.modes import torchao_available
-
-    torchao = ["torchao"] if torchao_available() else []  # `make setup` installs it
+    # torchao's row is there whenever torchao is (the 'torchao' extra; its API broke it once, in 0.18)
+    torchao = ["torchao"] if torchao_available() else []
     assert [r.variant for r in block.rows] == ["bf16", "floor", "ours wrapped", "ours unwrapped", *torchao]
-    assert all(r.times["eager"] > 0 and r.kernel > 0 for r in block.rows)
+    assert all(r.times["eager"] > 0 and r.kernel > 0 for r in block.rows[:4])
+    assert all(r.times["eager"] > 0 for r in block.rows)
     assert any("ours unwrapped" in line for line in lines)
 
 
@@ -110,6 +110,7 @@ def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
     monkeypatch.setitem(qwen.QWEN2_SHAPES, "Qwen2 test", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
     monkeypatch.setattr(report, "compile_counting_guards", lambda model, **kwargs: (model, [7]))  # eager stand-in: fast
+    monkeypatch.setattr(report, "torchao_available", lambda: False)  # TTFT is what this checks
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # 64 rows: above the int4 crossover, so ours prefills through dequantize + mm

@@ -1,0 +1,96 @@
+"""torchao users' models beside ours: W1 and W2 quantized with torchao 0.18 (int4: ``Int4OpaqueTensor``
+from ``PrototypeInt4WeightOnlyConfig``, group 128; int8: ``Int8WeightOnlyConfig``), batch 1, one thread.
+
+Variants: ``floor`` (plain buffers calling the kernel, sharing the converted weights' tensors),
+``ours unwrapped`` (our ``quantize_`` + ``unwrap``), ``torchao`` (as torchao leaves it),
+``torchao unwrapped`` (``unwrap`` on torchao's tensors: the forward calls torchao's declared linear)
+and ``torchao converted`` (``subclasses.from_torchao`` + ``unwrap``).
+
+Run: ``pytest perf/bench_torchao.py --benchmark-only`` (needs torchao). Groups are
+``torchao {workload} {format} {mode}``; ``extra_info`` as in ``bench_overhead``: ``floor_us``,
+``ours_us``, ``ratio_to_floor``, ``guards``, ``floor_guards``, ``layers``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from perf.modes import prepare, torchao_available, torchao_model
+from perf.report import interleaved_min_us
+from perf.workloads import CONFIGS, WORKLOADS, floor_model
+
+VARIANTS = ("floor", "ours unwrapped", "torchao", "torchao unwrapped", "torchao converted")
+MODES = ("eager", "compiled")
+DEFAULT_THREADS = 1
+ROUNDS = 20
+
+
+def torchao_variants(workload: str, fmt: str, seed: int = 0) -> tuple[dict[str, nn.Module], torch.Tensor]:
+    """The five variants above, from one bf16 model, and a batch-1 input."""
+    from subclasses import from_torchao, quantize_
+    from unwrap import unwrap
+
+    make, in_features = WORKLOADS[workload]
+    torch.manual_seed(seed)
+    bf16 = make().eval()
+    torchao = torchao_model(bf16, fmt)
+    converted = copy.deepcopy(torchao)
+    summary = from_torchao(converted, strict=True)
+    assert not summary.left, summary
+    models = {
+        "floor": floor_model(converted),
+        "ours unwrapped": unwrap(quantize_(copy.deepcopy(bf16), CONFIGS[fmt]())),
+        "torchao": torchao,
+        "torchao unwrapped": unwrap(copy.deepcopy(torchao)),
+        "torchao converted": unwrap(copy.deepcopy(converted)),
+    }
+    return models, torch.randn(1, in_features, dtype=torch.bfloat16)
+
+
+@functools.cache
+def cached_variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
+    """``torchao_variants``, built once per process (the benchmark cases and tests share them)."""
+    return torchao_variants(workload, fmt)
+
+
+@functools.cache
+def prepared(workload: str, fmt: str, variant: str, mode: str) -> tuple[Callable[[], object], int | None]:
+    models, x = cached_variants(workload, fmt)
+    return prepare(models[variant], (x,), mode)
+
+
+def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant: str, mode: str,
+             *, rounds: int = ROUNDS, number: int = 200) -> dict[str, object]:
+    """Time ``variant`` with ``benchmark``, then against the floor interleaved (as bench_overhead)."""
+    with torch.inference_mode():
+        ours, guards = prepared(workload, fmt, variant, mode)
+        floor, floor_guards = prepared(workload, fmt, "floor", mode)
+        benchmark(ours)
+        times = interleaved_min_us({"floor": floor, "ours": ours}, repeats=rounds, number=number)
+    info = {
+        "floor_us": times["floor"],
+        "ours_us": times["ours"],
+        "ratio_to_floor": times["ours"] / times["floor"],
+        "guards": guards,
+        "floor_guards": floor_guards,
+        "layers": sum(1 for _ in cached_variants(workload, fmt)[0]["floor"].children()),
+    }
+    benchmark.extra_info.update(info)
+    return info
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", list(CONFIGS))
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_torchao_overhead(benchmark, workload: str, fmt: str, mode: str, variant: str) -> None:
+    if not torchao_available():  # checked here, not at import: importing perf never imports torchao
+        pytest.skip("needs torchao (the 'torchao' extra)")
+    benchmark.group = f"torchao {workload} {fmt} {mode}"
+    run_case(benchmark, workload, fmt, variant, mode)
