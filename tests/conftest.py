@@ -29,10 +29,3 @@ def _seed_and_reset_dynamo():
     torch._dynamo.reset()
     yield
 
-
-def needs(module: str):
-    """Import an optional package for a test: skip without it locally; fail without it in CI
-    (CI=true), where `make test` installs every extra and a skip would hide a broken install."""
-    if os.environ.get("CI", "").lower() == "true":
-        return __import__(module)
-    return pytest.importorskip(module)

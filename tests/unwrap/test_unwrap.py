@@ -9,7 +9,8 @@ from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, quantize_
-from tests.conftest import needs, sqnr
+from tests.conftest import sqnr
+from tests.optional import import_or_fail_in_ci
 from unwrap import rewrap, unwrap, unwrap_tensor_subclass_parameters
 
 CONFIGS = {"int4": Int4WeightOnlyConfig(group_size=64), "int8": Int8WeightOnlyConfig()}
@@ -443,7 +444,7 @@ def test_subclass_with_non_constant_metadata_stays_wrapped_and_compiles():
 def test_torchao_w8a8_weight_stays_wrapped_and_fullgraph_compiles():
     """torchao's Int8Tensor with act_quant_kwargs (a dataclass in its metadata): torch's own unwrap
     breaks fullgraph there; ours leaves it wrapped, with the warning."""
-    needs("torchao")
+    import_or_fail_in_ci("torchao", "torchao")
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig as AoW8A8
     from torchao.quantization import quantize_ as ao_quantize_
 
