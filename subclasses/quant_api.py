@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -95,6 +96,7 @@ def quantize_(
             users.setdefault(id(param), []).append((module, f"{fqn}.{name}" if fqn else name, accepted))
 
     skipped: list[str] = []
+    quantized_any = False
     for entries in users.values():
         if not any(accepted for _, _, accepted in entries):
             continue
@@ -113,9 +115,24 @@ def quantize_(
         quantized = nn.Parameter(config.quantize(weight), requires_grad=False)
         for module, _, _ in entries:
             module.weight = quantized
+        quantized_any = True
     if skipped:
         message = f"{type(config).__name__} left these weights in high precision: " + "; ".join(skipped)
         if strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
+    if quantized_any:
+        _mark_transformers_model(model, config)
     return model
+
+
+def _mark_transformers_model(model: nn.Module, config: WeightConfig) -> None:
+    """Let a transformers model's ``save_pretrained`` write our format (see ``subclasses.hf``).
+    Only when transformers is imported already: a model of its can exist only then, and
+    ``import subclasses`` must never import it."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return
+    from . import hf
+
+    hf.attach(model, config)
