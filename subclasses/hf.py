@@ -119,13 +119,13 @@ class UnwrapDeserialize(ConversionOps):
     def __init__(self, hf_quantizer: "UnwrapHfQuantizer") -> None:
         self.hf_quantizer = hf_quantizer
 
-    def convert(self, input_dict: dict, full_layer_name: str | None = None, **kwargs: Any) -> dict:
+    def convert(self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs: Any) -> dict:
         tensors = {}
         for pattern, values in input_dict.items():
             if len(values) != 1:
                 raise ValueError(f"{full_layer_name}: expected one tensor for {pattern!r}, got {len(values)}")
             tensors[pattern.rpartition(SEPARATOR)[2]] = values[0]
-        return {full_layer_name: self.hf_quantizer.rebuild_weight(full_layer_name, tensors)}
+        return {full_layer_name: self.hf_quantizer.rebuild_weight(model, full_layer_name, tensors)}
 
 
 class UnwrapHfQuantizer(HfQuantizer):
@@ -164,17 +164,22 @@ class UnwrapHfQuantizer(HfQuantizer):
         return {"deserialize": UnwrapDeserialize}
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any) -> None:
-        self.modules_to_not_convert = self.get_modules_to_not_convert(model, self.quantization_config.modules_to_not_convert)
+        # [] rather than None: no default skips (transformers' would keep an untied lm_head in high
+        # precision, where quantize_ quantizes it)
+        self.modules_to_not_convert = self.get_modules_to_not_convert(model, self.quantization_config.modules_to_not_convert or [])
         if self.pre_quantized:
             self.quantized_entries = _read_quantized_entries(checkpoint_files or [])
 
-    def rebuild_weight(self, key: str, tensors: dict[str, torch.Tensor]) -> nn.Parameter:
-        """The quantized Parameter ``key`` from its inner tensors, validated against the metadata."""
+    def rebuild_weight(self, model: nn.Module, key: str, tensors: dict[str, torch.Tensor]) -> nn.Parameter:
+        """The quantized Parameter ``key`` from its inner tensors, validated against the metadata, in
+        the dtype the model is loaded in (``from_pretrained(..., dtype=...)``)."""
         entry = self.quantized_entries.get(key)
         if entry is None:
             raise ValueError(f"{key!r}: the checkpoint has its inner tensors {sorted(tensors)} but its metadata does not describe it")
         cls, shape, dtype, attributes = _parse_entry(key, entry)
-        return nn.Parameter(build(cls, tensors, attributes, shape, dtype, repr(key)), requires_grad=False)
+        weight = build(cls, tensors, attributes, shape, dtype, repr(key))
+        module, name = get_module_from_name(model, key)
+        return nn.Parameter(weight.to(getattr(module, name).dtype), requires_grad=False)
 
     # -- quantizing on load
 

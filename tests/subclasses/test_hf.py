@@ -88,13 +88,16 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(bf16_dir, f
     expected = logits(source)
     if unwrapped:
         unwrap(source)
-    source.save_pretrained(tmp_path)
+    source.save_pretrained(tmp_path, max_shard_size="1MB" if unwrapped else "50GB")  # sharded, or not
 
     config = json.loads((tmp_path / "config.json").read_text())
     want = {"quant_method": "unwrap", "weight": fmt, "modules_to_not_convert": None}
     assert {k: config["quantization_config"][k] for k in want} == want
-    with safetensors.safe_open(tmp_path / "model.safetensors", "pt") as f:
-        keys = set(f.keys())
+    keys = set()
+    for path in tmp_path.glob("*.safetensors"):
+        with safetensors.safe_open(path, "pt") as f:
+            keys |= set(f.keys())
+    assert (len(list(tmp_path.glob("*.safetensors"))) > 1) == unwrapped
     inner = ("packed", "scale_and_zero") if fmt == "int4" else ("qdata", "scale")
     assert {f"model.layers.0.mlp.down_proj.weight:{name}" for name in inner} <= keys  # our portable form
     assert "lm_head.weight" not in keys  # tied: stored once, as transformers does
@@ -119,6 +122,10 @@ def test_quantize_on_load_equals_quantize_after_load(bf16_dir, fmt, tmp_path):
 
     on_load.save_pretrained(tmp_path)  # and it saves and loads like the other
     assert torch.equal(logits(load(tmp_path)), logits(after_load))
+    # loaded in another dtype, the quantized weights follow the rest of the model
+    as_fp32 = load(tmp_path, dtype=torch.float32)
+    assert as_fp32.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert as_fp32(IDS).logits.dtype == torch.float32
 
 
 def test_quantize_on_load_keeps_what_the_config_cannot_take_and_says_so(tmp_path):
