@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .base import FLOAT_DTYPES
 from .int4_tensor import Int4WeightTensor
 
 GROUP = 32  # elements per Q4_0 / Q4_1 block
@@ -209,6 +210,8 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> t
     or tensor for a truncated or corrupt file, an unknown tensor type, an architecture transformers
     cannot load from GGUF, or a tensor whose shape does not fit the model.
     """
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"load_gguf: dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     file = read_gguf(path)
     transformers = _require("transformers")
     _require("accelerate")
@@ -251,7 +254,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> t
         raw = tensor_bytes(file, info)
         rows = _row_order(processor, info) if len(info.shape) == 2 else None
         linear = isinstance(module, nn.Linear) and attribute == "weight"
-        if linear and info.ggml_type in _Q4_LAYOUT and Int4WeightTensor.unsupported_reason(torch.empty(info.shape, device="meta"), GROUP) is None:
+        if linear and info.ggml_type in _Q4_LAYOUT and Int4WeightTensor.unsupported_reason(torch.empty(info.shape, device="meta", dtype=dtype), GROUP) is None:
             value = nn.Parameter(int4_from_q4(raw, info.ggml_type, info.shape, dtype, rows), requires_grad=False)
         else:
             value = nn.Parameter(_dequantized(file, info, raw, dtype, rows))

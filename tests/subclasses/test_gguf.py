@@ -173,3 +173,8 @@ def test_architecture_transformers_does_not_know_names_the_field(tmp_path):
     write_gguf(tmp_path / "arch.gguf", architecture="not-a-model")
     with pytest.raises(ValueError, match=r"arch.gguf: metadata field 'general.architecture' is 'not-a-model', an architecture transformers"):
         load_gguf(tmp_path / "arch.gguf")
+
+
+def test_dtype_our_weights_cannot_take_is_refused_first(tmp_path):
+    with pytest.raises(ValueError, match=r"load_gguf: dtype must be one of .*, got torch.float64"):
+        load_gguf(write_gguf(tmp_path / "ok.gguf"), dtype=torch.float64)
