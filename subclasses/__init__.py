@@ -40,4 +40,14 @@ __all__ = [
     "load_torchao_state_dict",
     "ConversionSummary",
     "TorchaoConversionError",
+    "load_gguf",
 ]
+
+
+def __getattr__(name: str):
+    # load_gguf needs transformers and gguf: imported on first use, never by `import subclasses`
+    if name == "load_gguf":
+        from .gguf_import import load_gguf
+
+        return load_gguf
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

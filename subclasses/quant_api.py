@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -193,6 +194,20 @@ def quantize_(
         if strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
+    if summary.quantized:
+        _mark_transformers_model(model, config)
     model.quantize_summary = summary  # type: ignore[assignment]
     logger.info("%s", summary)
     return model
+
+
+def _mark_transformers_model(model: nn.Module, config: WeightConfig) -> None:
+    """Let a transformers model's ``save_pretrained`` write our format (see ``subclasses.hf``).
+    Only when transformers is imported already: a model of its can exist only then, and
+    ``import subclasses`` must never import it."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return
+    from . import hf
+
+    hf.attach(model, config)

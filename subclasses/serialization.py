@@ -123,9 +123,21 @@ def build(
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"{where}: inner tensors are on different devices {sorted(map(str, devices))}")
-    inner = [tensors[name] for name in cls.tensor_data_names]
+    inner = [_aligned(tensors[name]) for name in cls.tensor_data_names]
     attrs = [attributes[name] for name in cls.tensor_attribute_names]
     return localized(cls(*inner, *attrs, shape, dtype))
+
+
+# torch's allocators align to at least this; a memory-mapped file (transformers reads safetensors
+# that way) does not, and the CPU int8 kernel segfaults on qdata 8 bytes off (torch 2.13, M > 1).
+_ALIGNMENT = 64
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy of it when it is not contiguous or not aligned as the kernels need."""
+    if t.is_contiguous() and (t.device.type == "meta" or t.data_ptr() % _ALIGNMENT == 0):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _expected_inner(
