@@ -184,13 +184,14 @@ class UnwrapHfQuantizer(HfQuantizer):
     # -- quantizing on load
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
-        """What ``quantize_`` would quantize: an ``nn.Linear``'s weight that no other module shares
-        (a tied lm_head stays with its embedding), outside ``modules_to_not_convert``."""
+        """What ``quantize_`` would quantize: an ``nn.Linear``'s or ``nn.Embedding``'s weight,
+        outside ``modules_to_not_convert``. A tied target (lm_head) is not loaded: it is tied to
+        its quantized source (embed_tokens) after loading, one quantized weight for both."""
         if self.pre_quantized or not should_convert_module(param_name, self.modules_to_not_convert):
             return False
         module, name = get_module_from_name(model, param_name)
-        tied = getattr(model, "all_tied_weights_keys", {})
-        return isinstance(module, nn.Linear) and name == "weight" and param_name not in set(tied) | set(tied.values())
+        tied_targets = set(getattr(model, "all_tied_weights_keys", {}))
+        return isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight" and param_name not in tied_targets
 
     def get_quantize_ops(self) -> UnwrapQuantize:
         return UnwrapQuantize(self)

@@ -52,15 +52,15 @@ def bf16_dir(tmp_path_factory):
 
 
 def load(path, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # quantize on load: the tied lm_head stays bf16
-        return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def quantized_after_load(bf16_dir, fmt):
     model = load(bf16_dir)
-    with pytest.warns(UserWarning, match=r"model.embed_tokens.weight, lm_head.weight \(shared"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer quantized, the tied vocabulary matrix once
         quantize_(model, FORMATS[fmt][0])
+    assert isinstance(model.lm_head.weight, QuantizedWeight) and model.lm_head.weight is model.model.embed_tokens.weight
     return model
 
 
@@ -129,11 +129,12 @@ def test_quantize_on_load_equals_quantize_after_load(bf16_dir, fmt, tmp_path):
 
 
 def test_quantize_on_load_keeps_what_the_config_cannot_take_and_says_so(tmp_path):
-    # hidden 96: the attention projections (K = 96) do not split into groups of 64; down_proj (K = 128) does
-    shapes = dict(hidden_size=96, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+    # hidden 80: the attention projections (K = 80) split into no group size (not even the fallback
+    # 32); down_proj (K = 128) does
+    shapes = dict(hidden_size=80, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)  # fmt: skip
     build_qwen2(shapes).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"model.layers.0.self_attn.q_proj.weight \(in_features=96 must be divisible by group_size=64\)"):
+    with pytest.warns(UserWarning, match=r"model.layers.0.self_attn.q_proj.weight \(in_features=80 must be divisible by group_size=64\)"):
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=UnwrapConfig("int4", group_size=64))
     layer = model.model.layers[0]
     assert type(layer.self_attn.q_proj.weight) is torch.nn.Parameter and layer.self_attn.q_proj.weight.dtype == torch.bfloat16
