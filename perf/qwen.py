@@ -96,8 +96,9 @@ def floor_model_nd(quantized: nn.Module) -> nn.Module:
     return model
 
 
-def qwen2_variants(bf16: nn.Module, fmt: str) -> tuple[dict[str, nn.Module], list[str]]:
-    """floor / ours wrapped / ours unwrapped copies of ``bf16`` quantized with ``fmt``, and the
+def qwen2_variants(bf16: nn.Module, fmt: str, config: object | None = None) -> tuple[dict[str, nn.Module], list[str]]:
+    """floor / ours wrapped / ours unwrapped copies of ``bf16`` quantized with ``fmt`` (``config``:
+    another config of that format, e.g. the library default instead of the report's group 128), and the
     warnings ``quantize_`` gave (layers it left in high precision)."""
     from unwrap import unwrap
 
@@ -105,7 +106,7 @@ def qwen2_variants(bf16: nn.Module, fmt: str) -> tuple[dict[str, nn.Module], lis
         raise ValueError(f"format must be one of {sorted(CONFIGS)}, got {fmt!r}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        wrapped = quantize_(copy.deepcopy(bf16), CONFIGS[fmt]())
+        wrapped = quantize_(copy.deepcopy(bf16), config or CONFIGS[fmt]())
     floor = floor_model_nd(wrapped)
     unwrapped = unwrap(copy.deepcopy(wrapped))
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]

@@ -74,7 +74,7 @@ class UnwrapConfig(QuantizationConfigMixin):
     def __init__(
         self,
         weight: str = "int4",
-        group_size: int = 128,
+        group_size: int = 32,
         modules_to_not_convert: list[str] | None = None,
         **kwargs: Any,
     ) -> None:

@@ -32,11 +32,14 @@ FALLBACK_GROUP_SIZE = 32
 class Int4WeightOnlyConfig:
     """Int4 weight-only, group-wise asymmetric (tinygemm math); see ``Int4WeightTensor``.
 
-    A weight whose in_features is not a multiple of ``group_size`` gets group size 32 (see
-    ``group_size_for``), shown in the summary of ``quantize_``; ``quantize_(..., strict=True)``
-    refuses instead."""
+    The default group size is 32, not torchao's 128: on a real model (SmolLM2-135M, README "Real
+    models") every layer then quantizes (its 576-input projections take neither 128 nor, without a
+    ~50 % perplexity loss, 64) and perplexity stays within ~6 % of bf16's (group 128 where it fits:
+    +23 %), for ~10 % more weight bytes than 128. A weight whose in_features is not a multiple of
+    ``group_size`` gets group size 32 (see ``group_size_for``), shown in the summary of
+    ``quantize_``; ``quantize_(..., strict=True)`` refuses instead."""
 
-    group_size: int = 128
+    group_size: int = 32
 
     def __post_init__(self) -> None:
         if self.group_size not in GROUP_SIZES:

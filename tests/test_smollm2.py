@@ -42,16 +42,23 @@ def test_default_int4_quantizes_every_layer_and_the_vocabulary_once(smollm2):
     assert model_bytes(model) == summary.bytes_after
     ids = eval_token_ids(tokenizer)[:, :256]
     ppl_bf16, ppl_int4 = perplexity(bf16, ids), perplexity(model, ids)
-    assert ppl_int4 < 1.15 * ppl_bf16, (ppl_bf16, ppl_int4)
+    assert ppl_int4 < 1.10 * ppl_bf16, (ppl_bf16, ppl_int4)
+
+
+def first_layers(model: torch.nn.Module, count: int) -> torch.nn.Module:
+    """The model cut to its first ``count`` decoder layers (real weights; compiles ~7x faster)."""
+    model.model.layers = model.model.layers[:count]
+    model.config.num_hidden_layers = count
+    return model
 
 
 def test_unwrapped_compiled_greedy_tokens_equal_eager(smollm2):
+    """4 of the 30 layers, to stay within CI's budget; the whole model: `python -m perf --only SmolLM2`."""
     bf16, tokenizer = smollm2
-    model = unwrap(quantize_(copy.deepcopy(bf16), Int4WeightOnlyConfig()))
+    model = unwrap(quantize_(first_layers(copy.deepcopy(bf16), 4), Int4WeightOnlyConfig()))
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
         eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
         model.forward = torch.compile(model.forward)
         compiled = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert compiled.tolist() == eager.tolist()
-    assert "Paris" in tokenizer.decode(eager[0])

@@ -57,11 +57,15 @@ def test_int4_group_size_falls_back_to_32(configured, in_features, chosen):
         assert config.quantize(weight).group_size == chosen
 
 
+def test_default_group_size_is_32():
+    assert Int4WeightOnlyConfig().group_size == 32
+
+
 def test_strict_keeps_the_configured_group_size():
     model = nn.Sequential(nn.Linear(576, 64), nn.Linear(64, 32)).to(BF16)
     with pytest.raises(ValueError, match=r"0\.weight \(in_features=576 must be divisible by group_size=128\)"):
-        quantize_(copy.deepcopy(model), Int4WeightOnlyConfig(), strict=True)
-    quantize_(model, Int4WeightOnlyConfig())  # default: falls back, no warning needed
+        quantize_(copy.deepcopy(model), Int4WeightOnlyConfig(group_size=128), strict=True)
+    quantize_(model, Int4WeightOnlyConfig(group_size=128))  # not strict: falls back, no warning needed
     assert model[0].weight.group_size == 32 and model[1].weight.group_size == 32
 
 
@@ -73,7 +77,7 @@ def test_unquantizable_layer_is_named_in_one_warning_and_the_summary():
     summary = model.quantize_summary
     assert set(summary.skipped) == {"0.weight", "1.weight"}
     assert "out_features=20 must be a multiple of 16" in summary.skipped["0.weight"]
-    assert summary.quantized == {"Int4WeightTensor g32": ["2.weight"]}  # 32 % 128: the fallback
+    assert summary.quantized == {"Int4WeightTensor g32": ["2.weight"]}
 
 
 class TiedLM(nn.Module):
