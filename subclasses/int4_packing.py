@@ -98,8 +98,14 @@ def dequantize_codes(q: torch.Tensor, scale_and_zero: torch.Tensor, group_size: 
     """The [N, K] weight from codes q [N, K] and scale_and_zero [K/g, N, 2]: ``(q - 8) * scale + zero``."""
     n, k = q.shape
     scale_and_zero = scale_and_zero.transpose(0, 1).unsqueeze(2)  # [N, K/g, 1, 2]
-    w = (q.view(n, k // group_size, group_size).to(dtype) - 8) * scale_and_zero[..., 0] + scale_and_zero[..., 1]
-    return w.view(n, k)
+    return affine_dequantize(q.view(n, k // group_size, group_size), scale_and_zero[..., 0], scale_and_zero[..., 1], dtype).view(n, k)
+
+
+def affine_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(q - 8) * scale + zero`` computed in fp32 and rounded to ``dtype`` once: what inductor
+    computes for the same expression (it upcasts bf16/fp16 math), so eager and compiled
+    dequantizations (embeddings, prefill) agree bit for bit; the int4 kernels work in fp32 too."""
+    return ((q.to(torch.float32) - 8) * scale.to(torch.float32) + zero.to(torch.float32)).to(dtype)
 
 
 def gather_cpu_rows(packed: torch.Tensor, rows: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .int4_packing import dequantize_codes, traced_cpu_layout, unpack_cpu
+from .int4_packing import affine_dequantize, dequantize_codes, traced_cpu_layout, unpack_cpu
 
 if TYPE_CHECKING:
     from .int4_tensor import Int4WeightTensor
@@ -68,7 +68,7 @@ def dequantize_kn(
         p, shape = p.unsqueeze(4), (k // group_size, 1, n // rows, rows // 2, 2)
         shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device)
     q = (p >> shifts) & 15  # [K/g, g, N/rows, pair dims...]
-    return ((q.to(dtype) - 8) * scale.view(shape) + zero.view(shape)).reshape(k, n)
+    return affine_dequantize(q, scale.view(shape), zero.view(shape), dtype).reshape(k, n)
 
 
 def supports_fast_dequantize(n: int) -> bool:

@@ -19,7 +19,7 @@ from .base import (
     target_dtype_device,
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
-from .int4_packing import dequantize_codes, gather_cpu_rows, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
+from .int4_packing import affine_dequantize, dequantize_codes, gather_cpu_rows, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
 from .int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -164,8 +164,8 @@ def int4_embedding(
         codes = gather_cpu_rows(weight.packed, rows, n, k)
     else:
         codes = unpack_canonical(weight.packed.index_select(0, rows))
-    groups = codes.view(-1, k // weight.group_size, weight.group_size).to(weight.outer_dtype)
-    out = (groups - 8) * scale_and_zero[..., :1] + scale_and_zero[..., 1:]
+    groups = codes.view(-1, k // weight.group_size, weight.group_size)
+    out = affine_dequantize(groups, scale_and_zero[..., :1], scale_and_zero[..., 1:], weight.outer_dtype)
     return out.view(*ids.shape, k)
 
 
