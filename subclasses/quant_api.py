@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .base import QuantizedWeight
+from .int4_qparams import DEFAULT_QPARAMS_ALGORITHM, check_qparams_algorithm
 from .int4_tensor import GROUP_SIZES, Int4WeightTensor
 from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
 from .int8_tensor import Int8WeightTensor
@@ -24,19 +25,23 @@ class WeightConfig(Protocol):
 
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig:
-    """Int4 weight-only, group-wise asymmetric (tinygemm math); see ``Int4WeightTensor``."""
+    """Int4 weight-only, group-wise asymmetric; see ``Int4WeightTensor``. ``qparams_algorithm``
+    chooses scales and zeros: "mse" (default: least squared weight error, never worse than min-max
+    per group) or "tinygemm" (torchao's min-max math, bit-identical); see ``int4_qparams``."""
 
     group_size: int = 128
+    qparams_algorithm: str = DEFAULT_QPARAMS_ALGORITHM
 
     def __post_init__(self) -> None:
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+        check_qparams_algorithm(self.qparams_algorithm)
 
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
         return Int4WeightTensor.unsupported_reason(weight, self.group_size)
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        return Int4WeightTensor.from_float(weight, self.group_size)
+        return Int4WeightTensor.from_float(weight, self.group_size, self.qparams_algorithm)
 
 
 @dataclass(frozen=True)
