@@ -148,7 +148,7 @@ def mse_qparams(
     for start in range(0, groups.shape[0], rows):
         args = [t[start : start + rows] for t in (groups, codes, scale, zero)]
         size = args[0].shape[0]
-        if fn is not _mse_chunk:  # one static shape, offset 0 (a view's offset would recompile)
+        if fn is not _mse_chunk:  # one static shape: the compiled function never recompiles
             args = [torch.cat([t, t.new_zeros((rows - size, *t.shape[1:]))]) for t in args]
         try:
             out = fn(*args)

@@ -1,4 +1,5 @@
-"""Int4 weight-only, group-wise asymmetric ("tinygemm" math, torchao-compatible)."""
+"""Int4 weight-only, group-wise asymmetric, torchao-compatible "tinygemm" format (scales and zeros
+chosen by ``qparams_algorithm``: see int4_qparams)."""
 
 from __future__ import annotations
 
@@ -123,6 +124,7 @@ def quantize_int4(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns q uint8 [N, K], scale [N, K/g], zero [N, K/g] in w's dtype: tinygemm int4 math, then
     for "mse" the per-group search of ``int4_qparams.mse_qparams`` (which starts from it)."""
+    check_qparams_algorithm(qparams_algorithm)
     n, k = w.shape
     groups = w.reshape(n, k // group_size, group_size)
     mn, mx = groups.amin(dim=-1), groups.amax(dim=-1)
