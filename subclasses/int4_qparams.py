@@ -25,6 +25,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse")
 DEFAULT_QPARAMS_ALGORITHM = "mse"
@@ -119,10 +120,12 @@ _eager_numel = 0
 _compiled: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
 
-def _chunk_fn(numel: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _chunk_fn(w: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     global _compiled, _eager_numel
-    if numel < COMPILE_MIN_NUMEL and _eager_numel < EAGER_BUDGET_NUMEL:
-        _eager_numel += numel
+    if is_fake(w) or w.device.type == "meta":  # no data: the compiled kernel would read garbage
+        return _mse_chunk
+    if w.numel() < COMPILE_MIN_NUMEL and _eager_numel < EAGER_BUDGET_NUMEL:
+        _eager_numel += w.numel()
         return _mse_chunk
     if _compiled is None:  # static shapes (chunks are padded to one size): vectorized by inductor
         _compiled = torch.compile(_mse_chunk, dynamic=False)
@@ -143,7 +146,7 @@ def mse_qparams(
     groups, codes = w.reshape(-1, group_size), q.reshape(-1, group_size)
     scale, zero = scale.reshape(-1), zero.reshape(-1)
     rows = max(1, _CHUNK_ELEMENTS // group_size)
-    fn = _chunk_fn(w.numel())
+    fn = _chunk_fn(w)
     outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for start in range(0, groups.shape[0], rows):
         args = [t[start : start + rows] for t in (groups, codes, scale, zero)]

@@ -186,3 +186,18 @@ def test_quantize_with_mse_is_closer_to_the_float_model():
             for algorithm in ("tinygemm", "mse")
         }
     assert sqnr(expected, outputs["mse"]) > sqnr(expected, outputs["tinygemm"]) + 0.5
+
+
+def test_fake_and_meta_weights_never_reach_the_compiled_search(monkeypatch):
+    """A fake tensor has no data: the compiled kernel would read garbage (a segfault was seen)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(int4_qparams, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(int4_qparams, "_compiled", None)
+    with FakeTensorMode():
+        weight = Int4WeightTensor.from_float(torch.randn(64, 256, dtype=torch.bfloat16), 64, "mse")
+    assert weight.shape == (64, 256) and weight.scale_and_zero.shape == (4, 64, 2)
+    w = torch.empty(32, 64, device="meta", dtype=torch.bfloat16)
+    meta = int4_qparams.mse_qparams(w, 32, *quantize_int4(w, 32))
+    assert meta[0].shape == (32, 64) and meta[0].device.type == "meta"
+    assert int4_qparams._compiled is None  # never compiled
