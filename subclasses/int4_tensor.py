@@ -1,4 +1,5 @@
-"""Int4 weight-only, group-wise asymmetric ("tinygemm" math, torchao-compatible)."""
+"""Int4 weight-only, group-wise asymmetric, torchao-compatible "tinygemm" format (scales and zeros
+chosen by ``qparams_algorithm``: see int4_qparams)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .base import (
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
 from .int4_packing import affine_dequantize, dequantize_codes, gather_cpu_rows, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
+from .int4_qparams import check_qparams_algorithm, mse_qparams
 from .int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -82,14 +84,18 @@ class Int4WeightTensor(QuantizedWeight):
         return None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, group_size: int = 128) -> "Int4WeightTensor":
-        """Quantize a high-precision [N, K] weight (arithmetic in the weight's dtype)."""
+    def from_float(
+        cls, weight: torch.Tensor, group_size: int = 128, qparams_algorithm: str = "tinygemm"
+    ) -> "Int4WeightTensor":
+        """Quantize a high-precision [N, K] weight; ``qparams_algorithm`` chooses scales and zeros
+        ("tinygemm": torchao's min-max math, in the weight's dtype; "mse": see int4_qparams)."""
         if group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+        check_qparams_algorithm(qparams_algorithm)
         reason = cls.unsupported_reason(weight, group_size)
         if reason is not None:
             raise ValueError(reason)
-        q, scale, zero = quantize_int4(weight.detach(), group_size)
+        q, scale, zero = quantize_int4(weight.detach(), group_size, qparams_algorithm)
         scale_and_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
         return cls.from_codes(q, scale_and_zero, group_size, weight.dtype)
 
@@ -110,8 +116,12 @@ class Int4WeightTensor(QuantizedWeight):
         return dequantize_codes(self.codes(), self.scale_and_zero, self.group_size, self.dtype)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tinygemm int4 math: returns q uint8 [N, K], scale [N, K/g], zero [N, K/g] in w's dtype."""
+def quantize_int4(
+    w: torch.Tensor, group_size: int, qparams_algorithm: str = "tinygemm"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns q uint8 [N, K], scale [N, K/g], zero [N, K/g] in w's dtype: tinygemm int4 math, then
+    for "mse" the per-group search of ``int4_qparams.mse_qparams`` (which starts from it)."""
+    check_qparams_algorithm(qparams_algorithm)
     n, k = w.shape
     groups = w.reshape(n, k // group_size, group_size)
     mn, mx = groups.amin(dim=-1), groups.amax(dim=-1)
@@ -119,7 +129,10 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     zero = mn + 8 * scale
     low = (zero - 8 * scale).unsqueeze(-1)
     q = torch.round((groups - low) / scale.unsqueeze(-1)).clamp(0, 15)
-    return q.to(torch.uint8).reshape(n, k), scale, zero
+    q = q.to(torch.uint8).reshape(n, k)
+    if qparams_algorithm == "mse":
+        return mse_qparams(w, group_size, q, scale, zero)
+    return q, scale, zero
 
 
 def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:

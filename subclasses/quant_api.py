@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .base import QuantizedWeight
+from .int4_qparams import DEFAULT_QPARAMS_ALGORITHM, check_qparams_algorithm
 from .int4_tensor import GROUP_SIZES, Int4WeightTensor
 from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
 from .int8_tensor import Int8WeightTensor
@@ -30,7 +31,9 @@ FALLBACK_GROUP_SIZE = 32
 
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig:
-    """Int4 weight-only, group-wise asymmetric (tinygemm math); see ``Int4WeightTensor``.
+    """Int4 weight-only, group-wise asymmetric; see ``Int4WeightTensor``. ``qparams_algorithm``
+    chooses scales and zeros: "mse" (default: least squared weight error, never worse than min-max
+    per group) or "tinygemm" (torchao's min-max math, bit-identical); see ``int4_qparams``.
 
     The default group size is 32, not torchao's 128: on a real model (SmolLM2-135M, README "Real
     models") every layer then quantizes (its 576-input projections take neither 128 nor, without a
@@ -40,10 +43,12 @@ class Int4WeightOnlyConfig:
     ``quantize_``; ``quantize_(..., strict=True)`` refuses instead."""
 
     group_size: int = 32
+    qparams_algorithm: str = DEFAULT_QPARAMS_ALGORITHM
 
     def __post_init__(self) -> None:
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+        check_qparams_algorithm(self.qparams_algorithm)
 
     def group_size_for(self, in_features: int) -> int:
         """``group_size`` if it divides ``in_features``, else 32 (``group_size`` itself when 32
@@ -67,7 +72,7 @@ class Int4WeightOnlyConfig:
         return Int4WeightTensor.unsupported_reason(weight, group_size)
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        return Int4WeightTensor.from_float(weight, self.group_size_for(weight.shape[1]))
+        return Int4WeightTensor.from_float(weight, self.group_size_for(weight.shape[1]), self.qparams_algorithm)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,208 @@
+"""``python -m perf.accuracy``: how close each weight format and int4 qparams algorithm stays to the
+bf16 model, on SmolLM2-135M's real weights (``perf.real_model``).
+
+Prints one markdown table: perplexity on the shipped text, quantize time, how many linears were
+quantized, and per quantized layer against min-max ("tinygemm") at the same group size: the share of
+layers whose weight reconstruction error is lower and whose output SQNR (on the text's first
+``--layer-tokens`` tokens, captured from the bf16 model) is higher, with the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from subclasses import (
+    Int4WeightOnlyConfig,
+    Int4WeightTensor,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    quantize_,
+)
+from subclasses.base import QuantizedWeight
+from subclasses.int4_qparams import QPARAMS_ALGORITHMS
+
+
+@dataclass(frozen=True)
+class TorchaoHQQConfig:
+    """torchao's HQQ qparams (``_choose_qparams_and_quantize_affine_hqq``, what its
+    ``int4_choose_qparams_algorithm="hqq"`` runs) stored in our int4 format: a comparison, needs torchao."""
+
+    group_size: int
+
+    def unsupported_reason(self, weight: torch.Tensor) -> str | None:
+        return Int4WeightTensor.unsupported_reason(weight, self.group_size)
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
+
+        n, k = weight.shape
+        q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
+            weight.detach(), nbits=4, group_size=self.group_size, axis=1, compute_dtype=weight.dtype, device="cpu"
+        )
+        scale_and_zero = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1).contiguous()
+        return Int4WeightTensor.from_codes(q.view(n, k), scale_and_zero, self.group_size, weight.dtype)
+
+
+@dataclass
+class Row:
+    label: str
+    config: object | None  # None: the bf16 model itself
+    group_size: int | None = None
+    algorithm: str | None = None
+    quantized: int = 0
+    linears: int = 0
+    quantize_s: float = 0.0
+    perplexity: float = float("nan")
+    # per quantized layer name: (relative squared weight error, output SQNR dB)
+    layers: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def variants(group_sizes: list[int], algorithms: list[str]) -> list[Row]:
+    """The table's rows: bf16, int8 weight-only, w8a8, then int4 per group size and algorithm."""
+    rows = [
+        Row("bf16", None),
+        Row("int8 weight-only", Int8WeightOnlyConfig()),
+        Row("int8 w8a8 (dynamic act)", Int8DynamicActivationInt8WeightConfig()),
+    ]
+    for g in group_sizes:
+        for algorithm in algorithms:
+            config = TorchaoHQQConfig(g) if algorithm == "hqq" else Int4WeightOnlyConfig(g, qparams_algorithm=algorithm)
+            rows.append(Row(f"int4 g{g} {algorithm}", config, g, algorithm))
+    return rows
+
+
+def capture_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each ``nn.Linear``'s input (flattened to [tokens, in_features]) when ``model`` runs ``ids``."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0].reshape(-1, args[0].shape[-1])))
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    try:
+        with torch.inference_mode():
+            model(ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return (20 * torch.log10(ref.norm() / (ref - out).norm())).item()
+
+
+def layer_errors(
+    reference: nn.Module, quantized: nn.Module, inputs: dict[str, torch.Tensor]
+) -> dict[str, tuple[float, float]]:
+    """Per quantized linear: (||W_q - W||^2 / ||W||^2, output SQNR of x @ W_q^T against x @ W^T), in fp32."""
+    weights = {name: m.weight for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
+    out: dict[str, tuple[float, float]] = {}
+    for name, module in quantized.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or not isinstance(weight, QuantizedWeight):
+            continue
+        w = weights[name].detach().float()
+        deq = weight.to(torch.float32).dequantize()
+        x = inputs[name].float()
+        out[name] = (((deq - w).square().sum() / w.square().sum()).item(), sqnr_db(F.linear(x, w), F.linear(x, deq)))
+    return out
+
+
+def measure(
+    model: nn.Module,
+    ids: torch.Tensor,
+    rows: list[Row],
+    perplexity: Callable[[nn.Module, torch.Tensor], float],
+    *,
+    layer_tokens: int = 256,
+    progress: Callable[[str], None] = lambda line: None,
+) -> list[Row]:
+    """Fill in ``rows`` (see ``variants``): each quantized on a copy of the bf16 ``model``."""
+    inputs = capture_inputs(model, ids[:, :layer_tokens])
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    for row in rows:
+        candidate = model
+        if row.config is not None:
+            candidate = copy.deepcopy(model)
+            start = time.perf_counter()
+            with warnings.catch_warnings():  # the weights left in bf16 are counted below
+                warnings.simplefilter("ignore")
+                quantize_(candidate, row.config)
+            row.quantize_s = time.perf_counter() - start
+            row.layers = layer_errors(model, candidate, inputs)
+        row.linears = linears
+        row.quantized = len(row.layers)
+        row.perplexity = perplexity(candidate, ids)
+        progress(f"{row.label}: perplexity {row.perplexity:.3f}, {row.quantized}/{linears} linears, "
+                 f"quantize {row.quantize_s:.1f} s")
+    return rows
+
+
+def versus_min_max(row: Row, rows: list[Row]) -> str:
+    """Per-layer comparison against min-max at the same group size, as table cells."""
+    base = next((r for r in rows if r.group_size == row.group_size and r.algorithm == "tinygemm"), None)
+    if row.group_size is None or base is None or base is row or not row.layers:
+        return "| - | - |"
+    names = [n for n in row.layers if n in base.layers]
+    weight = [row.layers[n][0] / base.layers[n][0] for n in names]
+    output = [row.layers[n][1] - base.layers[n][1] for n in names]
+    better_w = sum(r < 1 for r in weight) / len(names)
+    better_o = sum(d > 0 for d in output) / len(names)
+    return (f"| {100 * better_w:.0f} % (median x{statistics.median(weight):.2f}) "
+            f"| {100 * better_o:.0f} % (median {statistics.median(output):+.2f} dB) |")
+
+
+def format_table(rows: list[Row]) -> str:
+    bf16 = next(r.perplexity for r in rows if r.config is None)
+    lines = [
+        "| variant | perplexity | vs bf16 | linears quantized | quantize s "
+        "| layers with lower weight error than min-max | layers with higher output SQNR than min-max |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        quantized = "-" if row.config is None else f"{row.quantized}/{row.linears}"
+        seconds = "-" if row.config is None else f"{row.quantize_s:.1f}"
+        lines.append(f"| {row.label} | {row.perplexity:.2f} | {row.perplexity - bf16:+.2f} | {quantized} "
+                     f"| {seconds} {versus_min_max(row, rows)}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m perf.accuracy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--algorithms", nargs="+", default=[*QPARAMS_ALGORITHMS, "hqq"],
+                        choices=[*QPARAMS_ALGORITHMS, "hqq"], help="hqq: torchao's, for comparison (needs torchao)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the text's first N tokens")
+    parser.add_argument("--layer-tokens", type=int, default=256, help="tokens whose activations score each layer")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .real_model import eval_token_ids, load_smollm2, perplexity
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_smollm2(torch.bfloat16)
+    ids = eval_token_ids(tokenizer)[:, : args.max_tokens]
+    print(f"SmolLM2-135M, {ids.shape[1]} tokens of perf/data/eval_text.txt, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows = measure(model, ids, variants(args.group_sizes, args.algorithms), perplexity,
+                   layer_tokens=args.layer_tokens, progress=lambda line: print(line, flush=True))
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

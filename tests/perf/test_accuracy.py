@@ -1,0 +1,57 @@
+"""Smoke test of ``python -m perf.accuracy``'s machinery on a tiny random Llama (the real run takes minutes)."""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from perf import accuracy
+from perf.real_model import perplexity
+
+
+def require(module: str):
+    if os.environ.get("CI") == "true":  # CI installs the extras: a missing one is a failure there
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def tiny_llama():
+    transformers = require("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def test_accuracy_table_on_a_tiny_model():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (1, 40))
+    rows = accuracy.measure(model, ids, accuracy.variants([32, 128], ["tinygemm", "mse"]),
+                            lambda m, i: perplexity(m, i, window=16), layer_tokens=16)
+    by_label = {row.label: row for row in rows}
+    assert by_label["int4 g32 mse"].quantized == 14 == by_label["int8 weight-only"].quantized  # lm_head is tied
+    assert by_label["int4 g128 mse"].quantized == 2  # only down_proj (in_features 256) has groups of 128
+    for row in rows:
+        assert row.perplexity > 1 and torch.isfinite(torch.tensor(row.perplexity))
+    mse, minmax = by_label["int4 g32 mse"].layers, by_label["int4 g32 tinygemm"].layers
+    assert all(mse[name][0] <= minmax[name][0] for name in mse)  # never a worse weight
+    table = accuracy.format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| int4 g32 mse |" in table and "% (median x" in table
+
+
+def test_hqq_row_needs_and_uses_torchao():
+    require("torchao")
+    model = tiny_llama()
+    rows = accuracy.measure(model, torch.randint(0, 256, (1, 24)), accuracy.variants([32], ["tinygemm", "hqq"]),
+                            lambda m, i: perplexity(m, i, window=12), layer_tokens=12)
+    hqq = rows[-1]
+    assert hqq.label == "int4 g32 hqq" and hqq.quantized == 14
+    assert all(err < 0.1 and out > 10 for err, out in hqq.layers.values())
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--algorithms", "minmax"])

@@ -1,0 +1,203 @@
+"""How int4 scales and zeros are chosen: "tinygemm" is torchao's math bit for bit; "mse" never does
+worse than it on any group, and its weights behave like any other (kernel, checkpoints, unwrap)."""
+
+import importlib
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import subclasses.int4_qparams as int4_qparams
+from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, load_checkpoint, quantize_, save_checkpoint
+from subclasses.int4_qparams import group_squared_error
+from subclasses.int4_tensor import quantize_int4
+from tests.conftest import sqnr
+from unwrap import unwrap
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def require(module: str):
+    """Import an optional package: skip locally when it is missing, fail in CI (CI=true)."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+def per_group_error(w: torch.Tensor, weight: Int4WeightTensor) -> torch.Tensor:
+    """Squared error per row and group of the weight as the kernel sees it (fp32 dequantize)."""
+    deq = weight.to(torch.float32).dequantize()
+    n, k = w.shape
+    return (deq.double() - w.double()).square().view(n, -1, weight.group_size).sum(-1)
+
+
+def heavy_tailed(n: int, k: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """Student-t (3 degrees of freedom) weights with a few large outliers, like real LLM weights."""
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=generator) / torch.rand(n, k, generator=generator).clamp(min=0.05).sqrt()
+    w.view(-1)[torch.randint(0, n * k, (max(1, n * k // 500),), generator=generator)] *= 20
+    return (w * 0.02).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_tinygemm_is_bit_identical_to_torchao(dtype, group_size):
+    qp = require("torchao.quantization.quant_primitives")
+    w = heavy_tailed(48, 512, seed=group_size, dtype=dtype)
+    w[0, :group_size] = 0.5  # a constant group: the eps clamp
+    block = (1, group_size)
+    # torchao 0.18's CPU int4 (Int4OpaqueTensor.from_hp, algorithm TINYGEMM): the same arguments
+    scale, zero = qp._choose_qparams_affine_tinygemm(
+        w, qp.MappingType.ASYMMETRIC, block, torch.int32, 0, 15, 1e-6, None, w.dtype
+    )
+    codes = qp._quantize_affine_tinygemm(w, block, scale, zero, torch.int32, 0, 15)
+    q, our_scale, our_zero = quantize_int4(w, group_size, "tinygemm")
+    assert torch.equal(q, codes.to(torch.uint8))
+    assert torch.equal(our_scale, scale.view(48, -1)) and torch.equal(our_zero, zero.view(48, -1))
+    for weight in (
+        Int4WeightTensor.from_float(w, group_size, "tinygemm"),
+        Int4WeightOnlyConfig(group_size, qparams_algorithm="tinygemm").quantize(w),
+    ):
+        assert torch.equal(weight.codes(), codes.to(torch.uint8))
+        assert torch.equal(weight.scale_and_zero, torch.stack([scale, zero], -1).view(48, -1, 2).transpose(0, 1))
+
+
+@settings(max_examples=40)
+@given(
+    kind=st.sampled_from(["normal", "heavy", "uniform", "few_values"]),
+    dtype=st.sampled_from(DTYPES),
+    group_size=st.sampled_from([32, 64, 128, 256]),
+    rows=st.sampled_from([16, 32, 48]),
+    groups=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    magnitude=st.sampled_from([1e-3, 0.02, 1.0, 30.0]),
+)
+def test_mse_never_increases_a_groups_squared_error(kind, dtype, group_size, rows, groups, seed, magnitude):
+    k = group_size * groups
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        w = torch.randn(rows, k, generator=generator)
+    elif kind == "heavy":
+        w = heavy_tailed(rows, k, seed, torch.float32) * 50
+    elif kind == "uniform":
+        w = torch.rand(rows, k, generator=generator) + 3  # far from zero: zero must be in the float domain
+    else:  # a handful of distinct values (incl. constant groups): least squares may be exact
+        w = torch.randint(0, 3, (rows, k), generator=generator).float()
+    w = (w * magnitude).to(dtype)
+    minmax = per_group_error(w, Int4WeightTensor.from_float(w, group_size, "tinygemm"))
+    ours = Int4WeightTensor.from_float(w, group_size, "mse")
+    error = per_group_error(w, ours)
+    assert (error <= minmax).all(), (error - minmax).max()
+    scale, zero = ours.scale_and_zero.transpose(0, 1).unbind(-1)  # what the selection measured
+    torch.testing.assert_close(group_squared_error(w, ours.codes(), scale, zero, group_size), error, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_mse_is_clearly_better_than_min_max(dtype, group_size):
+    for w in (torch.randn(64, 1024, dtype=dtype), heavy_tailed(64, 1024, seed=1, dtype=dtype)):
+        minmax = per_group_error(w, Int4WeightTensor.from_float(w, group_size, "tinygemm")).sum()
+        ours = per_group_error(w, Int4WeightTensor.from_float(w, group_size, "mse")).sum()
+        assert ours < 0.9 * minmax, (ours / minmax).item()  # measured 0.62-0.85
+
+
+def test_compiled_search_agrees_with_eager(monkeypatch):
+    """Large weights run the search compiled, in padded chunks: same guarantee, same quality."""
+    w = heavy_tailed(48, 1024, seed=3, dtype=torch.bfloat16)  # 768 groups of 64: 3 chunks, one padded
+    q, scale, zero = quantize_int4(w, 64, "tinygemm")
+    monkeypatch.setattr(int4_qparams, "_CHUNK_ELEMENTS", 1 << 14)
+    eager = int4_qparams.mse_qparams(w, 64, q, scale, zero)
+    monkeypatch.setattr(int4_qparams, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(int4_qparams, "_compiled", None)
+    compiled = int4_qparams.mse_qparams(w, 64, q, scale, zero)
+    assert int4_qparams._compiled is not None and int4_qparams._compiled is not int4_qparams._mse_chunk
+    minmax = group_squared_error(w, q, scale, zero, 64)
+    errors = [group_squared_error(w, *result, 64) for result in (eager, compiled)]
+    assert all((e <= minmax).all() for e in errors)
+    torch.testing.assert_close(errors[1].sum(), errors[0].sum(), rtol=1e-3, atol=0)
+    assert (compiled[0] == eager[0]).float().mean() > 0.99  # the same codes but for rounding ties
+
+
+def test_a_failing_compile_warns_and_runs_eagerly(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+
+    w = torch.randn(32, 256, dtype=torch.bfloat16)
+    q, scale, zero = quantize_int4(w, 32, "tinygemm")
+    eager = int4_qparams.mse_qparams(w, 32, q, scale, zero)
+    monkeypatch.setattr(int4_qparams, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(int4_qparams, "_compiled", broken)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        result = int4_qparams.mse_qparams(w, 32, q, scale, zero)
+    assert all(torch.equal(a, b) for a, b in zip(result, eager))
+    assert int4_qparams._compiled is int4_qparams._mse_chunk
+
+
+def test_config_default_and_bad_algorithm():
+    assert Int4WeightOnlyConfig().qparams_algorithm == "mse"
+    with pytest.raises(ValueError, match="qparams_algorithm must be one of .*got 'hqq'"):
+        Int4WeightOnlyConfig(qparams_algorithm="hqq")
+    with pytest.raises(ValueError, match="qparams_algorithm"):
+        Int4WeightTensor.from_float(torch.randn(16, 64), 32, "minmax")
+
+
+def _model(dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64, bias=False)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.copy_(heavy_tailed(128, 256, seed=5, dtype=dtype))
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_mse_weights_round_trip_through_checkpoints_and_unwrap(tmp_path, suffix):
+    model = quantize_(_model(), Int4WeightOnlyConfig(group_size=64))
+    reference = quantize_(_model(), Int4WeightOnlyConfig(group_size=64, qparams_algorithm="tinygemm"))
+    assert not torch.equal(model[0].weight.codes(), reference[0].weight.codes())  # "mse" did choose
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    expected = model(x)
+    path = str(tmp_path / f"model{suffix}")
+    save_checkpoint(model.state_dict(), path)
+    # load into a model quantized the other way: every inner tensor comes from the file
+    fresh = unwrap(reference)
+    fresh.load_state_dict(load_checkpoint(path))
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        if isinstance(a, Int4WeightTensor):
+            assert torch.equal(a.codes(), b.codes()) and torch.equal(a.scale_and_zero, b.scale_and_zero)
+        else:
+            assert torch.equal(a, b)
+    assert torch.equal(fresh(x), expected)
+    ref = F.linear(F.relu(F.linear(x, model[0].weight.dequantize(), model[0].bias)), model[2].weight.dequantize())
+    assert sqnr(ref, expected) > 38
+
+
+def test_quantize_with_mse_is_closer_to_the_float_model():
+    x = torch.randn(16, 256, dtype=torch.bfloat16)
+    expected = _model()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer quantizes
+        outputs = {
+            algorithm: quantize_(_model(), Int4WeightOnlyConfig(32, qparams_algorithm=algorithm))(x)
+            for algorithm in ("tinygemm", "mse")
+        }
+    assert sqnr(expected, outputs["mse"]) > sqnr(expected, outputs["tinygemm"]) + 0.5
+
+
+def test_fake_and_meta_weights_never_reach_the_compiled_search(monkeypatch):
+    """A fake tensor has no data: the compiled kernel would read garbage (a segfault was seen)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(int4_qparams, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(int4_qparams, "_compiled", None)
+    with FakeTensorMode():
+        weight = Int4WeightTensor.from_float(torch.randn(64, 256, dtype=torch.bfloat16), 64, "mse")
+    assert weight.shape == (64, 256) and weight.scale_and_zero.shape == (4, 64, 2)
+    w = torch.empty(32, 64, device="meta", dtype=torch.bfloat16)
+    meta = int4_qparams.mse_qparams(w, 32, *quantize_int4(w, 32))
+    assert meta[0].shape == (32, 64) and meta[0].device.type == "meta"
+    assert int4_qparams._compiled is None  # never compiled
