@@ -13,6 +13,7 @@ from .base import QuantizedWeight
 from .int4_tensor import GROUP_SIZES, Int4WeightTensor
 from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
 from .int8_tensor import Int8WeightTensor
+from .tensor_parallel import local_weight, quantize_dtensor
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -46,8 +47,10 @@ class Int8WeightOnlyConfig:
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
         return Int8WeightTensor.unsupported_reason(weight)
 
-    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        return Int8WeightTensor.from_float(weight)
+    scale_covers_row = True  # tensor parallel: a row-wise shard needs the whole row's amax
+
+    def quantize(self, weight: torch.Tensor, amax: torch.Tensor | None = None) -> QuantizedWeight:
+        return Int8WeightTensor.from_float(weight, amax)
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,10 @@ class Int8DynamicActivationInt8WeightConfig:
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
         return Int8DynamicActivationInt8WeightTensor.unsupported_reason(weight)
 
-    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        return Int8DynamicActivationInt8WeightTensor.from_float(weight)
+    scale_covers_row = True  # tensor parallel: a row-wise shard needs the whole row's amax
+
+    def quantize(self, weight: torch.Tensor, amax: torch.Tensor | None = None) -> QuantizedWeight:
+        return Int8DynamicActivationInt8WeightTensor.from_float(weight, amax)
 
 
 def _is_linear(module: nn.Module, fqn: str) -> bool:
@@ -100,17 +105,19 @@ def quantize_(
             continue
         module, fqn, _ = entries[0]
         weight = module.weight
-        if isinstance(weight, QuantizedWeight):
+        local = local_weight(weight)  # a DTensor (tensor parallel) is quantized shard by shard
+        if isinstance(local, QuantizedWeight):
             continue
         names = ", ".join(f for _, f, _ in entries)
         if not all(accepted for _, _, accepted in entries):
             skipped.append(f"{names} (shared with a module the filter rejects)")
             continue
-        reason = config.unsupported_reason(weight)
+        reason = config.unsupported_reason(local)
         if reason is not None:
             skipped.append(f"{names} ({reason})")
             continue
-        quantized = nn.Parameter(config.quantize(weight), requires_grad=False)
+        value = config.quantize(weight) if local is weight else quantize_dtensor(weight, config)
+        quantized = nn.Parameter(value, requires_grad=False)
         for module, _, _ in entries:
             module.weight = quantized
     if skipped:
