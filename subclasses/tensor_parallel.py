@@ -31,6 +31,7 @@ def _slice(func, args, kwargs):
         raise ValueError(f"{type(weight).__name__} can be sliced with step 1 only, got step={step}")
     start, end, _ = slice(start, end).indices(size)
     out = weight.narrow_shard(dim % 2, start, max(end - start, 0))
+    out.is_cut_copy = True  # copy_ into it raises: the write would be lost
     return return_and_correct_aliasing(func, args, kwargs, out)
 
 
@@ -40,6 +41,8 @@ def _split(func, args, kwargs):
     dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % 2
     size = weight.outer_shape[dim]
     out = [weight.narrow_shard(dim, start, min(split_size, size - start)) for start in range(0, size, split_size)]
+    for piece in out:
+        piece.is_cut_copy = True
     return return_and_correct_aliasing(func, args, kwargs, out)
 
 

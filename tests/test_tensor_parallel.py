@@ -61,6 +61,16 @@ def test_int4_cuts_keep_whole_groups_and_kernel_rows():
         weight[::2]
 
 
+def test_copy_into_a_cut_raises_instead_of_being_lost():
+    weight = quantized(torch.randn(64, 128, dtype=torch.bfloat16), "int8")
+    source = quantized(torch.randn(32, 128, dtype=torch.bfloat16), "int8")
+    with pytest.raises(ValueError, match="cannot copy into a cut"):
+        weight[:32].detach().copy_(source)  # what a distributed checkpoint at another TP degree does
+    piece = weight[:32].clone()  # a shard of its own (DTensor clones its chunk): a weight like any other
+    piece.copy_(source)
+    assert torch.equal(piece.dequantize(), source.dequantize())
+
+
 def test_check_plan_names_the_layer_and_sizes():
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
