@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tp is not None and args.tp < 2:
         parser.error(f"--tp must be at least 2 (TP=1 is always measured next to it), got {args.tp}")
+    if args.tp is not None and (args.json or args.plot or args.no_llm):
+        parser.error("--tp prints its own tables of the Qwen2 models; --json, --plot and --no-llm are for the main report")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads}")
     if args.only is not None:

@@ -24,13 +24,12 @@ from .base import FORMATS, QuantizedWeight, aten
 
 def _slice(func, args, kwargs):
     weight: QuantizedWeight = args[0]
-    dim, start, end, step = (list(args[1:]) + [0, None, None, 1][len(args) - 1:])[:4]
-    dim, start, end, step = kwargs.get("dim", dim), kwargs.get("start", start), kwargs.get("end", end), kwargs.get("step", step)
-    size = weight.outer_shape[dim]
+    given = {**dict(zip(("dim", "start", "end", "step"), args[1:])), **kwargs}
+    dim, step = given.get("dim", 0) % 2, given.get("step", 1)
     if step != 1:
         raise ValueError(f"{type(weight).__name__} can be sliced with step 1 only, got step={step}")
-    start, end, _ = slice(start, end).indices(size)
-    out = weight.narrow_shard(dim % 2, start, max(end - start, 0))
+    start, end, _ = slice(given.get("start"), given.get("end")).indices(weight.outer_shape[dim])
+    out = weight.narrow_shard(dim, start, max(end - start, 0))
     out.is_cut_copy = True  # copy_ into it raises: the write would be lost
     return return_and_correct_aliasing(func, args, kwargs, out)
 

@@ -246,3 +246,22 @@ def test_distributed_checkpoint_saves_and_loads_the_shards(ranks):
     for rank in ranks:
         assert rank["qwen2"]["loaded"]
         assert rank["qwen2"]["loaded_tokens"] == rank["qwen2"]["tokens1"]
+
+
+# --- the report (python -m perf --tp N) --------------------------------------------------------
+
+
+def test_tp_report_table_and_cli(monkeypatch, capsys):
+    import perf.tp
+    from perf.__main__ import parse_args
+
+    rows = [dict(variant="int4", bytes={1: 4 * 2**20, 2: 3 * 2**20},
+                 ms={"1 eager": 9.0, "1 compiled": 2.0, "2 eager": 30.0, "2 compiled": 3.0})]
+    monkeypatch.setattr(perf.tp, "run_ranks", lambda fn, world, *args, timeout: [rows, rows])
+    table = perf.tp.tp_report(2, ["Qwen2 tiny"], ["int4"], threads=2, quick=True, progress=lambda _: None)
+    assert "| int4 | 9.00 | 2.00 | 30.00 | 3.00 | 1.50 | 4.0 / 3.0 |" in table
+    assert "TP=1 runs alone with 2 thread(s), TP=2 with 1 per rank" in table
+    for argv, message in ((["--tp", "1"], "at least 2"), (["--tp", "2", "--json", "x"], "own tables")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
