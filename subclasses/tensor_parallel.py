@@ -1,10 +1,11 @@
 """Tensor parallelism: quantized weights as the local tensors of DTensors (``torch.distributed.tensor``).
 
 ``parallelize_module`` with ``ColwiseParallel`` / ``RowwiseParallel`` cuts each weight with
-``torch.chunk`` (``aten.split``) and, in ``F.linear`` on DTensors, runs ``aten.t`` then
-``aten.mm`` / ``aten.addmm`` on the local tensors. Every format gets those ops here: a cut is the
+``torch.chunk`` (``aten.split``), ``to_local()`` views it, and ``F.linear`` on DTensors reaches the
+local tensors as ``aten.linear`` (under ``inference_mode``) or decomposed into ``aten.t`` then
+``aten.mm`` / ``aten.addmm`` / ``aten.matmul``. Every format gets those ops here: a cut is the
 format's ``narrow_shard`` (whole groups and channels, else ValueError), ``t()`` is a
-``TransposedWeight`` that exists only until the ``mm`` that consumes it, and that ``mm`` is the
+``TransposedWeight`` that exists only until the product that consumes it, and every product is the
 format's own ``F.linear`` (its kernel). Nothing else of a format changes.
 """
 
@@ -48,7 +49,7 @@ def _split(func, args, kwargs):
 def _view(func, args, kwargs):
     # DTensor.to_local() returns local.view_as(local): the same shape is all a weight can be viewed as.
     weight: QuantizedWeight = args[0]
-    if tuple(args[1]) not in (tuple(weight.outer_shape), (-1, weight.outer_shape[1])):
+    if tuple(args[1]) != tuple(weight.outer_shape):
         raise NotImplementedError(f"{type(weight).__name__} of shape {tuple(weight.outer_shape)} cannot be viewed as {tuple(args[1])}")
     out = weight.rebuild([t.view(t.shape) for t in weight.inner_tensors()])
     return return_and_correct_aliasing(func, args, kwargs, out)
@@ -94,8 +95,9 @@ for _cls in FORMATS.values():
 
 class TransposedWeight(torch.Tensor):
     """``weight.t()`` of a quantized weight: shape [in_features, out_features], as DTensor's
-    ``F.linear`` decomposition asks for it. ``mm(x, w.t())`` and ``addmm(bias, x, w.t())`` call the
-    weight's own ``F.linear`` (its kernel); ``.t()`` gives the weight back. Nothing else is defined."""
+    ``F.linear`` decomposition asks for it. ``mm(x, w.t())``, ``matmul(x, w.t())`` and
+    ``addmm(bias, x, w.t())`` call the weight's own ``F.linear`` (its kernel); ``.t()`` gives the
+    weight back. Nothing else is defined."""
 
     weight: QuantizedWeight
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -123,19 +125,18 @@ class TransposedWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
-        if func in (aten.mm.default, aten.matmul.default):
-            x, wt = args
-            return _linear(x, wt.weight, None)
-        if func is aten.addmm.default and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1:
-            bias, x, wt = args
-            return _linear(x, wt.weight, bias)
+        if func in (aten.mm.default, aten.matmul.default) and type(args[1]) is cls and type(args[0]) is not cls:
+            return _linear(args[0], args[1].weight, None)
+        if (func is aten.addmm.default and type(args[2]) is cls and type(args[1]) is not cls
+                and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1):
+            return _linear(args[1], args[2].weight, args[0])
         if func is aten.t.default:  # an alias, not the weight itself: t() is a view
             return aten.alias.default(args[0].weight)
         if func in (aten.detach.default, aten.alias.default):
             return TransposedWeight(func(args[0].weight))
         raise NotImplementedError(
-            f"{cls.__name__} does not implement {func}: only "
-            "mm/addmm (a linear layer) are defined; call .dequantize() on the weight first"
+            f"{cls.__name__} does not implement {func}: only x @ w.t() (mm, matmul, addmm: a linear "
+            "layer) is defined; call .dequantize() on the weight first"
         )
 
 
