@@ -221,10 +221,13 @@ def parallelize(model: nn.Module, mesh: Any, plan: dict[str, Any]) -> nn.Module:
 
 
 def local_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the quantized weights this rank holds (the inner tensors of the local shards)."""
+    """Bytes of the quantized weights this rank holds (the inner tensors of the local shards),
+    wrapped or ``unwrap``ped; a weight shared by several modules counts once."""
+    seen: set[int] = set()
     total = 0
-    for param in model.parameters():  # each Parameter once (a tied one too)
-        local = local_weight(param)
-        if isinstance(local, QuantizedWeight):
+    for value in model.state_dict(keep_vars=True).values():
+        local = local_weight(value)
+        if isinstance(local, QuantizedWeight) and local.inner_tensors()[0].data_ptr() not in seen:
+            seen.add(local.inner_tensors()[0].data_ptr())
             total += sum(t.numel() * t.element_size() for t in local.inner_tensors())
     return total

@@ -175,6 +175,7 @@ def _qwen2_checks(mesh, checkpoint_dir: str) -> dict:
 
     unwrap(tp2)
     out["same_keys"] = list(tp2.state_dict()) == keys
+    out["bytes_unwrapped"] = local_weight_bytes(tp2)
     out["plain"] = sorted({type(p).__name__ for p in tp2.parameters()})
     out["plain_names"] = [n for n, _ in tp2.model.layers[0].self_attn.q_proj.named_parameters()]
     out["tokens2_compiled"] = Decoder(tp2, torch.compile(tp2, fullgraph=True)).generate(TOKENS)
@@ -237,7 +238,7 @@ def test_qwen2_tp2_generates_the_tp1_tokens_eager_and_compiled(ranks):
 
 def test_qwen2_each_rank_holds_half_the_quantized_bytes(ranks):
     for rank in ranks:
-        assert rank["qwen2"]["bytes"] * WORLD == rank["qwen2"]["full_bytes"]
+        assert rank["qwen2"]["bytes"] * WORLD == rank["qwen2"]["full_bytes"] == rank["qwen2"]["bytes_unwrapped"] * WORLD
 
 
 def test_qwen2_unwrapped_tp_registers_plain_local_tensors(ranks):
