@@ -29,9 +29,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", metavar="NAMES", help="comma-separated substrings of workload names to run "
                         "(e.g. 'W1,tiny'); names: " + ", ".join([*WORKLOADS, *LLMS]))
     parser.add_argument("--no-llm", action="store_true", help="skip the transformers models (Qwen2, SmolLM2)")
+    parser.add_argument("--tp", type=int, metavar="N", help="instead: the tensor-parallel report, decode ms/token of the "
+                        "Qwen2 models at TP=1 vs TP=N (N processes, gloo on CPU; needs transformers)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also write a bar chart PNG (needs matplotlib: the 'plot' extra)")
     args = parser.parse_args(argv)
+    if args.tp is not None and args.tp < 2:
+        parser.error(f"--tp must be at least 2 (TP=1 is always measured next to it), got {args.tp}")
+    if args.tp is not None and (args.json or args.plot or args.no_llm):
+        parser.error("--tp prints its own tables of the Qwen2 models; --json, --plot and --no-llm are for the main report")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads}")
     if args.only is not None:
@@ -65,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     fmts = ["int4", "int8"] if args.format == "all" else [args.format]
+    if args.tp is not None:
+        from .tp import tp_report
+
+        names = selected(LLMS[:1] if args.quick else LLMS, args.only)
+        print(tp_report(args.tp, names, fmts, threads=torch.get_num_threads(), quick=args.quick, progress=Progress()), end="")
+        return 0
     llm: list[str] = []
     if not args.no_llm:
         try:

@@ -11,6 +11,7 @@ from .quant_api import (
     QuantizeSummary,
     quantize_,
 )
+from . import tensor_parallel  # registers the ops DTensor needs on every format
 from .serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
 from .torchao_interop import (
     ConversionSummary,

@@ -131,11 +131,19 @@ def _map_inner(func, args, kwargs):
     """Apply ``func`` to every inner tensor; used for ops that keep the format as is."""
     weight = args[0]
     out = weight.rebuild([func(t, *args[1:], **kwargs) for t in weight.inner_tensors()])
+    if func is not aten.clone.default and getattr(weight, "is_cut_copy", False):  # a view of a cut (tensor_parallel)
+        out.is_cut_copy = True
     return return_and_correct_aliasing(func, args, kwargs, out)
 
 
 def _copy_(func, args, kwargs):
     dst, src = args[0], args[1]
+    if getattr(dst, "is_cut_copy", False):
+        raise ValueError(
+            f"cannot copy into a cut (slice) of a quantized weight, {dst!r}: a cut is a copy, the "
+            "weight would not change. A distributed checkpoint loads quantized shards only at the "
+            "tensor-parallel degree it was saved with"
+        )
     if type(src) is not type(dst):
         raise TypeError(
             f"cannot copy a {type(src).__name__} into a {type(dst).__name__}: load a checkpoint "

@@ -112,6 +112,31 @@ class Int4WeightTensor(QuantizedWeight):
         """The 4-bit codes q as uint8 [N, K], whatever the packing."""
         return _UNPACK[self.packing](self.packed)
 
+    def cut_error(self, dim: int, start: int, length: int) -> str | None:
+        """Why rows (dim 0) or input features (dim 1) ``[start, start + length)`` cannot be a
+        weight of their own, or None: input features are cut only at group boundaries, rows only
+        to a multiple of 16 (the kernel's out_features rule)."""
+        n, k = self.outer_shape
+        if dim == 1 and (start % self.group_size or length % self.group_size):
+            return (f"cannot cut the int4 weight of shape ({n}, {k}) at in_features [{start}, {start + length}): "
+                    f"every piece must hold whole groups of group_size={self.group_size}")
+        if dim == 0 and length % 16:
+            return (f"cannot cut the int4 weight of shape ({n}, {k}) at out_features [{start}, {start + length}): "
+                    f"every piece must hold a multiple of 16 rows for the int4 kernel")
+        return None
+
+    def narrow_shard(self, dim: int, start: int, length: int) -> "Int4WeightTensor":
+        """Rows (dim 0) or input features (dim 1) ``[start, start + length)`` as a weight of
+        their own, packed for its device, through the codes: the CPU packing interleaves blocks
+        of rows, so its bytes cannot be cut. ValueError where ``cut_error`` says why not."""
+        error = self.cut_error(dim, start, length)
+        if error is not None:
+            raise ValueError(error)
+        q = self.codes().narrow(dim, start, length)
+        groups = (start // self.group_size, length // self.group_size) if dim == 1 else (start, length)
+        scale_and_zero = self.scale_and_zero.narrow(1 - dim, *groups)  # [K/g, N, 2]: dims swapped
+        return Int4WeightTensor.from_codes(q.contiguous(), scale_and_zero.contiguous(), self.group_size, self.dtype)
+
     def dequantize(self) -> torch.Tensor:  # type: ignore[override]
         return dequantize_codes(self.codes(), self.scale_and_zero, self.group_size, self.dtype)
 

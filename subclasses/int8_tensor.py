@@ -49,21 +49,36 @@ class Int8WeightTensor(QuantizedWeight):
         return None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8WeightTensor":
-        """Quantize a high-precision [N, K] weight (arithmetic in the weight's dtype)."""
+    def from_float(cls, weight: torch.Tensor, amax: torch.Tensor | None = None) -> "Int8WeightTensor":
+        """Quantize a high-precision [N, K] weight (arithmetic in the weight's dtype). ``amax``
+        [N]: each row's absolute maximum when ``weight`` holds only some of each row's inputs
+        (a shard of a row-wise tensor-parallel weight), so the scale is the whole row's."""
         reason = cls.unsupported_reason(weight)
         if reason is not None:
             raise ValueError(reason)
-        qdata, scale = quantize_int8(weight.detach())
+        qdata, scale = quantize_int8(weight.detach(), amax)
         return cls(qdata, scale, tuple(weight.shape), weight.dtype)
+
+    def cut_error(self, dim: int, start: int, length: int) -> str | None:
+        """None: any cut is valid, the scale is per output channel."""
+        return None
+
+    def narrow_shard(self, dim: int, start: int, length: int) -> "Int8WeightTensor":
+        """Rows (dim 0, with their scales) or input features (dim 1, every scale) ``[start,
+        start + length)`` as a weight of their own (same class)."""
+        qdata = self.qdata.narrow(dim, start, length).contiguous()
+        scale = self.scale.narrow(0, start, length).contiguous() if dim == 0 else self.scale.clone()
+        return type(self)(qdata, scale, tuple(qdata.shape), self.dtype)
 
     def dequantize(self) -> torch.Tensor:  # type: ignore[override]
         return self.qdata.to(self.dtype) * self.scale.unsqueeze(1)
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns qdata int8 [N, K] and scale [N] in w's dtype."""
-    amax = torch.maximum(w.amin(dim=1).neg().clamp(min=0), w.amax(dim=1).clamp(min=0))
+def quantize_int8(w: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns qdata int8 [N, K] and scale [N] in w's dtype (``amax``:
+    the rows' absolute maxima if given, else w's own)."""
+    if amax is None:
+        amax = torch.maximum(w.amin(dim=1).neg().clamp(min=0), w.amax(dim=1).clamp(min=0))
     scale = (amax / 127.5).clamp(min=torch.finfo(torch.float32).eps)
     qdata = torch.round(w / scale.unsqueeze(1)).clamp(-128, 127).to(torch.int8)
     return qdata, scale

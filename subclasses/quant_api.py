@@ -16,6 +16,7 @@ from .int4_qparams import DEFAULT_QPARAMS_ALGORITHM, check_qparams_algorithm
 from .int4_tensor import GROUP_SIZES, Int4WeightTensor
 from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
 from .int8_tensor import Int8WeightTensor
+from .tensor_parallel import local_weight, quantize_dtensor
 
 FilterFn = Callable[[nn.Module, str], bool]
 logger = logging.getLogger("subclasses")
@@ -82,8 +83,10 @@ class Int8WeightOnlyConfig:
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
         return Int8WeightTensor.unsupported_reason(weight)
 
-    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        return Int8WeightTensor.from_float(weight)
+    scale_covers_row = True  # tensor parallel: a row-wise shard needs the whole row's amax
+
+    def quantize(self, weight: torch.Tensor, amax: torch.Tensor | None = None) -> QuantizedWeight:
+        return Int8WeightTensor.from_float(weight, amax)
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,10 @@ class Int8DynamicActivationInt8WeightConfig:
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
         return Int8DynamicActivationInt8WeightTensor.unsupported_reason(weight)
 
-    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        return Int8DynamicActivationInt8WeightTensor.from_float(weight)
+    scale_covers_row = True  # tensor parallel: a row-wise shard needs the whole row's amax
+
+    def quantize(self, weight: torch.Tensor, amax: torch.Tensor | None = None) -> QuantizedWeight:
+        return Int8DynamicActivationInt8WeightTensor.from_float(weight, amax)
 
 
 def _is_linear_or_embedding(module: nn.Module, fqn: str) -> bool:
@@ -188,18 +193,20 @@ def quantize_(
             continue
         module, fqn, _ = entries[0]
         weight = module.weight
-        if isinstance(weight, QuantizedWeight):
+        local = local_weight(weight)  # a DTensor (tensor parallel) is quantized shard by shard
+        if isinstance(local, QuantizedWeight):
             continue
         names = ", ".join(f for _, f, _ in entries)
         if not all(accepted for _, _, accepted in entries):
             skipped[names] = "shared with a module the filter rejects"
             continue
         strict_reason = getattr(config, "strict_reason", None)
-        reason = (strict_reason(weight) if strict and strict_reason else None) or config.unsupported_reason(weight)
+        reason = (strict_reason(local) if strict and strict_reason else None) or config.unsupported_reason(local)
         if reason is not None:
             skipped[names] = reason
             continue
-        quantized = nn.Parameter(config.quantize(weight), requires_grad=False)
+        value = config.quantize(weight) if local is weight else quantize_dtensor(weight, config)
+        quantized = nn.Parameter(value, requires_grad=False)
         for module, _, _ in entries:
             module.weight = quantized
         summary.quantized.setdefault(_label(quantized), []).append(names)

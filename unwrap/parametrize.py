@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from typing import Any, Callable
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .linear import declared_linear, torchao_style_constructor
-from .spec import SEPARATOR, DifferentiableRebuild, SubclassSpec, flatten_subclass, refresh_nested, untraceable_metadata
+from .spec import SEPARATOR, DifferentiableRebuild, Opaque, SubclassSpec, flatten_subclass, refresh_nested, untraceable_metadata
 
 
 class UnwrappedModule(nn.Module):
@@ -154,11 +155,25 @@ def _global(obj: Any) -> str:
     return key
 
 
+def _inner_source(value: "SubclassSpec | str | Opaque", name: str, store: str) -> str:
+    if isinstance(value, SubclassSpec):
+        return _rebuild_source(value, name, store)
+    if isinstance(value, Opaque):
+        return _global(value.value)
+    return f"{store}[{name + SEPARATOR + value!r}]"
+
+
 def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
-    sources = {
-        inner_name: _rebuild_source(value, name, store) if isinstance(value, SubclassSpec) else f"{store}[{name + SEPARATOR + value!r}]"
-        for inner_name, value in spec.inner.items()
-    }
+    if _is_dtensor(spec.subclass):
+        # Dynamo cannot trace DTensor's constructor (its __tensor_unflatten__), but traces
+        # DTensor.from_local: the local tensor (plain or ours) and the mesh, shape, stride as is.
+        placements = spec.meta[0]
+        return (
+            f"{_global(spec.subclass.from_local)}({_inner_source(spec.inner['_local_tensor'], name, store)}, "
+            f"{_inner_source(spec.inner['device_mesh'], name, store)}, {_global(placements)}, run_check=False, "
+            f"shape={tuple(spec.outer_size)!r}, stride={tuple(spec.outer_stride)!r})"
+        )
+    sources = {inner_name: _inner_source(value, name, store) for inner_name, value in spec.inner.items()}
     constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: _literal(v) or _global(v))
     if constructor is not None:
         return constructor
@@ -168,6 +183,11 @@ def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
         f"{_global(spec.subclass)}.__tensor_unflatten__({{{inner}}}, {meta}, "
         f"{tuple(spec.outer_size)!r}, {tuple(spec.outer_stride)!r})"
     )
+
+
+def _is_dtensor(cls: type) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # not imported: no tensor is a DTensor
+    return module is not None and issubclass(cls, module.DTensor)
 
 
 def _accessor_source(module: UnwrappedModule, name: str, signature: str, result: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,20 +14,29 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 SEPARATOR = "__"
 
 
+@dataclass(frozen=True, eq=False)
+class Opaque:
+    """A non-tensor that ``__tensor_flatten__`` lists among the inner tensors (DTensor's
+    ``device_mesh``): kept as is in the spec, not registered on the module."""
+
+    value: Any
+
+
 @dataclass(eq=False)
 class SubclassSpec:
     """How to rebuild one tensor subclass from plain tensors registered on its module(s).
 
     ``inner`` maps each name of ``__tensor_flatten__`` to a nested spec or to a plain tensor's
     path (``"packed"``, or ``"a__b"`` when nested); the plain tensor lives on the owning module as
-    ``f"{attribute}__{path}"``. One spec is shared by every module that shares the weight.
+    ``f"{attribute}__{path}"``, or to an ``Opaque`` non-tensor (DTensor's device mesh). One spec
+    is shared by every module that shares the weight.
     """
 
     subclass: type
     meta: Any
     outer_size: torch.Size
     outer_stride: tuple[int, ...]
-    inner: dict[str, "SubclassSpec | str"]
+    inner: dict[str, "SubclassSpec | str | Opaque"]
     requires_grad: bool = False
     # Eager cache: the last rebuilt subclass and the plain tensors it was built from.
     cached: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = field(default=None, repr=False)
@@ -34,12 +44,16 @@ class SubclassSpec:
     def paths(self) -> list[str]:
         out: list[str] = []
         for value in self.inner.values():
-            out.extend(value.paths() if isinstance(value, SubclassSpec) else [value])
+            if isinstance(value, SubclassSpec):
+                out.extend(value.paths())
+            elif not isinstance(value, Opaque):
+                out.append(value)
         return out
 
     def rebuild(self, plain: dict[str, torch.Tensor]) -> torch.Tensor:
         inner = {
-            name: value.rebuild(plain) if isinstance(value, SubclassSpec) else plain[value]
+            name: value.rebuild(plain) if isinstance(value, SubclassSpec)
+            else value.value if isinstance(value, Opaque) else plain[value]
             for name, value in self.inner.items()
         }
         return self.subclass.__tensor_unflatten__(inner, self.meta, self.outer_size, self.outer_stride)
@@ -48,12 +62,14 @@ class SubclassSpec:
 def flatten_subclass(tensor: torch.Tensor, prefix: str = "") -> tuple[SubclassSpec, dict[str, torch.Tensor]]:
     """Spec and plain tensors (by path) of a traceable wrapper subclass, recursively."""
     names, meta = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
-    inner: dict[str, SubclassSpec | str] = {}
+    inner: dict[str, SubclassSpec | str | Opaque] = {}
     plain: dict[str, torch.Tensor] = {}
     for name in names:
         value = getattr(tensor, name)
         path = f"{prefix}{name}"
-        if is_traceable_wrapper_subclass(value):
+        if not isinstance(value, torch.Tensor):
+            inner[name] = Opaque(value)
+        elif is_traceable_wrapper_subclass(value):
             inner[name], nested = flatten_subclass(value, path + SEPARATOR)
             plain.update(nested)
         else:
@@ -72,7 +88,10 @@ def untraceable_metadata(tensor: torch.Tensor) -> str | None:
     a constant, e.g. ``"a QuantizeTensorToInt8Kwargs"``; None when every value is one of
     ``_CONSTANT_TYPES`` or a tuple, list, dict or ``torch.Size`` of them."""
     names, meta = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
-    bad = _first_non_constant(meta)
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    # DTensor's metadata (placements, spec) is not made of constants, but unwrap rebuilds it with
+    # DTensor.from_local, which Dynamo traces: only its local tensor is checked
+    bad = None if dtensor is not None and isinstance(tensor, dtensor.DTensor) else _first_non_constant(meta)
     if bad is not None:
         return f"a {type(bad).__name__} in {type(tensor).__name__}'s metadata"
     for name in names:
