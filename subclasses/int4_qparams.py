@@ -28,7 +28,10 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse")
-DEFAULT_QPARAMS_ALGORITHM = "mse"
+# "tinygemm" until the "mse" search is deterministic: its compiled path (taken once a process has
+# searched 2^23 elements eagerly) and its eager path can round differently, so quantizing the same
+# weight twice in one process could give different codes (found by tests/subclasses/test_hf.py).
+DEFAULT_QPARAMS_ALGORITHM = "tinygemm"
 # Chosen on 28 of SmolLM2-135M's real weight matrices: squared weight error relative to min-max at g64,
 # 4 candidates + 2 refinements 0.70, 11 + 2: 0.695, 6 + 4: 0.70, 1 + 2: 0.80 (g128: 0.78, 0.775, 0.77, 0.87).
 MSE_CANDIDATES = (-0.5, 0.0, 0.5, 1.0)

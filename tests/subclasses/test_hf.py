@@ -58,7 +58,7 @@ def load(path, **kwargs):
 def quantized_after_load(bf16_dir, fmt):
     model = load(bf16_dir)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every layer quantized, the tied vocabulary matrix once
+        warnings.simplefilter("error", UserWarning)  # every layer quantized, the tied vocabulary matrix once
         quantize_(model, FORMATS[fmt][0])
     assert isinstance(model.lm_head.weight, QuantizedWeight) and model.lm_head.weight is model.model.embed_tokens.weight
     return model

@@ -139,7 +139,7 @@ def test_a_failing_compile_warns_and_runs_eagerly(monkeypatch):
 
 
 def test_config_default_and_bad_algorithm():
-    assert Int4WeightOnlyConfig().qparams_algorithm == "mse"
+    assert Int4WeightOnlyConfig().qparams_algorithm == "tinygemm"  # "mse" is opt-in, see int4_qparams
     with pytest.raises(ValueError, match="qparams_algorithm must be one of .*got 'hqq'"):
         Int4WeightOnlyConfig(qparams_algorithm="hqq")
     with pytest.raises(ValueError, match="qparams_algorithm"):
@@ -156,7 +156,7 @@ def _model(dtype: torch.dtype = torch.bfloat16) -> nn.Module:
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_mse_weights_round_trip_through_checkpoints_and_unwrap(tmp_path, suffix):
-    model = quantize_(_model(), Int4WeightOnlyConfig(group_size=64))
+    model = quantize_(_model(), Int4WeightOnlyConfig(group_size=64, qparams_algorithm="mse"))
     reference = quantize_(_model(), Int4WeightOnlyConfig(group_size=64, qparams_algorithm="tinygemm"))
     assert not torch.equal(model[0].weight.codes(), reference[0].weight.codes())  # "mse" did choose
     x = torch.randn(3, 256, dtype=torch.bfloat16)

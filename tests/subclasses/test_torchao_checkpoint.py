@@ -80,7 +80,7 @@ def test_safetensors_tile_packed_checkpoint_loads_into_ours_on_cpu(tmp_path):
     state = {"0.weight": tile_packed_like_torchao(bf16[0].weight.detach(), 128), "0.bias": bf16[0].bias.detach(),
              "2.weight": tile_packed_like_torchao(bf16[2].weight.detach(), 128)}
     tensors, metadata = save_torchao_safetensors(state, tmp_path / "m.safetensors")
-    ours = quantize_(bf16_model(), Int4WeightOnlyConfig(group_size=128))
+    ours = quantize_(bf16_model(), Int4WeightOnlyConfig(group_size=128, qparams_algorithm="tinygemm"))
     expected = copy.deepcopy(ours)  # our quantization of the same weights: the same tinygemm math
     ours.load_state_dict(load_torchao_state_dict(tensors, metadata))
     for i in (0, 2):
