@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .base import QuantizedWeight
 from .int4_qparams import DEFAULT_QPARAMS_ALGORITHM, check_qparams_algorithm
@@ -132,19 +133,27 @@ class QuantizeSummary:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (a quantized weight: its inner tensors), each storage once."""
+    """Bytes of every parameter and buffer (a tensor subclass — ours, a DTensor shard — counted by its
+    plain inner tensors), each storage once."""
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        parts = tensor.inner_tensors() if isinstance(tensor, QuantizedWeight) else [tensor]
-        for part in parts:
+        for part in _plain_parts(tensor):
             if part.device.type == "meta":
                 continue
-            key = part.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += part.untyped_storage().nbytes()
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
     return total
+
+
+def _plain_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    if not is_traceable_wrapper_subclass(tensor):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+    inner = [getattr(tensor, name) for name in names]
+    return [part for t in inner if isinstance(t, torch.Tensor) for part in _plain_parts(t)]
 
 
 def _label(weight: QuantizedWeight) -> str:

@@ -14,21 +14,27 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 CONFIGS = {"int4": Int4WeightOnlyConfig(group_size=32), "int8": Int8WeightOnlyConfig()}
 
 
-def quantized_qwen2(fmt):
+def quantized_qwen2(fmt, filter_fn=None):
     model = build_qwen2(TINY)
-    with pytest.warns(UserWarning, match=r"model.embed_tokens.weight, lm_head.weight \(shared"):
-        quantize_(model, CONFIGS[fmt])
+    quantize_(model, CONFIGS[fmt], filter_fn)
     return model
 
 
-def test_tied_embedding_stays_one_shared_bf16_weight_with_a_warning():
+def test_tied_embedding_is_quantized_once_and_stays_tied():
     model = quantized_qwen2("int4")
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert type(model.lm_head.weight) is torch.nn.Parameter and model.lm_head.weight.dtype == torch.bfloat16
+    assert type(model.lm_head.weight) is Int4WeightTensor
     assert type(model.model.layers[0].mlp.up_proj.weight) is Int4WeightTensor
     unwrap(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert sum(p.numel() for p in model.parameters() if p.dim() == 2 and p.shape[0] == 256) == 256 * 64
+    assert not any(name.startswith("lm_head") for name, _ in model.named_parameters())  # listed once
+
+
+def test_linears_only_filter_keeps_the_tied_embedding_shared_in_bf16_with_a_warning():
+    with pytest.warns(UserWarning, match=r"model.embed_tokens.weight, lm_head.weight \(shared"):
+        model = quantized_qwen2("int4", lambda module, fqn: isinstance(module, torch.nn.Linear))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert type(model.lm_head.weight) is torch.nn.Parameter and model.lm_head.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("fmt", sorted(CONFIGS))

@@ -129,6 +129,7 @@ def test_a_failing_compile_warns_and_runs_eagerly(monkeypatch):
 
     w = torch.randn(32, 256, dtype=torch.bfloat16)
     q, scale, zero = quantize_int4(w, 32, "tinygemm")
+    monkeypatch.setattr(int4_qparams, "_eager_numel", 0)  # the eager path, whatever ran before
     eager = int4_qparams.mse_qparams(w, 32, q, scale, zero)
     monkeypatch.setattr(int4_qparams, "COMPILE_MIN_NUMEL", 0)
     monkeypatch.setattr(int4_qparams, "_compiled", broken)
