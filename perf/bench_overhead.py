@@ -47,17 +47,27 @@ def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant:
     """The body of every case: time ``variant`` with ``benchmark``, then against the floor
     interleaved; returns (and stores in ``benchmark.extra_info``) the numbers named above."""
     with torch.inference_mode():
-        ours, guards = prepared(workload, fmt, variant, mode)
-        floor, floor_guards = prepared(workload, fmt, "floor", mode)
-        benchmark(ours)
-        times = interleaved_min_us({"floor": floor, "ours": ours}, repeats=rounds, number=number)
+        ours, floor = prepared(workload, fmt, variant, mode), prepared(workload, fmt, "floor", mode)
+    layers = sum(1 for _ in _variants(workload, fmt)[0]["floor"].children())
+    return time_against_floor(benchmark, ours, floor, layers, rounds=rounds, number=number)
+
+
+def time_against_floor(benchmark: Callable[..., object], ours: tuple[Callable[[], object], int | None],
+                       floor: tuple[Callable[[], object], int | None], layers: int,
+                       *, rounds: int, number: int) -> dict[str, object]:
+    """Time the prepared ``ours`` (runner, guards) with ``benchmark``, then interleaved with the
+    prepared ``floor``; the ``extra_info`` numbers (also returned)."""
+    (ours_fn, guards), (floor_fn, floor_guards) = ours, floor
+    with torch.inference_mode():
+        benchmark(ours_fn)
+        times = interleaved_min_us({"floor": floor_fn, "ours": ours_fn}, repeats=rounds, number=number)
     info = {
         "floor_us": times["floor"],
         "ours_us": times["ours"],
         "ratio_to_floor": times["ours"] / times["floor"],
         "guards": guards,
         "floor_guards": floor_guards,
-        "layers": sum(1 for _ in _variants(workload, fmt)[0]["floor"].children()),
+        "layers": layers,
     }
     benchmark.extra_info.update(info)
     return info

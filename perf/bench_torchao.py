@@ -21,8 +21,8 @@ import pytest
 import torch
 from torch import nn
 
+from perf.bench_overhead import time_against_floor
 from perf.modes import prepare, torchao_available, torchao_model
-from perf.report import interleaved_min_us
 from perf.workloads import CONFIGS, WORKLOADS, floor_model
 
 VARIANTS = ("floor", "ours unwrapped", "torchao", "torchao unwrapped", "torchao converted")
@@ -69,20 +69,9 @@ def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant:
              *, rounds: int = ROUNDS, number: int = 200) -> dict[str, object]:
     """Time ``variant`` with ``benchmark``, then against the floor interleaved (as bench_overhead)."""
     with torch.inference_mode():
-        ours, guards = prepared(workload, fmt, variant, mode)
-        floor, floor_guards = prepared(workload, fmt, "floor", mode)
-        benchmark(ours)
-        times = interleaved_min_us({"floor": floor, "ours": ours}, repeats=rounds, number=number)
-    info = {
-        "floor_us": times["floor"],
-        "ours_us": times["ours"],
-        "ratio_to_floor": times["ours"] / times["floor"],
-        "guards": guards,
-        "floor_guards": floor_guards,
-        "layers": sum(1 for _ in cached_variants(workload, fmt)[0]["floor"].children()),
-    }
-    benchmark.extra_info.update(info)
-    return info
+        ours, floor = prepared(workload, fmt, variant, mode), prepared(workload, fmt, "floor", mode)
+    layers = sum(1 for _ in cached_variants(workload, fmt)[0]["floor"].children())
+    return time_against_floor(benchmark, ours, floor, layers, rounds=rounds, number=number)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

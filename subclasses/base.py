@@ -253,6 +253,25 @@ def linear_with_input_grad(x: torch.Tensor, weight: QuantizedWeight, bias: torch
     return add_bias(out, bias)
 
 
+def quantized_embedding(lookup: Callable[[torch.Tensor, Any], torch.Tensor]) -> FunctionImpl:
+    """``F.embedding`` for a format, from ``lookup(rows, weight)``: the high-precision rows of
+    ``weight`` at the int64 indices ``rows`` [T], as [T, K] (dequantizing only those rows)."""
+
+    def embedding(
+        ids: torch.Tensor,
+        weight: QuantizedWeight,
+        padding_idx: int | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        scale_grad_by_freq: bool = False,
+        sparse: bool = False,
+    ) -> torch.Tensor:
+        check_embedding(ids, weight, max_norm)
+        return lookup(ids.reshape(-1).long(), weight).view(*ids.shape, weight.outer_shape[1])
+
+    return embedding
+
+
 def check_embedding(ids: torch.Tensor, weight: QuantizedWeight, max_norm: float | None) -> None:
     """Reject, before any lookup, what ``F.embedding(ids, weight)`` cannot do on a quantized weight.
     (``padding_idx``, ``scale_grad_by_freq`` and ``sparse`` only shape the weight's gradient, and

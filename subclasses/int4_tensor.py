@@ -15,7 +15,7 @@ from .base import (
     as_linear_output,
     aten,
     check_activation,
-    check_embedding,
+    quantized_embedding,
     linear_with_input_grad,
     target_dtype_device,
 )
@@ -181,21 +181,11 @@ def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | 
     return as_linear_output(out, x, bias)
 
 
-def int4_embedding(
-    ids: torch.Tensor,
-    weight: Int4WeightTensor,
-    padding_idx: int | None = None,
-    max_norm: float | None = None,
-    norm_type: float = 2.0,
-    scale_grad_by_freq: bool = False,
-    sparse: bool = False,
-) -> torch.Tensor:
-    """``F.embedding``: gathers the looked-up rows' codes and dequantizes only those rows."""
-    check_embedding(ids, weight, max_norm)
+def int4_embedding_rows(rows: torch.Tensor, weight: Int4WeightTensor) -> torch.Tensor:
+    """The rows ``rows`` of the weight, [T, K]: gathers their codes, dequantizes only those rows."""
     n, k = weight.outer_shape
     if weight.packing == Packing.CUDA_TINYGEMM:  # an int32 tile layout: no cheap row gather
-        return F.embedding(ids, weight.dequantize())
-    rows = ids.reshape(-1).long()
+        return F.embedding(rows, weight.dequantize())
     # index_select bounds-checks the ids (eager and inductor) before the gather reads bytes
     scale_and_zero = weight.scale_and_zero.index_select(1, rows).transpose(0, 1)  # [T, K/g, 2]
     if weight.packing == Packing.CPU:
@@ -203,8 +193,7 @@ def int4_embedding(
     else:
         codes = unpack_canonical(weight.packed.index_select(0, rows))
     groups = codes.view(-1, k // weight.group_size, weight.group_size)
-    out = affine_dequantize(groups, scale_and_zero[..., :1], scale_and_zero[..., 1:], weight.outer_dtype)
-    return out.view(*ids.shape, k)
+    return affine_dequantize(groups, scale_and_zero[..., :1], scale_and_zero[..., 1:], weight.outer_dtype).view(-1, k)
 
 
 def _to_copy(func, args, kwargs):
@@ -220,5 +209,5 @@ def _to_copy(func, args, kwargs):
 
 
 Int4WeightTensor.function_table[F.linear] = int4_linear
-Int4WeightTensor.function_table[F.embedding] = int4_embedding
+Int4WeightTensor.function_table[F.embedding] = quantized_embedding(int4_embedding_rows)
 Int4WeightTensor.dispatch_table[aten._to_copy.default] = _to_copy

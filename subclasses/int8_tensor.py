@@ -13,7 +13,7 @@ from .base import (
     as_linear_output,
     aten,
     check_activation,
-    check_embedding,
+    quantized_embedding,
     linear_with_input_grad,
     target_dtype_device,
 )
@@ -104,20 +104,9 @@ def int8_linear(x: torch.Tensor, weight: Int8WeightTensor, bias: torch.Tensor | 
     return as_linear_output(out, x, bias)
 
 
-def int8_embedding(
-    ids: torch.Tensor,
-    weight: Int8WeightTensor,
-    padding_idx: int | None = None,
-    max_norm: float | None = None,
-    norm_type: float = 2.0,
-    scale_grad_by_freq: bool = False,
-    sparse: bool = False,
-) -> torch.Tensor:
-    """``F.embedding``: gathers the looked-up rows' codes and scales, dequantizes only those rows."""
-    check_embedding(ids, weight, max_norm)
-    rows = ids.reshape(-1).long()
-    out = weight.qdata.index_select(0, rows).to(weight.outer_dtype) * weight.scale.index_select(0, rows).unsqueeze(1)
-    return out.view(*ids.shape, weight.outer_shape[1])
+def int8_embedding_rows(rows: torch.Tensor, weight: Int8WeightTensor) -> torch.Tensor:
+    """The rows ``rows`` of the weight, [T, K]: gathers their codes and scales, dequantizes those rows."""
+    return weight.qdata.index_select(0, rows).to(weight.outer_dtype) * weight.scale.index_select(0, rows).unsqueeze(1)
 
 
 def _to_copy(func, args, kwargs):
@@ -131,5 +120,5 @@ def _to_copy(func, args, kwargs):
 
 
 Int8WeightTensor.function_table[F.linear] = int8_linear
-Int8WeightTensor.function_table[F.embedding] = int8_embedding
+Int8WeightTensor.function_table[F.embedding] = quantized_embedding(int8_embedding_rows)
 Int8WeightTensor.dispatch_table[aten._to_copy.default] = _to_copy
