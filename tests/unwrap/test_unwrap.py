@@ -419,9 +419,9 @@ def recipe_model():
 
 def test_unwrapping_non_constant_metadata_would_break_fullgraph(monkeypatch):
     """Why the rule exists: forced through, unwrap turns a model that compiles into one that does not."""
-    from unwrap import parametrize
+    from unwrap import register
 
-    monkeypatch.setattr(parametrize, "untraceable_metadata", lambda tensor: None)
+    monkeypatch.setattr(register, "untraceable_metadata", lambda tensor: None)
     model = unwrap(recipe_model())
     with pytest.raises(Exception, match="proxy"), torch.no_grad():
         torch.compile(model, fullgraph=True, backend="aot_eager")(torch.randn(3, 8))

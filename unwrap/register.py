@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
 from typing import Any, Callable
@@ -11,8 +10,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .linear import declared_linear, torchao_style_constructor
-from .spec import SEPARATOR, DifferentiableRebuild, Opaque, SubclassSpec, flatten_subclass, refresh_nested, untraceable_metadata
+from . import codegen
+from .linear import declared_linear
+from .spec import SEPARATOR, DifferentiableRebuild, SubclassSpec, flatten_subclass, refresh_nested, untraceable_metadata
 
 
 class UnwrappedModule(nn.Module):
@@ -131,97 +131,7 @@ def _eager_get(module: UnwrappedModule, name: str) -> torch.Tensor:
     return value
 
 
-# Globals of the generated getters: classes and non-literal metadata they refer to.
-_GENERATED_GLOBALS: dict[str, Any] = {
-    "torch": torch,
-    "is_compiling": torch.compiler.is_compiling,
-    "_eager_get": _eager_get,
-}
-
-
-def _literal(value: Any) -> str | None:
-    """Python source that evaluates to ``value`` (ints, strs, tuples, dtypes...), or None."""
-    text = repr(value)
-    try:
-        same = eval(text, {"torch": torch})  # noqa: S307 - our own repr of constants
-        return text if type(same) is type(value) and same == value else None
-    except Exception:
-        return None
-
-
-def _global(obj: Any) -> str:
-    key = f"_g{id(obj)}"
-    _GENERATED_GLOBALS[key] = obj
-    return key
-
-
-def _inner_source(value: "SubclassSpec | str | Opaque", name: str, store: str) -> str:
-    if isinstance(value, SubclassSpec):
-        return _rebuild_source(value, name, store)
-    if isinstance(value, Opaque):
-        return _global(value.value)
-    return f"{store}[{name + SEPARATOR + value!r}]"
-
-
-def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
-    if _is_dtensor(spec.subclass):
-        # Dynamo cannot trace DTensor's constructor (its __tensor_unflatten__), but traces
-        # DTensor.from_local: the local tensor (plain or ours) and the mesh, shape, stride as is.
-        placements = spec.meta[0]
-        return (
-            f"{_global(spec.subclass.from_local)}({_inner_source(spec.inner['_local_tensor'], name, store)}, "
-            f"{_inner_source(spec.inner['device_mesh'], name, store)}, {_global(placements)}, run_check=False, "
-            f"shape={tuple(spec.outer_size)!r}, stride={tuple(spec.outer_stride)!r})"
-        )
-    sources = {inner_name: _inner_source(value, name, store) for inner_name, value in spec.inner.items()}
-    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: _literal(v) or _global(v))
-    if constructor is not None:
-        return constructor
-    inner = ", ".join(f"{inner_name!r}: {source}" for inner_name, source in sources.items())
-    meta = _literal(spec.meta) or _global(spec.meta)
-    return (
-        f"{_global(spec.subclass)}.__tensor_unflatten__({{{inner}}}, {meta}, "
-        f"{tuple(spec.outer_size)!r}, {tuple(spec.outer_stride)!r})"
-    )
-
-
-def _is_dtensor(cls: type) -> bool:
-    module = sys.modules.get("torch.distributed.tensor")  # not imported: no tensor is a DTensor
-    return module is not None and issubclass(cls, module.DTensor)
-
-
-def _accessor_source(module: UnwrappedModule, name: str, signature: str, result: str) -> str:
-    """Source of a function returning ``result`` (``{}``: the subclass ``name``). Under
-    torch.compile it rebuilds the subclass from the plain tensors with the metadata written in as
-    literals; in eager it returns the cached subclass while each plain tensor it was built from is
-    still registered (in-place changes show through), else ``_eager_get`` rebuilds it."""
-    store = "_parameters" if module._unwrapped_kind[name] == "parameter" else "_buffers"
-    spec = module._unwrapped[name]
-    lines = [
-        f"def {signature}:",
-        "    if is_compiling():",
-        f"        plain = self.{store}",
-        f"        return {result.format(_rebuild_source(spec, name, 'plain'))}",
-    ]
-    held = " and ".join(f"plain[{name + SEPARATOR + path!r}] is held[{i}]" for i, path in enumerate(spec.paths()))
-    lines += [
-        f"    cached = self._unwrapped[{name!r}].cached",  # not a global: that would outlive the module
-        # a subclass that requires grad is rebuilt differentiably whenever grad mode is on
-        f"    if cached is not None{' and not torch.is_grad_enabled()' if spec.requires_grad else ''}:",
-        "        value, held = cached",
-        f"        plain = self.{store}",
-        f"        if {held}:",
-        f"            return {result.format('value')}",
-    ]
-    lines.append(f"    return {result.format(f'_eager_get(self, {name!r})')}")
-    return "\n".join(lines) + "\n"
-
-
-def _generate(module: UnwrappedModule, source: str, function: str) -> Callable:
-    namespace: dict[str, Any] = {}
-    filename = f"<unwrap {type(module).__name__}.{function}>"
-    exec(compile(source, filename, "exec"), _GENERATED_GLOBALS, namespace)
-    return namespace[function]
+codegen.GLOBALS["eager_get"] = _eager_get
 
 
 def _install_accessors(module: UnwrappedModule) -> None:
@@ -233,19 +143,37 @@ def _install_accessors(module: UnwrappedModule) -> None:
     guards nothing about them; the module's type is what it guards (one check it makes anyway).
     That is safe because new metadata always come with a new class (``_refresh_class``)."""
     cls = type(module)
-    for name in module._unwrapped:
-        getter = _generate(module, _accessor_source(module, name, "get(self)", "{}"), "get")
-        doc = f"The tensor subclass `{name}`, rebuilt from its plain tensors."
-        setattr(cls, name, property(getter, _setter(name), doc=doc))
+    owners: list[str] = []
+    for name, spec in module._unwrapped.items():
+        store = _store_name(module, name)
+        fields = {
+            "function": "get",
+            "doc": f"The tensor subclass `{name}`, rebuilt from its plain tensors.",
+            "store": store,
+            "name": name,
+            "rebuild": codegen.rebuild_source(spec, name, "plain", owners),
+            **codegen.cache_fields(spec, name),
+        }
+        getter = codegen.define(cls, codegen.GETTER, fields, owners)
+        setattr(cls, name, property(getter, _setter(name), doc=fields["doc"]))
     spec = module._unwrapped.get("weight")
     linear = declared_linear(spec.subclass) if spec is not None else None
-    if module._original_class.forward is nn.Linear.forward and linear is not None:
+    if spec is not None and linear is not None and module._original_class.forward is nn.Linear.forward:
         # Reading the weight here, not through the property, also spares Dynamo a guard per
         # layer on the property's getter; eager skips the __torch_function__ round trip.
         # nn.Linear keeps its bias in _parameters; reading it there spares nn.Module.__getattr__.
-        bias = "self._parameters['bias']" if "bias" in module._parameters else "self.bias"
-        result = f"{_global(linear)}(input, {{}}, {bias})"
-        cls.forward = _generate(module, _accessor_source(module, "weight", "forward(self, input)", result), "forward")
+        fields = {
+            "store": _store_name(module, "weight"),
+            "linear": codegen.global_name(linear, owners),
+            "rebuild": codegen.rebuild_source(spec, "weight", "plain", owners),
+            "bias": "self._parameters['bias']" if "bias" in module._parameters else "self.bias",
+            **codegen.cache_fields(spec, "weight"),
+        }
+        cls.forward = codegen.define(cls, codegen.LINEAR_FORWARD, fields, owners)
+
+
+def _store_name(module: UnwrappedModule, name: str) -> str:
+    return "_parameters" if module._unwrapped_kind[name] == "parameter" else "_buffers"
 
 
 def _refresh_class(module: UnwrappedModule) -> None:
