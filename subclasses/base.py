@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, ClassVar
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from . import portable
+from .checks import FLOAT_DTYPES, weight_reason  # noqa: F401 - re-exported for the formats
 
 aten = torch.ops.aten
 
@@ -19,66 +23,86 @@ FORMATS: dict[str, type["QuantizedWeight"]] = {}
 class QuantizedWeight(torch.Tensor):
     """A traceable wrapper subclass for a quantized weight of shape [out_features, in_features].
 
-    Subclasses declare ``tensor_data_names`` (inner plain tensors) and ``tensor_attribute_names``
-    (constant metadata: ints, strs, dtypes). The constructor is always
-    ``cls(*inner_tensors, *attributes, shape, dtype)`` where ``shape``/``dtype`` describe the
-    high-precision weight; ``__tensor_flatten__``/``__tensor_unflatten__`` are derived from that.
+    A format declares ``tensor_data_names`` (inner plain tensors) and ``tensor_attribute_names``
+    (constant metadata: ints, strs, dtypes) and a typed constructor taking them in that order,
+    then the high-precision weight's ``shape`` and ``dtype``:
+    ``Format(*inner_tensors, *attributes, shape, dtype)``, positionally or by name. Its
+    ``__init__`` stores them and calls ``QuantizedWeight.__init__(self, shape, dtype)``.
+    ``__tensor_flatten__``/``__tensor_unflatten__`` are derived from the declarations.
 
     ``__torch_function__`` looks ``func`` up in the class's ``function_table`` (``F.linear`` goes
     straight to the kernel); everything else runs through ``__torch_dispatch__`` and its
     ``dispatch_table``. An aten op in neither raises NotImplementedError.
+
+    Checkpoints (see ``portable``): a format says what it stores with ``portable()``,
+    ``localized()`` and ``portable_inner_shapes()``; nothing outside its file knows its layout.
     """
 
     tensor_data_names: ClassVar[tuple[str, ...]] = ()
     tensor_attribute_names: ClassVar[tuple[str, ...]] = ()
     function_table: ClassVar[dict[Any, FunctionImpl]] = {}
     dispatch_table: ClassVar[dict[Any, DispatchImpl]] = {}
+    # The high-precision shape and dtype. Plain attributes on purpose: .shape/.dtype of a
+    # subclass go through __torch_function__ (~1.3 us each), and the eager hot path reads these.
+    outer_shape: tuple[int, ...]
+    outer_dtype: torch.dtype
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Each format gets its own tables, seeded with the shared ops.
         cls.function_table = dict(cls.function_table)
         cls.dispatch_table = dict(cls.dispatch_table)
+        # Dynamo and AOTAutograd flatten every subclass input on every compiled call: one C-level
+        # getter of the declared attributes, the constructor's tail.
+        cls._flatten_meta = operator.attrgetter(*cls.tensor_attribute_names, "outer_shape", "outer_dtype")
         # Loadable with torch.load(weights_only=True); __setstate__ validates what it is given.
         FORMATS[cls.__name__] = cls
         torch.serialization.add_safe_globals([cls])
 
+    @staticmethod
+    def __new__(cls, *args: Any, **kwargs: Any) -> "QuantizedWeight":
+        # The constructor is (*inner_tensors, *attributes, shape, dtype), positional or by name.
+        shape = kwargs["shape"] if "shape" in kwargs else args[-2]
+        dtype = kwargs["dtype"] if "dtype" in kwargs else args[-1]
+        first = args[0] if args else kwargs[cls.tensor_data_names[0]]
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=first.device, requires_grad=False)
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.outer_shape, self.outer_dtype = tuple(shape), dtype
+
+    def take_fields(self, other: "QuantizedWeight") -> None:
+        """Become ``other`` (same class): torch.load builds a bare wrapper, then its state."""
+        for name in (*self.tensor_data_names, *self.tensor_attribute_names, "outer_shape", "outer_dtype"):
+            setattr(self, name, getattr(other, name))
+
     def __reduce_ex__(self, proto: int) -> tuple:
         # Pickle the portable form (canonical int4 packing), never the local kernel's layout.
-        from .serialization import reduce_weight
-
-        return reduce_weight(self)
+        return portable.reduce_weight(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # torch.load: validate the portable form and pack it for this machine's kernel.
-        from .serialization import restore_state
+        portable.restore_state(self, state)
 
-        restore_state(self, state)
+    def portable(self) -> "QuantizedWeight":
+        """This weight in the form a checkpoint stores; a format whose inner tensors depend on
+        the machine (int4's CPU packing) returns a portable copy."""
+        return self
 
-    @staticmethod
-    def __new__(cls, *args: Any) -> "QuantizedWeight":
-        first = args[0]
-        shape, dtype = args[-2], args[-1]
-        return torch.Tensor._make_wrapper_subclass(
-            cls, shape, dtype=dtype, device=first.device, requires_grad=False
-        )
+    def localized(self) -> "QuantizedWeight":
+        """This weight in the form its device's kernel takes (undoes ``portable``)."""
+        return self
 
-    def __init__(self, *args: Any) -> None:
-        n = len(self.tensor_data_names)
-        for name, value in zip(self.tensor_data_names, args[:n]):
-            setattr(self, name, value)
-        for name, value in zip(self.tensor_attribute_names, args[n:-2]):
-            setattr(self, name, value)
-        # Dynamo calls __tensor_flatten__ on every compiled call to guard on the metadata,
-        # so it returns objects built once here instead of assembling them per call.
-        self._flat_names = list(self.tensor_data_names)
-        self._flat_meta = tuple(args[n:])
-        # Tensor properties (.dtype, .device) of a subclass go through __torch_function__
-        # (~1.3 us each); the hot path reads this plain attribute instead.
-        self.outer_shape, self.outer_dtype = args[-2], args[-1]
+    @classmethod
+    def portable_inner_shapes(
+        cls, shape: tuple[int, int], dtype: torch.dtype, attributes: dict[str, Any]
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The (shape, dtype) each inner tensor of a checkpoint must have, for a weight of this
+        ``shape``/``dtype`` and these ``attributes``; ValueError naming the attribute's rule if
+        one is invalid. Every format implements it: loading validates checkpoints with it."""
+        raise NotImplementedError(f"{cls.__name__} does not declare its portable_inner_shapes")
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple]:
-        return self._flat_names, self._flat_meta
+        return list(self.tensor_data_names), self._flatten_meta(self)
 
     @classmethod
     def __tensor_unflatten__(
@@ -91,11 +115,12 @@ class QuantizedWeight(torch.Tensor):
 
     def attributes(self) -> tuple:
         """The constant metadata, followed by the outer shape and dtype (the constructor's tail)."""
-        return self._flat_meta
+        return self._flatten_meta(self)
 
     def rebuild(self, tensors: list[torch.Tensor], *, dtype: torch.dtype | None = None) -> "QuantizedWeight":
-        meta = self._flat_meta if dtype is None else (*self._flat_meta[:-1], dtype)
-        return type(self)(*tensors, *meta)
+        """The same weight with other inner tensors (and ``dtype``, if given)."""
+        meta = self.attributes()
+        return type(self)(*tensors, *(meta if dtype is None else (*meta[:-1], dtype)))
 
     def dequantize(self) -> torch.Tensor:  # type: ignore[override]
         """The high-precision weight: original shape and dtype."""
@@ -167,9 +192,6 @@ QuantizedWeight.dispatch_table = {
     aten.clone.default: _map_inner,
     aten.copy_.default: _copy_,
 }
-
-
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_activation(x: torch.Tensor, weight: QuantizedWeight) -> None:

@@ -43,7 +43,8 @@ from .quant_api import (
     Int8WeightOnlyConfig,
     WeightConfig,
 )
-from .serialization import QUANTIZED_KEY, SEPARATOR, _parse_entry, build, flatten_state_dict
+from .portable import build
+from .serialization import QUANTIZED_KEY, SEPARATOR, _parse_entry, flatten_state_dict
 
 QUANT_METHOD = "unwrap"
 # UnwrapConfig.weight -> the quantize_ config it stands for

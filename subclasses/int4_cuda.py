@@ -19,14 +19,11 @@ original report).
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 
-from .base import as_kernel_input, as_linear_output, linear_with_input_grad
-
-if TYPE_CHECKING:
-    from .int4_tensor import Int4WeightTensor
+from .base import as_kernel_input, as_linear_output
+from .int4_packing import dense, pack_canonical
 
 N_TILE = 8  # rows of the weight per packed tile (kNTileSizeTensor)
 K_TILE = 16  # input features per k-tile (kKTileSize)
@@ -75,20 +72,7 @@ def pack_tinygemm(q: torch.Tensor) -> torch.Tensor:
     """Codes q [N, K] in 0..15 -> the CUDA kernel's int32 layout, on q's (CUDA) device."""
     n, k = q.shape
     tiles = check_tinygemm_shape(n, k)
-    return torch._convert_weight_to_int4pack(canonical_bytes(q), tiles)
-
-
-def canonical_bytes(q: torch.Tensor) -> torch.Tensor:
-    """``int4_packing.pack_canonical(q)``, contiguous. Written without Python indexing and
-    ``.contiguous()``, which fail on fake CUDA tensors in a CPU-only build (where tests run this)."""
-    n, k = q.shape
-    high, low = q.to(torch.uint8).reshape(n, k // 2, 2).unbind(-1)
-    return _dense((high << 4) | low)
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """``t.contiguous()`` by way of ``clone`` (same result; also runs on fake CUDA tensors)."""
-    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
+    return torch._convert_weight_to_int4pack(pack_canonical(q), tiles)
 
 
 # The layout, written out (checked on CPU against a loop transcribed from the CUDA packing kernel,
@@ -104,11 +88,12 @@ def _codes_as_lanes(q: torch.Tensor, tiles: int) -> torch.Tensor:
 
 
 def pack_tinygemm_reference(q: torch.Tensor) -> torch.Tensor:
-    """Pure-torch equivalent of ``pack_tinygemm`` on any device (little-endian int32)."""
+    """Pure-torch equivalent of ``pack_tinygemm`` on any device (little-endian int32): what
+    ``to_torchao`` packs with on a machine without CUDA."""
     n, k = q.shape
     nibbles = _codes_as_lanes(q.to(torch.uint8), check_tinygemm_shape(n, k))
     low, high = nibbles.unflatten(-1, (4, 2)).unbind(-1)  # byte i holds nibble 2i (low), 2i+1 (high)
-    return _dense(low | (high << 4)).view(torch.int32).squeeze(-1)
+    return dense(low | (high << 4)).view(torch.int32).squeeze(-1)
 
 
 def unpack_tinygemm(packed: torch.Tensor) -> torch.Tensor:
@@ -116,34 +101,33 @@ def unpack_tinygemm(packed: torch.Tensor) -> torch.Tensor:
     tile_n, tile_k, lanes, half_tiles = packed.shape
     tiles = half_tiles * 2
     n, k = tile_n * N_TILE, tile_k * tiles * K_TILE
-    data = _dense(packed).view(torch.uint8).view(tile_n, tile_k, lanes, half_tiles, 4)
+    data = dense(packed).view(torch.uint8).view(tile_n, tile_k, lanes, half_tiles, 4)
     nibbles = torch.stack([data & 15, data >> 4], dim=-1).reshape(tile_n, tile_k, lanes, half_tiles, 8)
     v = nibbles.reshape(tile_n, tile_k, N_TILE, 4, half_tiles, 2, 2, 2)  # tile_n, tile_k, r, c, j, e, a, b
     v = v.permute(0, 2, 1, 4, 6, 7, 3, 5)  # -> tile_n, r, tile_k, j, a, b, c, e
     return v.reshape(n, k)
 
 
-def tinygemm_linear(x: torch.Tensor, weight: "Int4WeightTensor", bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` for a weight in the CUDA tinygemm packing (``check_activation`` already ran).
+def tinygemm_linear(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear`` for an int4 weight in the CUDA tinygemm packing (``check_activation`` ran, no
+    gradient is needed).
 
     The kernel is bf16-only: fp16/fp32 weights (and so activations) are computed in bf16 — x and
     ``scale_and_zero`` are cast per call and the result cast back. Keep the model in bf16 for speed.
     """
     if not x.is_cuda:
         raise ValueError(
-            f"activation on {x.device} but the int4 weight is packed for CUDA ({weight.packed.device}); "
+            f"activation on {x.device} but the int4 weight is packed for CUDA ({packed.device}); "
             "move the input to the weight's device"
         )
-    if x.requires_grad and torch.is_grad_enabled():
-        return linear_with_input_grad(x, weight, bias)
     x2d = as_kernel_input(x)
     if x2d.shape[0] == 0:  # the kernel would launch an empty grid
-        return as_linear_output(x2d.new_empty((0, weight.packed.shape[0] * N_TILE)), x, bias)
+        return as_linear_output(x2d.new_empty((0, packed.shape[0] * N_TILE)), x, bias)
     if x.dtype == torch.bfloat16:
-        out = torch._weight_int4pack_mm(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
+        out = torch._weight_int4pack_mm(x2d, packed, group_size, scale_and_zero)
     else:
-        scale_and_zero = weight.scale_and_zero.to(torch.bfloat16)
-        out = torch._weight_int4pack_mm(x2d.to(torch.bfloat16), weight.packed, weight.group_size, scale_and_zero)
+        out = torch._weight_int4pack_mm(x2d.to(torch.bfloat16), packed, group_size, scale_and_zero.to(torch.bfloat16))
         out = out.to(x.dtype)
     return as_linear_output(out, x, bias)
-

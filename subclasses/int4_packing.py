@@ -1,4 +1,5 @@
-"""Int4 byte layouts: the canonical (portable) form and the CPU kernel's ISA-dependent form.
+"""Int4 byte layouts (the canonical, portable form and the CPU kernel's ISA-dependent form) and
+the affine math of dequantization.
 
 Canonical: uint8 [N, K/2], byte = q[:, 2i] << 4 | q[:, 2i+1] (the CUDA tinygemm input convention).
 
@@ -23,10 +24,21 @@ CPU_LAYOUTS: dict[str, tuple[int, str]] = {
 }
 
 
+EPS = 1e-6  # the smallest scale a group gets (a constant group would divide by zero)
+
+
 def pack_canonical(q: torch.Tensor) -> torch.Tensor:
-    """int [N, K] in 0..15 -> canonical uint8 [N, K/2]."""
-    q = q.to(torch.uint8)
-    return (q[:, ::2] << 4) | q[:, 1::2]
+    """int [N, K] in 0..15 -> canonical uint8 [N, K/2], contiguous. Written without Python
+    indexing and ``.contiguous()``, which fail on fake CUDA tensors in a CPU-only build (where the
+    CUDA packing's tests run this)."""
+    n, k = q.shape
+    high, low = q.to(torch.uint8).reshape(n, k // 2, 2).unbind(-1)
+    return dense((high << 4) | low)
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()`` by way of ``clone`` (same result; also runs on fake CUDA tensors)."""
+    return t if t.is_contiguous() else t.clone(memory_format=torch.contiguous_format)
 
 
 def unpack_canonical(packed: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,12 @@ crossover measured on the project's CPU; ``perf/crossover.py`` re-measures it.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .int4_packing import affine_dequantize, dequantize_codes, traced_cpu_layout, unpack_cpu
-
-if TYPE_CHECKING:
-    from .int4_tensor import Int4WeightTensor
 
 # Crossover by shape class, measured with ``python -m perf.crossover`` (2 threads, bf16,
 # group_size 128, the project's 2-core AVX512/AMX Xeon, torch 2.13, eager with the compiled
@@ -156,19 +153,19 @@ def _(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, gro
     return x2d.new_empty(x2d.shape[0], n)
 
 
-def int4_prefill_mm(x2d: torch.Tensor, weight: "Int4WeightTensor") -> torch.Tensor:
-    """``x2d @ weight^T`` for x2d [M, K] (CPU packing): the int4 kernel up to the weight's crossover,
-    dequantize + GEMM above it.
+def int4_prefill_mm(
+    x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int
+) -> torch.Tensor:
+    """``x2d @ W^T`` for x2d [M, K] and an [n, k] int4 weight in the CPU packing: the int4 kernel
+    up to the weight's crossover, dequantize + GEMM above it.
 
     Traced with a symbolic M (``dynamic=True``, a recompile after a second batch size,
     ``mark_dynamic``/``mark_unbacked``, export with dynamic dims) the choice is one opaque op
     decided at run time: a Python branch would guard on M and split prompt lengths into one graph
     per side of every crossover. With a static M the chosen path is traced into the graph (the
-    dequantize fused by inductor). Sizes come from the weight's metadata (ints), never from the
-    inner tensors, whose sizes may be symbolic under ``dynamic=True`` and export.
+    dequantize fused by inductor). ``n``, ``k`` are the weight's metadata (ints), never the
+    inner tensors' sizes, which may be symbolic under ``dynamic=True`` and export.
     """
-    n, k = weight.outer_shape
-    packed, scale_and_zero, group_size = weight.packed, weight.scale_and_zero, weight.group_size
     m, rows = x2d.shape[0], crossover_rows(n, k)
     # statically_known_true installs no guard: a symbolic M answers False to both.
     if statically_known_true(m <= rows):

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from .int4_packing import EPS
+
 QPARAMS_ALGORITHMS = ("tinygemm", "mse")
 # "tinygemm" until the "mse" search is deterministic: its compiled path (taken once a process has
 # searched 2^23 elements eagerly) and its eager path can round differently, so quantizing the same
@@ -98,7 +100,7 @@ def _mse_chunk(
         s = best[1]
         _fit(xc, 1 / torch.where(s > 0, s, 1.0), best[2], best)
     # stored: w ~ (q - 8) * scale + zero, zero = mean + scale * (8 - qbar), refit to the rounded scale
-    scale = torch.clamp(best[1].to(w.dtype), min=1e-6)
+    scale = torch.clamp(best[1].to(w.dtype), min=EPS)
     scale32 = scale.to(torch.float32)
     zero = (mean + scale32 * (8 - best[2])).to(w.dtype)
     q = torch.clamp(torch.round((x - zero.to(torch.float32)) / scale32 + 8), 0, 15).to(torch.uint8)

@@ -9,7 +9,6 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from .base import (
-    FLOAT_DTYPES,
     QuantizedWeight,
     as_kernel_input,
     as_linear_output,
@@ -18,14 +17,35 @@ from .base import (
     quantized_embedding,
     linear_with_input_grad,
     target_dtype_device,
+    weight_reason,
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
-from .int4_packing import affine_dequantize, dequantize_codes, gather_cpu_rows, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
+from .int4_packing import (
+    EPS,
+    affine_dequantize,
+    dequantize_codes,
+    gather_cpu_rows,
+    pack_canonical,
+    pack_cpu,
+    unpack_canonical,
+    unpack_cpu,
+)
 from .int4_qparams import check_qparams_algorithm, mse_qparams
 from .int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
 
 GROUP_SIZES = (32, 64, 128, 256)
-EPS = 1e-6
+ROWS_MULTIPLE = 16  # the kernels' out_features rule
+
+
+def shape_reason(n: int, k: int, group_size: int) -> str | None:
+    """Why an [n, k] weight cannot be int4 with ``group_size``, or None: the one place of the rule."""
+    if group_size not in GROUP_SIZES:
+        return f"group_size must be one of {GROUP_SIZES}, got {group_size!r}"
+    if n % ROWS_MULTIPLE:
+        return f"out_features={n} must be a multiple of {ROWS_MULTIPLE} for the int4 kernel"
+    if k % group_size:
+        return f"in_features={k} must be divisible by group_size={group_size}"
+    return None
 
 
 class Packing:
@@ -64,24 +84,50 @@ class Int4WeightTensor(QuantizedWeight):
 
     tensor_data_names = ("packed", "scale_and_zero")
     tensor_attribute_names = ("group_size", "packing")
-    packed: torch.Tensor
-    scale_and_zero: torch.Tensor
-    group_size: int
-    packing: str
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        scale_and_zero: torch.Tensor,
+        group_size: int,
+        packing: str,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__(shape, dtype)
+        self.packed, self.scale_and_zero = packed, scale_and_zero
+        self.group_size, self.packing = group_size, packing
 
     @classmethod
     def unsupported_reason(cls, weight: torch.Tensor, group_size: int) -> str | None:
         """Why ``weight`` cannot be quantized with ``group_size``, or None if it can."""
-        if weight.dim() != 2:
-            return f"weight must be 2-D, got shape {tuple(weight.shape)}"
-        if weight.dtype not in FLOAT_DTYPES:
-            return f"weight dtype must be one of {FLOAT_DTYPES}, got {weight.dtype}"
-        n, k = weight.shape
-        if n % 16:
-            return f"out_features={n} must be a multiple of 16 for the int4 kernel"
-        if k % group_size:
-            return f"in_features={k} must be divisible by group_size={group_size}"
-        return None
+        return weight_reason(weight) or shape_reason(*weight.shape, group_size)
+
+    def portable(self) -> "Int4WeightTensor":
+        """In the canonical packing (``int4_packing.pack_canonical``; also runs on fake CUDA)."""
+        if self.packing == Packing.CANONICAL:
+            return self
+        return Int4WeightTensor(
+            pack_canonical(self.codes()), self.scale_and_zero, self.group_size, Packing.CANONICAL, self.outer_shape, self.outer_dtype
+        )
+
+    def localized(self) -> "Int4WeightTensor":
+        """Packed for its device's kernel (the local CPU layout on CPU)."""
+        if self.packing == packing_for(self.device):
+            return self
+        return Int4WeightTensor.from_codes(self.codes(), self.scale_and_zero, self.group_size, self.outer_dtype)
+
+    @classmethod
+    def portable_inner_shapes(
+        cls, shape: tuple[int, int], dtype: torch.dtype, attributes: dict
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        (n, k), group_size, packing = shape, attributes["group_size"], attributes["packing"]
+        reason = shape_reason(n, k, group_size)
+        if reason is not None:
+            raise ValueError(f"int4 checkpoint of shape {shape}: {reason}")
+        if packing != Packing.CANONICAL:
+            raise ValueError(f"int4 checkpoints store packing {Packing.CANONICAL!r}, got {packing!r}")
+        return {"packed": ((n, k // 2), torch.uint8), "scale_and_zero": ((k // group_size, n, 2), dtype)}
 
     @classmethod
     def from_float(
@@ -89,8 +135,6 @@ class Int4WeightTensor(QuantizedWeight):
     ) -> "Int4WeightTensor":
         """Quantize a high-precision [N, K] weight; ``qparams_algorithm`` chooses scales and zeros
         ("tinygemm": torchao's min-max math, in the weight's dtype; "mse": see int4_qparams)."""
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
         check_qparams_algorithm(qparams_algorithm)
         reason = cls.unsupported_reason(weight, group_size)
         if reason is not None:
@@ -120,9 +164,9 @@ class Int4WeightTensor(QuantizedWeight):
         if dim == 1 and (start % self.group_size or length % self.group_size):
             return (f"cannot cut the int4 weight of shape ({n}, {k}) at in_features [{start}, {start + length}): "
                     f"every piece must hold whole groups of group_size={self.group_size}")
-        if dim == 0 and length % 16:
+        if dim == 0 and length % ROWS_MULTIPLE:
             return (f"cannot cut the int4 weight of shape ({n}, {k}) at out_features [{start}, {start + length}): "
-                    f"every piece must hold a multiple of 16 rows for the int4 kernel")
+                    f"every piece must hold a multiple of {ROWS_MULTIPLE} rows for the int4 kernel")
         return None
 
     def narrow_shard(self, dim: int, start: int, length: int) -> "Int4WeightTensor":
@@ -162,12 +206,12 @@ def quantize_int4(
 
 def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     check_activation(x, weight)
-    if weight.packing != Packing.CPU:  # no kernel here (an activation elsewhere: the kernel says so)
-        if weight.packing == Packing.CUDA_TINYGEMM:
-            return tinygemm_linear(x, weight, bias)
-        return F.linear(x, weight.dequantize(), bias)
     if x.requires_grad and torch.is_grad_enabled():
         return linear_with_input_grad(x, weight, bias)
+    if weight.packing != Packing.CPU:  # no kernel here (an activation elsewhere: the kernel says so)
+        if weight.packing == Packing.CUDA_TINYGEMM:
+            return tinygemm_linear(x, weight.packed, weight.group_size, weight.scale_and_zero, bias)
+        return F.linear(x, weight.dequantize(), bias)
     # decode (M = 1; K > 1, so contiguous means unit stride): nothing but the kernel.
     # guard_or_false: a dynamic (even unbacked) M goes on below.
     if x.dim() == 2 and bias is None and x.is_contiguous() and guard_or_false(x.shape[0] == 1):
@@ -176,7 +220,8 @@ def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | 
     # prefill: kernel or dequantize + GEMM by the crossover. Compiled, M may be dynamic (even
     # unbacked): no Python comparison on it; int4_prefill_mm decides inside the graph.
     if torch.compiler.is_compiling() or x2d.shape[0] > PREFILL_MIN_ROWS:
-        return as_linear_output(int4_prefill_mm(x2d, weight), x, bias)
+        out = int4_prefill_mm(x2d, weight.packed, weight.scale_and_zero, weight.group_size, *weight.outer_shape)
+        return as_linear_output(out, x, bias)
     out = torch._weight_int4pack_mm_for_cpu(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
     return as_linear_output(out, x, bias)
 

@@ -11,24 +11,20 @@ one-row product into a single fused reduction reading the int8 weight once (gpt-
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from .base import add_bias
 
-if TYPE_CHECKING:
-    from .int8_tensor import Int8WeightTensor
 
+def int8_cuda_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for an int8 weight (codes ``qdata`` [N, K], ``scale`` [N]) on a GPU
+    (``check_activation`` already ran: x has the weight's dtype).
 
-def int8_cuda_linear(x: torch.Tensor, weight: "Int8WeightTensor", bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` for an int8 weight on a GPU (``check_activation`` already ran).
-
-    fp16 activations take ``F.linear(x, weight.dequantize())``: the unscaled ``x @ q.T`` grows
+    fp16 activations take ``F.linear`` with the dequantized weight: the unscaled ``x @ q.T`` grows
     like 127 * |x| * sqrt(K) and would overflow fp16 (max 65504) on real activations.
     """
     if x.dtype == torch.float16:
-        return F.linear(x, weight.dequantize(), bias)
-    out = F.linear(x, weight.qdata.to(x.dtype)) * weight.scale
+        return F.linear(x, qdata.to(x.dtype) * scale.unsqueeze(1), bias)
+    out = F.linear(x, qdata.to(x.dtype)) * scale
     return add_bias(out, bias)

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from .base import (
-    FLOAT_DTYPES,
     QuantizedWeight,
     as_kernel_input,
     as_linear_output,
@@ -16,6 +15,7 @@ from .base import (
     quantized_embedding,
     linear_with_input_grad,
     target_dtype_device,
+    weight_reason,
 )
 from .int8_cuda import int8_cuda_linear
 
@@ -36,17 +36,22 @@ class Int8WeightTensor(QuantizedWeight):
 
     tensor_data_names = ("qdata", "scale")
     tensor_attribute_names = ()
-    qdata: torch.Tensor
-    scale: torch.Tensor
+
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> None:
+        super().__init__(shape, dtype)
+        self.qdata, self.scale = qdata, scale
 
     @classmethod
     def unsupported_reason(cls, weight: torch.Tensor) -> str | None:
         """Why ``weight`` cannot be quantized, or None if it can."""
-        if weight.dim() != 2:
-            return f"weight must be 2-D, got shape {tuple(weight.shape)}"
-        if weight.dtype not in FLOAT_DTYPES:
-            return f"weight dtype must be one of {FLOAT_DTYPES}, got {weight.dtype}"
-        return None
+        return weight_reason(weight)
+
+    @classmethod
+    def portable_inner_shapes(
+        cls, shape: tuple[int, int], dtype: torch.dtype, attributes: dict
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, k = shape
+        return {"qdata": ((n, k), torch.int8), "scale": ((n,), dtype)}
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, amax: torch.Tensor | None = None) -> "Int8WeightTensor":
@@ -88,7 +93,7 @@ def int8_linear(x: torch.Tensor, weight: Int8WeightTensor, bias: torch.Tensor | 
     check_activation(x, weight)
     if not weight.qdata.is_cpu:
         if weight.qdata.is_cuda:
-            return int8_cuda_linear(x, weight, bias)
+            return int8_cuda_linear(x, weight.qdata, weight.scale, bias)
         return F.linear(x, weight.dequantize(), bias)
     if x.requires_grad and torch.is_grad_enabled():
         return linear_with_input_grad(x, weight, bias)

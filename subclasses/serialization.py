@@ -1,13 +1,13 @@
 """Checkpoints of quantized weights: one portable form for torch.save and for safetensors.
 
-A quantized weight is written in its *portable* form: its inner tensors and metadata, with int4
-codes in the canonical packing (``int4_packing.pack_canonical``), never in the CPU kernel's
+A quantized weight is written in its *portable* form (each format's ``portable()``): its inner
+tensors and metadata, e.g. int4 codes in the canonical packing, never in the CPU kernel's
 ISA-dependent layout. Loading validates that form against the weight's shape and dtype and packs
 it for the kernel of the device it lands on, so a checkpoint written on one machine gives the same
 outputs on any other.
 
 - ``torch.save``: ``QuantizedWeight.__reduce_ex__`` pickles ``(wrapper args, portable state)``
-  through torch's own rebuild functions; ``__setstate__`` validates and repacks. Every format is
+  through torch's own rebuild functions; ``__setstate__`` validates and repacks (``portable``). Every format is
   registered with ``torch.serialization.add_safe_globals`` when its class is defined, so
   ``torch.load(..., weights_only=True)`` loads it and executes no other code.
 - safetensors: ``flatten_state_dict`` / ``unflatten_state_dict`` (the torchao / Hugging Face
@@ -25,147 +25,13 @@ from typing import Any
 import torch
 
 from .base import FLOAT_DTYPES, FORMATS, QuantizedWeight
-from .int4_cuda import canonical_bytes
-from .int4_tensor import GROUP_SIZES, Int4WeightTensor, Packing, packing_for
-from .int8_tensor import Int8WeightTensor
+from .portable import FORMAT_VERSION, build, check_version, portable_state
 
-FORMAT_VERSION = 1
 # safetensors metadata keys (values are strings, as safetensors requires)
 VERSION_KEY = "unwrap_format_version"
 QUANTIZED_KEY = "unwrap_quantized"
 SEPARATOR = ":"  # "{key}:{inner}" cannot clash with a state_dict key, which joins names with "."
 _DTYPES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
-
-
-def portable(weight: QuantizedWeight) -> QuantizedWeight:
-    """``weight`` in the form a checkpoint stores: int4 in the canonical packing, others as is."""
-    if isinstance(weight, Int4WeightTensor) and weight.packing != Packing.CANONICAL:
-        packed = canonical_bytes(weight.codes())  # = int4_packing.pack_canonical; also runs on fake CUDA
-        return Int4WeightTensor(
-            packed, weight.scale_and_zero, weight.group_size, Packing.CANONICAL, tuple(weight.shape), weight.dtype
-        )
-    return weight
-
-
-def localized(weight: QuantizedWeight) -> QuantizedWeight:
-    """``weight`` in the form its device's kernel takes (int4 on CPU: the local CPU packing)."""
-    if isinstance(weight, Int4WeightTensor) and weight.packing != packing_for(weight.device):
-        return Int4WeightTensor.from_codes(weight.codes(), weight.scale_and_zero, weight.group_size, weight.dtype)
-    return weight
-
-
-def portable_state(weight: QuantizedWeight) -> dict[str, Any]:
-    """The pickled state of ``weight``: format version, portable inner tensors and attributes."""
-    form = portable(weight)
-    state: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "tensors": dict(zip(form.tensor_data_names, form.inner_tensors())),
-        "attributes": dict(zip(form.tensor_attribute_names, form.attributes()[: len(form.tensor_attribute_names)])),
-    }
-    if weight.__dict__.get("_is_param"):
-        state["parameter"] = True  # an nn.Parameter of a wrapper subclass is the subclass + this flag
-    return state
-
-
-def reduce_weight(weight: QuantizedWeight) -> tuple:
-    """``__reduce_ex__`` of a quantized weight: torch's allowlisted rebuild functions only."""
-    wrapper_args = (
-        type(weight), weight.dtype, tuple(weight.size()), weight.stride(), weight.storage_offset(),
-        weight.layout, weight.device, weight.requires_grad,
-    )  # fmt: skip
-    return (
-        torch._tensor._rebuild_from_type_v2,
-        (torch._utils._rebuild_wrapper_subclass, type(weight), wrapper_args, portable_state(weight)),
-    )
-
-
-def restore_state(weight: QuantizedWeight, state: Any) -> None:
-    """``__setstate__``: fill the bare wrapper torch.load made from a validated, localized state."""
-    cls = type(weight)
-    where = f"{cls.__name__} of shape {tuple(weight.shape)}"
-    if not isinstance(state, dict) or not {"format_version", "tensors", "attributes"} <= state.keys():
-        raise ValueError(f"{where}: corrupt checkpoint state (expected a dict with format_version, tensors, attributes)")
-    _check_version(state["format_version"], where)
-    built = build(cls, state["tensors"], state["attributes"], tuple(weight.shape), weight.dtype, where)
-    if built.device != weight.device:
-        raise ValueError(f"{where}: inner tensors were loaded on {built.device} but the weight on {weight.device}")
-    QuantizedWeight.__init__(weight, *built.inner_tensors(), *built.attributes())
-    if state.get("parameter"):
-        weight._is_param = True
-
-
-def build(
-    cls: type[QuantizedWeight],
-    tensors: dict[str, torch.Tensor],
-    attributes: dict[str, Any],
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    where: str,
-) -> QuantizedWeight:
-    """A ``cls`` weight from its portable form, validated and packed for its device's kernel.
-
-    ``where`` names the weight in errors (the state_dict key when known). Raises ValueError if
-    the names, shapes, dtypes or devices of the inner tensors or the attributes do not match.
-    """
-    if not isinstance(tensors, dict) or set(tensors) != set(cls.tensor_data_names):
-        got = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
-        raise ValueError(f"{where}: {cls.__name__} needs inner tensors {list(cls.tensor_data_names)}, got {got}")
-    if not isinstance(attributes, dict) or set(attributes) != set(cls.tensor_attribute_names):
-        got = sorted(attributes) if isinstance(attributes, dict) else type(attributes).__name__
-        raise ValueError(f"{where}: {cls.__name__} needs attributes {list(cls.tensor_attribute_names)}, got {got}")
-    if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape) or dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{where}: a quantized weight needs a 2-D shape and a dtype in {FLOAT_DTYPES}, got {shape}, {dtype}")
-    for name, (want_shape, want_dtype) in _expected_inner(cls, shape, dtype, attributes, where).items():
-        t = tensors[name]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want_shape or t.dtype != want_dtype:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{where}: inner tensor {name!r} must be {want_shape} {want_dtype}, got {got}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(f"{where}: inner tensors are on different devices {sorted(map(str, devices))}")
-    inner = [_aligned(tensors[name]) for name in cls.tensor_data_names]
-    attrs = [attributes[name] for name in cls.tensor_attribute_names]
-    return localized(cls(*inner, *attrs, shape, dtype))
-
-
-# torch's allocators align to at least this; a memory-mapped file (transformers reads safetensors
-# that way) does not, and the CPU int8 kernel segfaults on qdata 8 bytes off (torch 2.13, M > 1).
-_ALIGNMENT = 64
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a contiguous copy of it when it is not contiguous or not aligned as the kernels need."""
-    if t.is_contiguous() and (t.device.type == "meta" or t.data_ptr() % _ALIGNMENT == 0):
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _expected_inner(
-    cls: type, shape: tuple[int, ...], dtype: torch.dtype, attributes: dict[str, Any], where: str
-) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Each portable inner tensor's (shape, dtype); checks the attributes on the way."""
-    n, k = shape
-    if cls is Int4WeightTensor:
-        group_size, packing = attributes["group_size"], attributes["packing"]
-        if group_size not in GROUP_SIZES or k % group_size or n % 16:
-            raise ValueError(
-                f"{where}: int4 needs group_size in {GROUP_SIZES} dividing in_features and out_features % 16 == 0, "
-                f"got group_size={group_size!r}, shape={shape}"
-            )
-        if packing != Packing.CANONICAL:
-            raise ValueError(f"{where}: int4 checkpoints store packing {Packing.CANONICAL!r}, got {packing!r}")
-        return {"packed": ((n, k // 2), torch.uint8), "scale_and_zero": ((k // group_size, n, 2), dtype)}
-    if issubclass(cls, Int8WeightTensor):  # int8 dynamic too
-        return {"qdata": ((n, k), torch.int8), "scale": ((n,), dtype)}
-    return {}  # a format without a rule here: names are checked, shapes are the class's business
-
-
-def _check_version(version: Any, where: str) -> None:
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{where}: checkpoint format version {version!r}, this version of unwrap reads {FORMAT_VERSION}; "
-            "save it again with a matching version"
-        )
 
 
 def flatten_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -220,7 +86,7 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     metadata = metadata or {}
     if VERSION_KEY not in metadata and QUANTIZED_KEY not in metadata:
         return dict(tensors)
-    _check_version(_parse_version(metadata.get(VERSION_KEY)), "safetensors metadata")
+    check_version(_parse_version(metadata.get(VERSION_KEY)), "safetensors metadata")
     try:
         quantized = json.loads(metadata[QUANTIZED_KEY])
     except (KeyError, json.JSONDecodeError) as error:

@@ -10,7 +10,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, Int8WeightTensor, Packing, quantize_
 from subclasses.int4_cuda import (
-    canonical_bytes,
     check_tinygemm_shape,
     inner_k_tiles_for,
     pack_tinygemm_reference,
@@ -55,7 +54,7 @@ def convert_like_cuda_kernel(canonical: torch.Tensor, inner_k_tiles: int) -> tor
 @pytest.mark.parametrize("n,k", [(8, 32), (16, 64), (16, 96), (24, 128), (8, 384), (16, 256)])
 def test_layout_matches_the_cuda_packing_kernel(n, k):
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    assert torch.equal(canonical_bytes(q), pack_canonical(q))
+    assert torch.equal(pack_canonical(q), (q[:, ::2] << 4) | q[:, 1::2])  # byte = even code << 4 | odd code
     expected = convert_like_cuda_kernel(pack_canonical(q), inner_k_tiles_for(k))
     packed = pack_tinygemm_reference(q)
     assert packed.dtype == torch.int32 and packed.shape == tinygemm_packed_shape(n, k)
@@ -231,7 +230,7 @@ def test_unwrapped_model_to_meta():
 def test_int8_cuda_formula_matches_dequantize_reference(dtype):
     w = Int8WeightTensor.from_float(torch.randn(96, 200, dtype=dtype))
     x, bias = torch.randn(2, 3, 200, dtype=dtype), torch.randn(96, dtype=dtype)
-    out = int8_cuda_linear(x, w, bias)
+    out = int8_cuda_linear(x, w.qdata, w.scale, bias)
     assert out.dtype == dtype and out.shape == (2, 3, 96)
     assert sqnr(F.linear(x, w.dequantize(), bias), out) > 40
 
@@ -239,7 +238,7 @@ def test_int8_cuda_formula_matches_dequantize_reference(dtype):
 def test_int8_cuda_formula_in_fp16_scales_the_weight_first():
     w = Int8WeightTensor.from_float(torch.randn(64, 4096, dtype=torch.float16) * 0.02)
     x = torch.full((1, 4096), 30.0, dtype=torch.float16)  # x @ q.T alone would overflow fp16
-    out = int8_cuda_linear(x, w, None)
+    out = int8_cuda_linear(x, w.qdata, w.scale, None)
     assert torch.isfinite(out).all()
     assert torch.equal(out, F.linear(x, w.dequantize()))
 
