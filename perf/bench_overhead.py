@@ -18,13 +18,13 @@ from typing import Callable
 import pytest
 import torch
 
-from perf.cuda import CUDA_MODES, cuda_available, cuda_time_us, cuda_variants, prepare_cuda, synchronized
-from perf.modes import prepare
+from perf.cuda import cuda_available, cuda_time_us, cuda_variants, prepare_cuda, synchronized
+from perf.modes import CUDA_MODES, VARIANTS as ALL_VARIANTS, prepare
 from perf.report import interleaved_min_us
 from perf.workloads import CONFIGS, WORKLOADS, build_variants
 
-VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped")
-MODES = ("eager", "compiled")
+VARIANTS = ALL_VARIANTS[:4]  # torchao's rows are perf/bench_torchao.py's
+MODES = ("eager", "compiled")  # of modes.MODES: what host overhead is about
 DEFAULT_THREADS = 1  # host overhead: one thread (BENCH_THREADS overrides; perf/conftest.py)
 ROUNDS = 20  # interleaved rounds behind ratio_to_floor (minimum of each)
 

@@ -17,11 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from subclasses import Int4WeightTensor, Int8WeightTensor
-
-from .modes import fresh_caller
-
-CUDA_MODES = ("eager", "compiled", "reduce-overhead")
+from .floor import CUDA_LINEARS, CudaInt4FloorLinear, CudaInt8FloorLinear, floor_model  # noqa: F401 - re-exported
+from .modes import CUDA_MODES, fresh_caller
 
 
 def cuda_available() -> bool:
@@ -60,51 +57,9 @@ def cuda_time_us(fn: Callable[[], object], *, repeats: int = 7, number: int = 10
     return best * 1e3
 
 
-class CudaInt4FloorLinear(nn.Module):
-    """gpt-fast's int4 linear: plain buffers, 2-D bf16 input, the tinygemm kernel's C binding."""
-
-    def __init__(self, weight: Int4WeightTensor) -> None:
-        super().__init__()
-        if weight.packing != "cuda_tinygemm":
-            raise ValueError(f"the CUDA int4 floor needs a weight packed for CUDA, got packing={weight.packing!r}")
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("scale_and_zero", weight.scale_and_zero)
-        self.group_size = weight.group_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scale_and_zero)
-
-
-class CudaInt8FloorLinear(nn.Module):
-    """gpt-fast's int8 linear: ``F.linear(x, q.to(x.dtype)) * scale`` on plain buffers."""
-
-    def __init__(self, weight: Int8WeightTensor) -> None:
-        super().__init__()
-        self.register_buffer("qdata", weight.qdata)
-        self.register_buffer("scale", weight.scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.qdata.to(x.dtype)) * self.scale
-
-
-CUDA_FLOOR_LINEARS: dict[type, type[nn.Module]] = {
-    Int4WeightTensor: CudaInt4FloorLinear,
-    Int8WeightTensor: CudaInt8FloorLinear,
-}
-
-
 def cuda_floor_model(quantized: nn.Module) -> nn.Module:
-    """A copy of ``quantized`` (already on the GPU) whose bias-free quantized nn.Linear layers are
-    CUDA floor modules sharing its inner tensors; other modules are kept (shared)."""
-    model = copy.copy(quantized)
-    model._modules = dict(quantized._modules)
-    for name, child in quantized.named_children():
-        weight = getattr(child, "weight", None)
-        if isinstance(child, nn.Linear) and child.bias is None and type(weight) in CUDA_FLOOR_LINEARS:
-            model._modules[name] = CUDA_FLOOR_LINEARS[type(weight)](weight)
-        else:
-            model._modules[name] = cuda_floor_model(child)
-    return model
+    """``floor.floor_model`` with the CUDA floor modules (``quantized`` already on the GPU)."""
+    return floor_model(quantized, CUDA_LINEARS)
 
 
 def prepare_cuda(model: nn.Module, args: tuple, mode: str) -> Callable[[], object]:

@@ -14,9 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .timing import compile_counting_guards
-from .workloads import Int4FloorLinear, Int8FloorLinear
+from .floor import Int4FloorLinear, Int8FloorLinear
 
+# The names every report, benchmark and table uses: what is measured, and how it is run.
+VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
 MODES = ("eager", "compiled", "cpp_wrapper", "aoti")
+CUDA_MODES = ("eager", "compiled", "reduce-overhead")  # "reduce-overhead": CUDA graphs
 MODE_TITLES = {"eager": "eager", "compiled": "compiled", "cpp_wrapper": "cpp_wrapper", "aoti": "AOTInductor"}
 
 _PACKAGE_DIR: str | None = None
@@ -130,4 +133,4 @@ def torchao_model(bf16: nn.Module, fmt: str) -> nn.Module:
     return model
 
 
-__all__ = ["MODES", "MODE_TITLES", "prepare", "kernel_chain", "torchao_available", "torchao_model"]
+__all__ = ["VARIANTS", "MODES", "CUDA_MODES", "MODE_TITLES", "prepare", "kernel_chain", "torchao_available", "torchao_model"]

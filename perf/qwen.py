@@ -11,9 +11,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from subclasses import Int4WeightTensor, Int8WeightTensor, quantize_
+from subclasses import quantize_
 
-from .workloads import CONFIGS, Int4FloorLinear, Int8FloorLinear
+from .floor import CPU_LINEARS_ND, floor_model
+from .workloads import CONFIGS
 
 # Qwen2.5-0.5B's shapes; "tiny" is host-bound (its kernels take microseconds).
 QWEN2_SHAPES: dict[str, dict[str, int]] = {
@@ -52,48 +53,9 @@ def build_qwen2(shapes: dict[str, int], seed: int = 0) -> nn.Module:
     return model.to(torch.bfloat16).eval()  # the buffers (rotary inv_freq) too, as before
 
 
-class Int4FloorLinearND(Int4FloorLinear):
-    """The floor for a transformers linear: any leading dims, optional bias, kernel C binding."""
-
-    def __init__(self, weight: Int4WeightTensor, bias: torch.Tensor | None) -> None:
-        super().__init__(weight)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_and_zero)
-        out = out.view(*x.shape[:-1], out.shape[-1])
-        return out if self.bias is None else out + self.bias
-
-
-class Int8FloorLinearND(Int8FloorLinear):
-    """As ``Int4FloorLinearND``, for int8 weights."""
-
-    def __init__(self, weight: Int8WeightTensor, bias: torch.Tensor | None) -> None:
-        super().__init__(weight)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qdata, self.scale)
-        out = out.view(*x.shape[:-1], out.shape[-1])
-        return out if self.bias is None else out + self.bias
-
-
-_FLOOR_ND = {Int4WeightTensor: Int4FloorLinearND, Int8WeightTensor: Int8FloorLinearND}
-
-
 def floor_model_nd(quantized: nn.Module) -> nn.Module:
-    """A copy of ``quantized`` (wrapped, not unwrapped) whose quantized nn.Linears are swapped for
-    floor modules sharing their inner tensors; everything else is shared as is."""
-    model = copy.copy(quantized)
-    model._modules = dict(quantized._modules)
-    for name, child in quantized.named_children():
-        weight = getattr(child, "weight", None)
-        if isinstance(child, nn.Linear) and type(weight) in _FLOOR_ND:
-            bias = None if child.bias is None else child.bias.detach()
-            model._modules[name] = _FLOOR_ND[type(weight)](weight, bias)
-        else:
-            model._modules[name] = floor_model_nd(child)
-    return model
+    """``floor.floor_model`` with the floor modules for transformers linears (N-D input, bias)."""
+    return floor_model(quantized, CPU_LINEARS_ND)
 
 
 def qwen2_variants(bf16: nn.Module, fmt: str, config: object | None = None) -> tuple[dict[str, nn.Module], list[str]]:

@@ -16,12 +16,10 @@ import torch
 
 from subclasses import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
-from .modes import MODE_TITLES, MODES, kernel_chain, prepare, torchao_available, torchao_model
+from .modes import MODE_TITLES, MODES, VARIANTS, kernel_chain, prepare, torchao_available, torchao_model
 from .real_model import load_smollm2
 from .timing import compile_counting_guards
 from .workloads import WORKLOADS, build_variants
-
-VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, SupportsIndex
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
@@ -46,6 +46,7 @@ class QuantizedWeight(torch.Tensor):
     # subclass go through __torch_function__ (~1.3 us each), and the eager hot path reads these.
     outer_shape: tuple[int, ...]
     outer_dtype: torch.dtype
+    _flatten_meta: ClassVar[Callable[..., tuple]]  # set per format by __init_subclass__
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -75,7 +76,7 @@ class QuantizedWeight(torch.Tensor):
         for name in (*self.tensor_data_names, *self.tensor_attribute_names, "outer_shape", "outer_dtype"):
             setattr(self, name, getattr(other, name))
 
-    def __reduce_ex__(self, proto: int) -> tuple:
+    def __reduce_ex__(self, proto: SupportsIndex) -> tuple:
         # Pickle the portable form (canonical int4 packing), never the local kernel's layout.
         return portable.reduce_weight(self)
 
@@ -94,7 +95,7 @@ class QuantizedWeight(torch.Tensor):
 
     @classmethod
     def portable_inner_shapes(
-        cls, shape: tuple[int, int], dtype: torch.dtype, attributes: dict[str, Any]
+        cls, shape: tuple[int, ...], dtype: torch.dtype, attributes: dict[str, Any]
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The (shape, dtype) each inner tensor of a checkpoint must have, for a weight of this
         ``shape``/``dtype`` and these ``attributes``; ValueError naming the attribute's rule if
@@ -108,7 +109,8 @@ class QuantizedWeight(torch.Tensor):
     def __tensor_unflatten__(
         cls, inner_tensors: dict[str, torch.Tensor], meta: tuple, outer_size: Any, outer_stride: Any
     ) -> "QuantizedWeight":
-        return cls(*(inner_tensors[name] for name in cls.tensor_data_names), *meta)
+        constructor: Callable[..., QuantizedWeight] = cls  # a format's typed constructor
+        return constructor(*(inner_tensors[name] for name in cls.tensor_data_names), *meta)
 
     def inner_tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.tensor_data_names]
@@ -120,7 +122,8 @@ class QuantizedWeight(torch.Tensor):
     def rebuild(self, tensors: list[torch.Tensor], *, dtype: torch.dtype | None = None) -> "QuantizedWeight":
         """The same weight with other inner tensors (and ``dtype``, if given)."""
         meta = self.attributes()
-        return type(self)(*tensors, *(meta if dtype is None else (*meta[:-1], dtype)))
+        constructor: Callable[..., QuantizedWeight] = type(self)
+        return constructor(*tensors, *(meta if dtype is None else (*meta[:-1], dtype)))
 
     def dequantize(self) -> torch.Tensor:  # type: ignore[override]
         """The high-precision weight: original shape and dtype."""

@@ -176,7 +176,7 @@ def tensor_bytes(file: GgufFile, info: TensorInfo) -> np.ndarray:
     return blob.reshape(*info.shape[:-1], info.nbytes // rows)
 
 
-def int4_from_q4(blocks: np.ndarray, ggml_type: int, shape: tuple[int, int], dtype: torch.dtype,
+def int4_from_q4(blocks: np.ndarray, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype,
                  rows: torch.Tensor | None = None) -> Int4WeightTensor:  # fmt: skip
     """An ``Int4WeightTensor`` (group 32) holding Q4_0 / Q4_1 ``blocks`` (uint8 [N, K/32 * block bytes])
     exactly: the same codes, ``scale = d``, ``zero = m + 8 d`` (Q4_1) or ``-0.0`` (Q4_0), see the module
@@ -236,7 +236,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> t
     folder, name = os.path.split(os.path.abspath(file.path))
     config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = _empty_model(transformers, config, dtype)
+    model: Any = _empty_model(transformers, config, dtype)  # a transformers PreTrainedModel
     processor = processor_class(config=config.to_dict())
     names = _gguf_names(file, model, config)
 

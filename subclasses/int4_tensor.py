@@ -91,7 +91,7 @@ class Int4WeightTensor(QuantizedWeight):
         scale_and_zero: torch.Tensor,
         group_size: int,
         packing: str,
-        shape: tuple[int, int],
+        shape: tuple[int, ...],
         dtype: torch.dtype,
     ) -> None:
         super().__init__(shape, dtype)
@@ -101,7 +101,7 @@ class Int4WeightTensor(QuantizedWeight):
     @classmethod
     def unsupported_reason(cls, weight: torch.Tensor, group_size: int) -> str | None:
         """Why ``weight`` cannot be quantized with ``group_size``, or None if it can."""
-        return weight_reason(weight) or shape_reason(*weight.shape, group_size)
+        return weight_reason(weight) or shape_reason(weight.shape[0], weight.shape[1], group_size)
 
     def portable(self) -> "Int4WeightTensor":
         """In the canonical packing (``int4_packing.pack_canonical``; also runs on fake CUDA)."""
@@ -119,7 +119,7 @@ class Int4WeightTensor(QuantizedWeight):
 
     @classmethod
     def portable_inner_shapes(
-        cls, shape: tuple[int, int], dtype: torch.dtype, attributes: dict
+        cls, shape: tuple[int, ...], dtype: torch.dtype, attributes: dict
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         (n, k), group_size, packing = shape, attributes["group_size"], attributes["packing"]
         reason = shape_reason(n, k, group_size)

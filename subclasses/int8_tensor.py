@@ -37,7 +37,7 @@ class Int8WeightTensor(QuantizedWeight):
     tensor_data_names = ("qdata", "scale")
     tensor_attribute_names = ()
 
-    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         super().__init__(shape, dtype)
         self.qdata, self.scale = qdata, scale
 
@@ -48,7 +48,7 @@ class Int8WeightTensor(QuantizedWeight):
 
     @classmethod
     def portable_inner_shapes(
-        cls, shape: tuple[int, int], dtype: torch.dtype, attributes: dict
+        cls, shape: tuple[int, ...], dtype: torch.dtype, attributes: dict
     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         n, k = shape
         return {"qdata": ((n, k), torch.int8), "scale": ((n,), dtype)}

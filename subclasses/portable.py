@@ -64,7 +64,7 @@ def restore_state(weight: Any, state: Any) -> None:
 
 
 def build(
-    cls: type,
+    cls: Any,
     tensors: dict[str, torch.Tensor],
     attributes: dict[str, Any],
     shape: tuple[int, ...],
@@ -77,7 +77,7 @@ def build(
     the names, shapes, dtypes or devices of the inner tensors or the attributes do not match.
     """
     if not isinstance(tensors, dict) or set(tensors) != set(cls.tensor_data_names):
-        got = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
+        got: object = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
         raise ValueError(f"{where}: {cls.__name__} needs inner tensors {list(cls.tensor_data_names)}, got {got}")
     if not isinstance(attributes, dict) or set(attributes) != set(cls.tensor_attribute_names):
         got = sorted(attributes) if isinstance(attributes, dict) else type(attributes).__name__

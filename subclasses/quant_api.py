@@ -6,7 +6,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, cast
 
 import torch
 from torch import nn
@@ -156,7 +156,7 @@ def _plain_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [part for t in inner if isinstance(t, torch.Tensor) for part in _plain_parts(t)]
 
 
-def _label(weight: QuantizedWeight) -> str:
+def _label(weight: torch.Tensor) -> str:
     group_size = getattr(weight, "group_size", None)
     return type(weight).__name__ + (f" g{group_size}" if group_size else "")
 
@@ -201,7 +201,7 @@ def quantize_(
         if not any(accepted for _, _, accepted in entries):
             continue
         module, fqn, _ = entries[0]
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)
         local = local_weight(weight)  # a DTensor (tensor parallel) is quantized shard by shard
         if isinstance(local, QuantizedWeight):
             continue
@@ -218,7 +218,7 @@ def quantize_(
         quantized = nn.Parameter(value, requires_grad=False)
         for module, _, _ in entries:
             module.weight = quantized
-        summary.quantized.setdefault(_label(quantized), []).append(names)
+        summary.quantized.setdefault(_label(value), []).append(names)
     summary.bytes_after = model_bytes(model)
     if skipped:
         listed = "; ".join(f"{names} ({why})" for names, why in skipped.items())

@@ -70,9 +70,12 @@ def literal(value: Any) -> str | None:
     if kind is torch.dtype:
         return str(value)  # "torch.bfloat16"
     if kind in (tuple, list, torch.Size):
-        items = [literal(v) for v in value]
-        if any(item is None for item in items):
-            return None
+        items: list[str] = []
+        for item in value:
+            text = literal(item)
+            if text is None:
+                return None
+            items.append(text)
         body = ", ".join(items) + ("," if kind is not list and len(items) == 1 else "")
         text = f"[{body}]" if kind is list else f"({body})"
         return f"torch.Size({text})" if kind is torch.Size else text
@@ -138,7 +141,7 @@ def _inner_source(value: SubclassSpec | str | Opaque, attribute: str, store: str
     return f"{store}[{attribute + SEPARATOR + value!r}]"
 
 
-def _is_dtensor(cls: type) -> bool:
+def _is_dtensor(cls: type[Any]) -> bool:
     module = sys.modules.get("torch.distributed.tensor")  # not imported: no tensor is a DTensor
     return module is not None and issubclass(cls, module.DTensor)
 

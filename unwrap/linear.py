@@ -64,7 +64,7 @@ def _adapt_torch_function(subclass: type, impl: Callable) -> LinearFn:
     return linear
 
 
-def torchao_style_constructor(subclass: type, sources: dict[str, str], meta: Any, constant: Callable[[Any], str]) -> str | None:
+def torchao_style_constructor(subclass: type[Any], sources: dict[str, str], meta: Any, constant: Callable[[Any], str]) -> str | None:
     """Source calling ``subclass(...)`` directly, for a class that keeps torchao's generic
     ``TorchAOBaseTensor.__tensor_unflatten__`` (its constructor takes the required tensors, the
     required attributes, then the optional ones by keyword); None for any other class.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ class UnwrappedModule(nn.Module):
 
     _unwrapped: dict[str, SubclassSpec]
     _unwrapped_kind: dict[str, str]
-    _original_class: type
+    _original_class: type[nn.Module]
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self.__dict__.get("_unwrapped", ()):
@@ -34,7 +34,7 @@ class UnwrappedModule(nn.Module):
 
     def _plain_tensors(self, name: str) -> dict[str, torch.Tensor]:
         spec = self._unwrapped[name]
-        store = self._parameters if self._unwrapped_kind[name] == "parameter" else self._buffers
+        store: dict[str, Any] = self._parameters if self._unwrapped_kind[name] == "parameter" else self._buffers
         return {path: store[f"{name}{SEPARATOR}{path}"] for path in spec.paths()}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
@@ -156,20 +156,20 @@ def _install_accessors(module: UnwrappedModule) -> None:
         }
         getter = codegen.define(cls, codegen.GETTER, fields, owners)
         setattr(cls, name, property(getter, _setter(name), doc=fields["doc"]))
-    spec = module._unwrapped.get("weight")
-    linear = declared_linear(spec.subclass) if spec is not None else None
-    if spec is not None and linear is not None and module._original_class.forward is nn.Linear.forward:
+    weight = module._unwrapped.get("weight")
+    linear = declared_linear(weight.subclass) if weight is not None else None
+    if weight is not None and linear is not None and module._original_class.forward is nn.Linear.forward:
         # Reading the weight here, not through the property, also spares Dynamo a guard per
         # layer on the property's getter; eager skips the __torch_function__ round trip.
         # nn.Linear keeps its bias in _parameters; reading it there spares nn.Module.__getattr__.
         fields = {
             "store": _store_name(module, "weight"),
             "linear": codegen.global_name(linear, owners),
-            "rebuild": codegen.rebuild_source(spec, "weight", "plain", owners),
+            "rebuild": codegen.rebuild_source(weight, "weight", "plain", owners),
             "bias": "self._parameters['bias']" if "bias" in module._parameters else "self.bias",
-            **codegen.cache_fields(spec, "weight"),
+            **codegen.cache_fields(weight, "weight"),
         }
-        cls.forward = codegen.define(cls, codegen.LINEAR_FORWARD, fields, owners)
+        setattr(cls, "forward", codegen.define(cls, codegen.LINEAR_FORWARD, fields, owners))
 
 
 def _store_name(module: UnwrappedModule, name: str) -> str:
@@ -203,7 +203,7 @@ def _setter(name: str) -> Callable[[UnwrappedModule, torch.Tensor], None]:
     return set
 
 
-def _register_plain(module: nn.Module, name: str, value: torch.Tensor, kind: str, spec_cache: dict | None = None) -> None:
+def _register_plain(module: UnwrappedModule, name: str, value: torch.Tensor, kind: str, spec_cache: dict | None = None) -> None:
     """Register ``value``'s plain tensors on ``module`` as ``name__path`` and record its spec."""
     shared = spec_cache.get(id(value)) if spec_cache is not None else None
     if shared is not None:
@@ -241,14 +241,14 @@ def _unregister_plain(module: UnwrappedModule, name: str) -> dict[str, torch.Ten
 def _subclass_entries(module: nn.Module, prefix: str, left_wrapped: dict[str, str]) -> list[tuple[str, torch.Tensor, str]]:
     """The subclass parameters and buffers ``unwrap`` can take; the others go to ``left_wrapped``
     (qualified name -> why)."""
-    entries = []
-    for name, value in module._parameters.items():
-        if value is not None and is_traceable_wrapper_subclass(value):
-            entries.append((name, value, "parameter"))
-    for name, value in module._buffers.items():
-        if value is not None and is_traceable_wrapper_subclass(value):
+    entries: list[tuple[str, torch.Tensor, str]] = []
+    for name, param in module._parameters.items():
+        if param is not None and is_traceable_wrapper_subclass(param):
+            entries.append((name, param, "parameter"))
+    for name, buffer in module._buffers.items():
+        if buffer is not None and is_traceable_wrapper_subclass(buffer):
             persistent = name not in module._non_persistent_buffers_set
-            entries.append((name, value, "buffer" if persistent else "non-persistent buffer"))
+            entries.append((name, buffer, "buffer" if persistent else "non-persistent buffer"))
     kept = []
     for name, value, kind in entries:
         reason = untraceable_metadata(value)
@@ -259,16 +259,16 @@ def _subclass_entries(module: nn.Module, prefix: str, left_wrapped: dict[str, st
     return kept
 
 
-def _unwrap_module(module: nn.Module, prefix: str, spec_cache: dict, left_wrapped: dict[str, str]) -> None:
-    entries = _subclass_entries(module, prefix, left_wrapped)
+def _unwrap_module(original: nn.Module, prefix: str, spec_cache: dict, left_wrapped: dict[str, str]) -> None:
+    entries = _subclass_entries(original, prefix, left_wrapped)
     if not entries:
         return
-    if not isinstance(module, UnwrappedModule):
-        module.__class__ = _unwrapped_class(type(module))
-        module._unwrapped = {}
-        module._unwrapped_kind = {}
-    else:
-        raise ValueError(f"{type(module).__name__} already holds unwrapped tensors; rewrap it first")
+    if isinstance(original, UnwrappedModule):
+        raise ValueError(f"{type(original).__name__} already holds unwrapped tensors; rewrap it first")
+    original.__class__ = _unwrapped_class(type(original))
+    module = cast(UnwrappedModule, original)
+    module._unwrapped = {}
+    module._unwrapped_kind = {}
     param_order, buffer_order = list(module._parameters), list(module._buffers)
     for name, value, kind in entries:
         store = module._parameters if kind == "parameter" else module._buffers
@@ -342,7 +342,7 @@ def rewrap(model: nn.Module) -> nn.Module:
             continue
         param_order = _original_order(module._parameters, module._unwrapped)
         buffer_order = _original_order(module._buffers, module._unwrapped)
-        values = {}
+        values: dict[str, Any] = {}
         for name, spec in module._unwrapped.items():
             plain = _unregister_plain(module, name)
             if id(spec) not in rebuilt:
@@ -352,7 +352,7 @@ def rewrap(model: nn.Module) -> nn.Module:
                 rebuilt[id(spec)] = value
             values[name] = rebuilt[id(spec)]
         kinds = module._unwrapped_kind
-        module.__class__ = module._original_class
+        module.__class__ = module._original_class  # type: ignore[assignment]  # back to the user's class
         for attr in ("_unwrapped", "_unwrapped_kind"):
             module.__dict__.pop(attr, None)
         for name, value in values.items():

@@ -32,7 +32,7 @@ class SubclassSpec:
     is shared by every module that shares the weight.
     """
 
-    subclass: type
+    subclass: type[Any]
     meta: Any
     outer_size: torch.Size
     outer_stride: tuple[int, ...]
@@ -83,7 +83,7 @@ def flatten_subclass(tensor: torch.Tensor, prefix: str = "") -> tuple[SubclassSp
 _CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format, enum.Enum)
 
 
-def untraceable_metadata(tensor: torch.Tensor) -> str | None:
+def untraceable_metadata(tensor: Any) -> str | None:
     """What in ``tensor``'s flatten metadata (or a nested subclass's) torch.compile cannot treat as
     a constant, e.g. ``"a QuantizeTensorToInt8Kwargs"``; None when every value is one of
     ``_CONSTANT_TYPES`` or a tuple, list, dict or ``torch.Size`` of them."""
