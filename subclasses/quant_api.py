@@ -161,10 +161,6 @@ def _label(weight: torch.Tensor) -> str:
     return type(weight).__name__ + (f" g{group_size}" if group_size else "")
 
 
-def _is_linear(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, nn.Linear)
-
-
 def quantize_(
     model: nn.Module,
     config: WeightConfig,

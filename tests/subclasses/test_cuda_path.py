@@ -10,10 +10,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, Int8WeightTensor, Packing, quantize_
 from subclasses.int4_cuda import (
+    K_TILE,
+    N_TILE,
     check_tinygemm_shape,
     inner_k_tiles_for,
     pack_tinygemm_reference,
-    tinygemm_packed_shape,
     unpack_tinygemm,
 )
 from subclasses.int4_packing import cpu_layout, pack_canonical
@@ -22,6 +23,12 @@ from tests.conftest import sqnr
 from unwrap import unwrap
 
 CUDA = torch.cuda.is_available()
+
+
+def tinygemm_packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
+    """Shape of the int32 tensor ``_convert_weight_to_int4pack`` returns for an [n, k] weight."""
+    tiles = check_tinygemm_shape(n, k)
+    return (n // N_TILE, k // (tiles * K_TILE), 32, tiles // 2)
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sm80+ for the int4 kernel)")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -30,7 +30,7 @@ from subclasses import (
     save_checkpoint,
     unflatten_state_dict,
 )
-from subclasses.int4_cuda import tinygemm_packed_shape
+from tests.subclasses.test_cuda_path import tinygemm_packed_shape
 from subclasses.int4_packing import CPU_LAYOUTS, pack_canonical, pack_cpu
 from tests.conftest import sqnr
 from unwrap import unwrap
