@@ -98,7 +98,7 @@ class UnwrapConfig(QuantizationConfigMixin):
         """The ``UnwrapConfig`` of a ``quantize_`` config; TypeError for one it does not know."""
         for name, config_type in WEIGHT_FORMATS.items():
             if type(config) is config_type:
-                return cls(name, **({"group_size": config.group_size} if name == "int4" else {}))
+                return cls(name, **({"group_size": getattr(config, "group_size")} if name == "int4" else {}))
         raise TypeError(f"no UnwrapConfig for {type(config).__name__}; known: {sorted(c.__name__ for c in WEIGHT_FORMATS.values())}")
 
 
@@ -111,6 +111,7 @@ class UnwrapQuantize(ConversionOps):
     def convert(self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs: Any) -> dict:
         (value,) = input_dict.values()
         value = value[0] if isinstance(value, list) else value
+        assert model is not None and full_layer_name is not None  # transformers passes both
         return {full_layer_name: self.hf_quantizer.quantize_weight(model, full_layer_name, value)}
 
 
@@ -126,6 +127,7 @@ class UnwrapDeserialize(ConversionOps):
             if len(values) != 1:
                 raise ValueError(f"{full_layer_name}: expected one tensor for {pattern!r}, got {len(values)}")
             tensors[pattern.rpartition(SEPARATOR)[2]] = values[0]
+        assert model is not None and full_layer_name is not None  # transformers passes both
         return {full_layer_name: self.hf_quantizer.rebuild_weight(model, full_layer_name, tensors)}
 
 
@@ -229,8 +231,9 @@ class UnwrapHfQuantizer(HfQuantizer):
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     if isinstance(a, QuantizedWeight) or isinstance(b, QuantizedWeight):
-        if type(a) is not type(b):
+        if not (isinstance(a, QuantizedWeight) and type(a) is type(b)):
             return False
+        assert isinstance(b, QuantizedWeight)
         return all(x.data_ptr() == y.data_ptr() for x, y in zip(a.inner_tensors(), b.inner_tensors()))
     return a.data_ptr() == b.data_ptr() and a.numel() > 0
 

@@ -100,7 +100,7 @@ class TransposedWeight(torch.Tensor):
     weight back. Nothing else is defined."""
 
     weight: QuantizedWeight
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @staticmethod
     def __new__(cls, weight: QuantizedWeight) -> "TransposedWeight":
@@ -145,19 +145,19 @@ def _linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None)
     return out if bias is None else out + bias  # addmm broadcasts a [N] or [M, N] bias
 
 
-def dtensor_class() -> type | None:
+def dtensor_class() -> Any:
     """``DTensor`` if ``torch.distributed.tensor`` is imported (else no tensor can be one)."""
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
 
 
-def local_weight(weight: torch.Tensor) -> torch.Tensor:
+def local_weight(weight: Any) -> Any:
     """The local tensor of a DTensor, else ``weight`` itself."""
     dtensor = dtensor_class()
     return weight.to_local() if dtensor is not None and isinstance(weight, dtensor) else weight
 
 
-def quantize_dtensor(weight: torch.Tensor, config: Any) -> torch.Tensor:
+def quantize_dtensor(weight: Any, config: Any) -> torch.Tensor:
     """Shard-then-quantize: quantize a DTensor weight (sharded over a 1-D mesh, or replicated)
     shard by shard and return a DTensor of the same placements whose local tensor is quantized:
     the very tensor quantizing first and sharding after gives. Formats whose scale covers a
@@ -196,9 +196,9 @@ def check_plan(model: nn.Module, plan: dict[str, Any], world_size: int) -> None:
     ``model`` where its format cannot be cut (int4: inside a group, or to rows not a multiple of
     16). Chunks follow ``torch.chunk``, as DTensor's ``Shard`` does."""
     for fqn, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) or not isinstance(local_weight(weight), QuantizedWeight):
+        if not isinstance(module, nn.Linear) or not isinstance(local_weight(module.weight), QuantizedWeight):
             continue
+        weight, local = module.weight, local_weight(module.weight)
         for pattern, style in plan.items():
             dim = _sharded_dim(style)
             if dim is None or not _matches(fqn, pattern):
@@ -206,7 +206,7 @@ def check_plan(model: nn.Module, plan: dict[str, Any], world_size: int) -> None:
             size = weight.shape[dim]
             chunk = -(-size // world_size)
             for start in range(0, size, chunk):
-                error = local_weight(weight).cut_error(dim, start, min(chunk, size - start))
+                error = local.cut_error(dim, start, min(chunk, size - start))
                 if error is not None:
                     raise ValueError(f"{fqn} ({type(style).__name__} over {world_size} ranks): {error}")
 
