@@ -44,6 +44,7 @@ class QuantizedWeight(torch.Tensor):
     dispatch_table: ClassVar[dict[Any, DispatchImpl]] = {}
     # The high-precision shape and dtype. Plain attributes on purpose: .shape/.dtype of a
     # subclass go through __torch_function__ (~1.3 us each), and the eager hot path reads these.
+    # (The one other per-instance cache is ``_flattened``, see ``__tensor_flatten__``.)
     outer_shape: tuple[int, ...]
     outer_dtype: torch.dtype
     _flatten_meta: ClassVar[Callable[..., tuple]]  # set per format by __init_subclass__
@@ -53,8 +54,7 @@ class QuantizedWeight(torch.Tensor):
         # Each format gets its own tables, seeded with the shared ops.
         cls.function_table = dict(cls.function_table)
         cls.dispatch_table = dict(cls.dispatch_table)
-        # Dynamo and AOTAutograd flatten every subclass input on every compiled call: one C-level
-        # getter of the declared attributes, the constructor's tail.
+        # The flatten metadata: the declared attributes, then shape and dtype (the constructor's tail).
         cls._flatten_meta = operator.attrgetter(*cls.tensor_attribute_names, "outer_shape", "outer_dtype")
         # Loadable with torch.load(weights_only=True); __setstate__ validates what it is given.
         FORMATS[cls.__name__] = cls
@@ -75,6 +75,7 @@ class QuantizedWeight(torch.Tensor):
         """Become ``other`` (same class): torch.load builds a bare wrapper, then its state."""
         for name in (*self.tensor_data_names, *self.tensor_attribute_names, "outer_shape", "outer_dtype"):
             setattr(self, name, getattr(other, name))
+        self.__dict__.pop("_flattened", None)
 
     def __reduce_ex__(self, proto: SupportsIndex) -> tuple:
         # Pickle the portable form (canonical int4 packing), never the local kernel's layout.
@@ -103,7 +104,13 @@ class QuantizedWeight(torch.Tensor):
         raise NotImplementedError(f"{cls.__name__} does not declare its portable_inner_shapes")
 
     def __tensor_flatten__(self) -> tuple[list[str], tuple]:
-        return list(self.tensor_data_names), self._flatten_meta(self)
+        # Compiled, every call flattens each weight twice (guards, then AOTAutograd's unwrap):
+        # built on first use, then returned as is (0.2 us instead of 0.6 us per flatten).
+        try:
+            return self._flattened
+        except AttributeError:
+            self._flattened: tuple[list[str], tuple] = (list(self.tensor_data_names), self._flatten_meta(self))
+            return self._flattened
 
     @classmethod
     def __tensor_unflatten__(
