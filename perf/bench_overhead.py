@@ -13,13 +13,14 @@ records in ``extra_info``: ``floor_us``, ``ours_us`` (minima of those rounds), `
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from perf.cuda import cuda_available, cuda_time_us, cuda_variants, prepare_cuda, synchronized
-from perf.modes import CUDA_MODES, VARIANTS as ALL_VARIANTS, prepare
+from perf.modes import CUDA_MODES, prepare
+from perf.modes import VARIANTS as ALL_VARIANTS
 from perf.report import interleaved_min_us
 from perf.workloads import CONFIGS, WORKLOADS, build_variants
 
@@ -42,8 +43,16 @@ def _variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
     return build_variants(workload, fmt)
 
 
-def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant: str, mode: str,
-             *, rounds: int = ROUNDS, number: int = 200) -> dict[str, object]:
+def run_case(
+    benchmark: Callable[..., object],
+    workload: str,
+    fmt: str,
+    variant: str,
+    mode: str,
+    *,
+    rounds: int = ROUNDS,
+    number: int = 200,
+) -> dict[str, object]:
     """The body of every case: time ``variant`` with ``benchmark``, then against the floor
     interleaved; returns (and stores in ``benchmark.extra_info``) the numbers named above."""
     with torch.inference_mode():
@@ -52,9 +61,15 @@ def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant:
     return time_against_floor(benchmark, ours, floor, layers, rounds=rounds, number=number)
 
 
-def time_against_floor(benchmark: Callable[..., object], ours: tuple[Callable[[], object], int | None],
-                       floor: tuple[Callable[[], object], int | None], layers: int,
-                       *, rounds: int, number: int) -> dict[str, object]:
+def time_against_floor(
+    benchmark: Callable[..., object],
+    ours: tuple[Callable[[], object], int | None],
+    floor: tuple[Callable[[], object], int | None],
+    layers: int,
+    *,
+    rounds: int,
+    number: int,
+) -> dict[str, object]:
     """Time the prepared ``ours`` (runner, guards) with ``benchmark``, then interleaved with the
     prepared ``floor``; the ``extra_info`` numbers (also returned)."""
     (ours_fn, guards), (floor_fn, floor_guards) = ours, floor

@@ -31,7 +31,9 @@ def _weight(n: int, k: int, group_size: int, dtype: torch.dtype) -> Int4WeightTe
     return Int4WeightTensor.from_float(torch.randn(n, k, dtype=dtype), group_size)
 
 
-def time_paths(n: int, k: int, m: int, *, group_size: int = 128, dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
+def time_paths(
+    n: int, k: int, m: int, *, group_size: int = 128, dtype: torch.dtype = torch.bfloat16
+) -> tuple[float, float]:
     """(int4 kernel us, dequantize + mm us) for x [m, k] and an int4 weight [n, k]: the minimum
     over interleaved repeats, so that load from other processes hits both paths alike."""
     weight = _weight(n, k, group_size, dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -137,7 +137,9 @@ def format_table(rows: list[dict]) -> str:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     keyed = {(r["workload"], r["format"], r["model"], r["mode"]): r["us"] for r in rows}
     lines = [
-        "| workload | format | model | " + " | ".join(f"{m} (us)" for m in modes) + " | compiled / bf16 | compiled / floor |",
+        "| workload | format | model | "
+        + " | ".join(f"{m} (us)" for m in modes)
+        + " | compiled / bf16 | compiled / floor |",
         "|---|---|---|" + "---|" * len(modes) + "---|---|",
     ]
     for workload, fmt, model in dict.fromkeys((r["workload"], r["format"], r["model"]) for r in rows):
@@ -145,9 +147,9 @@ def format_table(rows: list[dict]) -> str:
         compiled = keyed.get((workload, fmt, model, "compiled"))
         bf16 = keyed.get((workload, fmt, "bf16", "compiled"))
         floor = keyed.get((workload, fmt, "floor", "compiled"))
-        ratio = lambda base: f"{compiled / base:.2f}" if compiled and base else "-"  # noqa: E731
+        ratios = [f"{compiled / base:.2f}" if compiled and base else "-" for base in (bf16, floor)]
         cells = " | ".join("-" if t is None else f"{t:.1f}" for t in times)
-        lines.append(f"| {workload} | {fmt} | {model} | {cells} | {ratio(bf16)} | {ratio(floor)} |")
+        lines.append(f"| {workload} | {fmt} | {model} | {cells} | {ratios[0]} | {ratios[1]} |")
     return "\n".join(lines)
 
 

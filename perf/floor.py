@@ -55,7 +55,9 @@ class Int4FloorLinearND(Int4FloorLinear):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_and_zero)
+        out = torch._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_and_zero
+        )
         out = out.view(*x.shape[:-1], out.shape[-1])
         return out if self.bias is None else out + self.bias
 

@@ -7,8 +7,9 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, threads: int, timeout: float, fn: Callable, args: tuple,
-               results: Any) -> None:
+def _rank_main(
+    rank: int, world_size: int, port: int, threads: int, timeout: float, fn: Callable, args: tuple, results: Any
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
@@ -44,8 +46,10 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300, t
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, threads, timeout, fn, args, results), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, world_size, port, threads, timeout, fn, args, results), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -111,7 +115,9 @@ def param_bytes_per_rank(model: torch.nn.Module) -> int:
     return total
 
 
-def _rank_decode(rank: int, world_size: int, name: str, fmts: list[str], threads: int, rounds: int, tokens: int) -> list[dict]:
+def _rank_decode(
+    rank: int, world_size: int, name: str, fmts: list[str], threads: int, rounds: int, tokens: int
+) -> list[dict]:
     """In every rank: build the Qwen2 ``name`` (the same random weights everywhere), bf16 and each
     format, TP=1 (timed on rank 0 alone with all ``threads``, the other ranks waiting) and
     TP=``world_size`` (``threads // world_size`` per rank), eager and compiled (unwrapped), then
@@ -174,25 +180,50 @@ def _rank_decode(rank: int, world_size: int, name: str, fmts: list[str], threads
                 if round_ > 0:
                     best[key] = min(best[key], elapsed)
     for row in rows:
-        row["ms"] = {f"{tp} {mode}": best.get((row["variant"], tp, mode)) for tp in (1, world_size) for mode in ("eager", "compiled")}
+        row["ms"] = {
+            f"{tp} {mode}": best.get((row["variant"], tp, mode))
+            for tp in (1, world_size)
+            for mode in ("eager", "compiled")
+        }
     return rows
 
 
-def tp_report(world_size: int, names: list[str], fmts: list[str], *, threads: int, quick: bool,
-              progress: Callable[[str], None] = print) -> str:
+def tp_report(
+    world_size: int,
+    names: list[str],
+    fmts: list[str],
+    *,
+    threads: int,
+    quick: bool,
+    progress: Callable[[str], None] = print,
+) -> str:
     """``python -m perf --tp N``: greedy decode ms/token of the built-in Qwen2 models, TP=1 vs
     TP=``world_size`` (gloo on CPU, one process per rank), bf16 and each format, eager and
     compiled; a Markdown table per model."""
     rounds, tokens = (3, 4) if quick else (10, 8)
-    out = [f"unwrap tensor-parallel report: torch {torch.__version__}, gloo on CPU, batch 1, greedy decode; "
-           f"TP=1 runs alone with {threads} thread(s), TP={world_size} with {max(1, threads // world_size)} per rank; "
-           f"ms/token, minimum over {rounds} interleaved rounds of {tokens} tokens; int4 group size 64"]
+    out = [
+        f"unwrap tensor-parallel report: torch {torch.__version__}, gloo on CPU, batch 1, greedy decode; "
+        f"TP=1 runs alone with {threads} thread(s), TP={world_size} with {max(1, threads // world_size)} per rank; "
+        f"ms/token, minimum over {rounds} interleaved rounds of {tokens} tokens; int4 group size 64"
+    ]
     for name in names:
         progress(f"{name}: TP=1 vs TP={world_size}, building and compiling in {world_size} processes")
         rows = run_ranks(_rank_decode, world_size, name, fmts, threads, rounds, tokens, timeout=3600)[0]
-        head = ["variant", "TP=1 eager", "TP=1 compiled", f"TP={world_size} eager", f"TP={world_size} compiled",
-                f"compiled TP={world_size} / TP=1", "params MiB per rank (TP=1 / TP=%d)" % world_size]
-        lines = [f"### {name}, TP=1 vs TP={world_size} (ms/token)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        head = [
+            "variant",
+            "TP=1 eager",
+            "TP=1 compiled",
+            f"TP={world_size} eager",
+            f"TP={world_size} compiled",
+            f"compiled TP={world_size} / TP=1",
+            f"params MiB per rank (TP=1 / TP={world_size})",
+        ]
+        lines = [
+            f"### {name}, TP=1 vs TP={world_size} (ms/token)",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for row in rows:
             ms = row["ms"]
             c1, cn = ms["1 compiled"], ms[f"{world_size} compiled"]

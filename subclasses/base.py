@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, ClassVar, SupportsIndex
+from collections.abc import Callable
+from typing import Any, ClassVar, SupportsIndex
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
@@ -17,7 +18,7 @@ FunctionImpl = Callable[..., Any]
 DispatchImpl = Callable[[Any, tuple, dict], Any]
 
 # Every quantized format by class name: what checkpoints may name (see serialization.py).
-FORMATS: dict[str, type["QuantizedWeight"]] = {}
+FORMATS: dict[str, type[QuantizedWeight]] = {}
 
 
 class QuantizedWeight(torch.Tensor):
@@ -61,7 +62,7 @@ class QuantizedWeight(torch.Tensor):
         torch.serialization.add_safe_globals([cls])
 
     @staticmethod
-    def __new__(cls, *args: Any, **kwargs: Any) -> "QuantizedWeight":
+    def __new__(cls, *args: Any, **kwargs: Any) -> QuantizedWeight:
         # The constructor is (*inner_tensors, *attributes, shape, dtype), positional or by name.
         shape = kwargs["shape"] if "shape" in kwargs else args[-2]
         dtype = kwargs["dtype"] if "dtype" in kwargs else args[-1]
@@ -71,7 +72,7 @@ class QuantizedWeight(torch.Tensor):
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self.outer_shape, self.outer_dtype = tuple(shape), dtype
 
-    def take_fields(self, other: "QuantizedWeight") -> None:
+    def take_fields(self, other: QuantizedWeight) -> None:
         """Become ``other`` (same class): torch.load builds a bare wrapper, then its state."""
         for name in (*self.tensor_data_names, *self.tensor_attribute_names, "outer_shape", "outer_dtype"):
             setattr(self, name, getattr(other, name))
@@ -85,12 +86,12 @@ class QuantizedWeight(torch.Tensor):
         # torch.load: validate the portable form and pack it for this machine's kernel.
         portable.restore_state(self, state)
 
-    def portable(self) -> "QuantizedWeight":
+    def portable(self) -> QuantizedWeight:
         """This weight in the form a checkpoint stores; a format whose inner tensors depend on
         the machine (int4's CPU packing) returns a portable copy."""
         return self
 
-    def localized(self) -> "QuantizedWeight":
+    def localized(self) -> QuantizedWeight:
         """This weight in the form its device's kernel takes (undoes ``portable``)."""
         return self
 
@@ -115,7 +116,7 @@ class QuantizedWeight(torch.Tensor):
     @classmethod
     def __tensor_unflatten__(
         cls, inner_tensors: dict[str, torch.Tensor], meta: tuple, outer_size: Any, outer_stride: Any
-    ) -> "QuantizedWeight":
+    ) -> QuantizedWeight:
         constructor: Callable[..., QuantizedWeight] = cls  # a format's typed constructor
         return constructor(*(inner_tensors[name] for name in cls.tensor_data_names), *meta)
 
@@ -126,7 +127,7 @@ class QuantizedWeight(torch.Tensor):
         """The constant metadata, followed by the outer shape and dtype (the constructor's tail)."""
         return self._flatten_meta(self)
 
-    def rebuild(self, tensors: list[torch.Tensor], *, dtype: torch.dtype | None = None) -> "QuantizedWeight":
+    def rebuild(self, tensors: list[torch.Tensor], *, dtype: torch.dtype | None = None) -> QuantizedWeight:
         """The same weight with other inner tensors (and ``dtype``, if given)."""
         meta = self.attributes()
         constructor: Callable[..., QuantizedWeight] = type(self)
@@ -138,10 +139,7 @@ class QuantizedWeight(torch.Tensor):
 
     def __repr__(self) -> str:  # type: ignore[override]
         attrs = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.tensor_attribute_names)
-        return (
-            f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, "
-            f"device={self.device}, {attrs})"
-        )
+        return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, {attrs})"
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -156,8 +154,7 @@ class QuantizedWeight(torch.Tensor):
         impl = cls.dispatch_table.get(func)
         if impl is None:
             raise NotImplementedError(
-                f"{cls.__name__} does not implement {func}; call .dequantize() first to get a "
-                "plain tensor"
+                f"{cls.__name__} does not implement {func}; call .dequantize() first to get a plain tensor"
             )
         return impl(func, args, kwargs or {})
 
@@ -188,9 +185,7 @@ def _copy_(func, args, kwargs):
         # converts dtype, device and (int4) packing to the destination's
         src = aten._to_copy.default(src, dtype=dst.dtype, device=dst.device)
     if src.attributes() != dst.attributes():
-        raise ValueError(
-            f"cannot copy {src!r} into {dst!r}: shape, dtype or quantization settings differ"
-        )
+        raise ValueError(f"cannot copy {src!r} into {dst!r}: shape, dtype or quantization settings differ")
     for d, s in zip(dst.inner_tensors(), src.inner_tensors()):
         d.copy_(s)
     return dst

@@ -64,7 +64,9 @@ def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(f"load_gguf needs {module!r}: pip install 'unwrap[real]' (transformers, gguf, accelerate)") from error
+        raise ImportError(
+            f"load_gguf needs {module!r}: pip install 'unwrap[real]' (transformers, gguf, accelerate)"
+        ) from error
 
 
 class _Reader:
@@ -106,7 +108,9 @@ class _Reader:
                     (length,) = self.unpack("<Q", what)
                     self.pos += length
                 if self.pos > len(self.blob):
-                    raise ValueError(f"{self.path}: truncated GGUF file: it ends at byte {len(self.blob)} inside {what}")
+                    raise ValueError(
+                        f"{self.path}: truncated GGUF file: it ends at byte {len(self.blob)} inside {what}"
+                    )
             else:
                 for _ in range(count):
                     self.value(element_type, what)
@@ -154,7 +158,9 @@ def read_gguf(path: str | os.PathLike) -> GgufFile:
             ) from None
         block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
         if shape and shape[-1] % block:
-            raise ValueError(f"{path}: tensor {name!r} of type {qtype.name} has rows of {shape[-1]}, not a multiple of {block}")
+            raise ValueError(
+                f"{path}: tensor {name!r} of type {qtype.name} has rows of {shape[-1]}, not a multiple of {block}"
+            )
         nbytes = prod(shape) // block * block_bytes
         start = data_start + offset
         if start + nbytes > len(reader.blob):
@@ -250,11 +256,17 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> t
         module = model.get_submodule(module_name)
         expected = tuple(getattr(module, attribute).shape)
         if info.shape != expected:
-            raise ValueError(f"{file.path}: tensor {info.name!r} has shape {info.shape}, the model's {key} needs {expected}")
+            raise ValueError(
+                f"{file.path}: tensor {info.name!r} has shape {info.shape}, the model's {key} needs {expected}"
+            )
         raw = tensor_bytes(file, info)
         rows = _row_order(processor, info) if len(info.shape) == 2 else None
         linear = isinstance(module, nn.Linear) and attribute == "weight"
-        if linear and info.ggml_type in _Q4_LAYOUT and Int4WeightTensor.unsupported_reason(torch.empty(info.shape, device="meta", dtype=dtype), GROUP) is None:
+        if (
+            linear
+            and info.ggml_type in _Q4_LAYOUT
+            and Int4WeightTensor.unsupported_reason(torch.empty(info.shape, device="meta", dtype=dtype), GROUP) is None
+        ):
             value = nn.Parameter(int4_from_q4(raw, info.ggml_type, info.shape, dtype, rows), requires_grad=False)
         else:
             value = nn.Parameter(_dequantized(file, info, raw, dtype, rows))
@@ -308,7 +320,9 @@ def _gguf_names(file: GgufFile, model: nn.Module, config: Any) -> dict[str, str]
     return names
 
 
-def _dequantized(file: GgufFile, info: TensorInfo, raw: np.ndarray, dtype: torch.dtype, rows: torch.Tensor | None) -> torch.Tensor:
+def _dequantized(
+    file: GgufFile, info: TensorInfo, raw: np.ndarray, dtype: torch.dtype, rows: torch.Tensor | None
+) -> torch.Tensor:
     """The tensor as transformers computes it (``gguf``'s float32 dequantization, then the processor's
     row order), cast to ``dtype``; dequantized a few MB at a time, so no float32 copy of it exists."""
     gguf = _require("gguf")
@@ -320,7 +334,9 @@ def _dequantized(file: GgufFile, info: TensorInfo, raw: np.ndarray, dtype: torch
         try:
             chunk = gguf.quants.dequantize(raw_rows[start : start + step], qtype)
         except NotImplementedError as error:
-            raise ValueError(f"{file.path}: tensor {info.name!r}: gguf cannot dequantize {qtype.name} ({error})") from None
+            raise ValueError(
+                f"{file.path}: tensor {info.name!r}: gguf cannot dequantize {qtype.name} ({error})"
+            ) from None
         out_rows[start : start + step] = torch.from_numpy(np.array(chunk, dtype=np.float32))
     return out if rows is None else out[rows]
 
@@ -336,5 +352,7 @@ def _row_order(processor: Any, info: TensorInfo) -> torch.Tensor | None:
     order = processor.process(weights=np.arange(n).reshape(n, 1), name=info.name).weights
     order = torch.from_numpy(np.ascontiguousarray(order)).reshape(-1)
     if order.shape != (n,) or not torch.equal(order.sort().values, torch.arange(n)):
-        raise ValueError(f"tensor {info.name!r}: transformers' {type(processor).__name__} does not just reorder its rows")
+        raise ValueError(
+            f"tensor {info.name!r}: transformers' {type(processor).__name__} does not just reorder its rows"
+        )
     return None if torch.equal(order, torch.arange(n)) else order

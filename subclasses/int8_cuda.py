@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from .base import add_bias
 
 
-def int8_cuda_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_cuda_linear(
+    x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """``F.linear`` for an int8 weight (codes ``qdata`` [N, K], ``scale`` [N]) on a GPU
     (``check_activation`` already ran: x has the weight's dtype).
 

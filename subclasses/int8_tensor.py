@@ -12,8 +12,8 @@ from .base import (
     as_linear_output,
     aten,
     check_activation,
-    quantized_embedding,
     linear_with_input_grad,
+    quantized_embedding,
     target_dtype_device,
     weight_reason,
 )
@@ -54,7 +54,7 @@ class Int8WeightTensor(QuantizedWeight):
         return {"qdata": ((n, k), torch.int8), "scale": ((n,), dtype)}
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, amax: torch.Tensor | None = None) -> "Int8WeightTensor":
+    def from_float(cls, weight: torch.Tensor, amax: torch.Tensor | None = None) -> Int8WeightTensor:
         """Quantize a high-precision [N, K] weight (arithmetic in the weight's dtype). ``amax``
         [N]: each row's absolute maximum when ``weight`` holds only some of each row's inputs
         (a shard of a row-wise tensor-parallel weight), so the scale is the whole row's."""
@@ -68,7 +68,7 @@ class Int8WeightTensor(QuantizedWeight):
         """None: any cut is valid, the scale is per output channel."""
         return None
 
-    def narrow_shard(self, dim: int, start: int, length: int) -> "Int8WeightTensor":
+    def narrow_shard(self, dim: int, start: int, length: int) -> Int8WeightTensor:
         """Rows (dim 0, with their scales) or input features (dim 1, every scale) ``[start,
         start + length)`` as a weight of their own (same class)."""
         qdata = self.qdata.narrow(dim, start, length).contiguous()
@@ -98,7 +98,9 @@ def int8_linear(x: torch.Tensor, weight: Int8WeightTensor, bias: torch.Tensor | 
     if x.requires_grad and torch.is_grad_enabled():
         return linear_with_input_grad(x, weight, bias)
     unsafe_bf16 = x.dtype == torch.bfloat16 and x.shape[-1] % 16
-    if x.dim() == 2 and bias is None and not unsafe_bf16 and x.is_contiguous() and x.stride(1) == 1:  # decode: just the kernel
+    if (
+        x.dim() == 2 and bias is None and not unsafe_bf16 and x.is_contiguous() and x.stride(1) == 1
+    ):  # decode: just the kernel
         return torch._weight_int8pack_mm(x, weight.qdata, weight.scale)
     x2d = as_kernel_input(x)
     if unsafe_bf16:

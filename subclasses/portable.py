@@ -53,7 +53,9 @@ def restore_state(weight: Any, state: Any) -> None:
     cls = type(weight)
     where = f"{cls.__name__} of shape {tuple(weight.shape)}"
     if not isinstance(state, dict) or not {"format_version", "tensors", "attributes"} <= state.keys():
-        raise ValueError(f"{where}: corrupt checkpoint state (expected a dict with format_version, tensors, attributes)")
+        raise ValueError(
+            f"{where}: corrupt checkpoint state (expected a dict with format_version, tensors, attributes)"
+        )
     check_version(state["format_version"], where)
     built = build(cls, state["tensors"], state["attributes"], tuple(weight.shape), weight.dtype, where)
     if built.device != weight.device:
@@ -83,7 +85,9 @@ def build(
         got = sorted(attributes) if isinstance(attributes, dict) else type(attributes).__name__
         raise ValueError(f"{where}: {cls.__name__} needs attributes {list(cls.tensor_attribute_names)}, got {got}")
     if len(shape) != 2 or not all(isinstance(d, int) and d > 0 for d in shape) or dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{where}: a quantized weight needs a 2-D shape and a dtype in {FLOAT_DTYPES}, got {shape}, {dtype}")
+        raise ValueError(
+            f"{where}: a quantized weight needs a 2-D shape and a dtype in {FLOAT_DTYPES}, got {shape}, {dtype}"
+        )
     try:
         expected = cls.portable_inner_shapes(shape, dtype, attributes)
     except ValueError as error:

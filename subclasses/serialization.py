@@ -100,12 +100,14 @@ def unflatten_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         if key in tensors:
             raise ValueError(f"{key!r} is both a quantized weight in the metadata and a plain tensor")
         prefix = f"{key}{SEPARATOR}"
-        inner = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        inner = {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}
         used.update(prefix + name for name in inner)
         out[key] = build(cls, inner, attributes, shape, dtype, repr(key))
     stray = [key for key in tensors if SEPARATOR in key and key not in used]
     if stray:
-        raise ValueError(f"tensors {stray} look like inner tensors of quantized weights but the metadata does not describe them")
+        raise ValueError(
+            f"tensors {stray} look like inner tensors of quantized weights but the metadata does not describe them"
+        )
     for key, t in tensors.items():
         if SEPARATOR not in key:
             out[key] = t

@@ -50,7 +50,9 @@ def _view(func, args, kwargs):
     # DTensor.to_local() returns local.view_as(local): the same shape is all a weight can be viewed as.
     weight: QuantizedWeight = args[0]
     if tuple(args[1]) != tuple(weight.outer_shape):
-        raise NotImplementedError(f"{type(weight).__name__} of shape {tuple(weight.outer_shape)} cannot be viewed as {tuple(args[1])}")
+        raise NotImplementedError(
+            f"{type(weight).__name__} of shape {tuple(weight.outer_shape)} cannot be viewed as {tuple(args[1])}"
+        )
     out = weight.rebuild([t.view(t.shape) for t in weight.inner_tensors()])
     return return_and_correct_aliasing(func, args, kwargs, out)
 
@@ -82,15 +84,17 @@ def _no_empty_like(func, args, kwargs):
 
 
 for _cls in FORMATS.values():
-    _cls.dispatch_table.update({
-        aten.slice.Tensor: _slice,
-        aten.split.Tensor: _split,
-        aten.linear.default: _linear_op,
-        aten.t.default: _transpose,
-        aten.view.default: _view,
-        aten.is_pinned.default: _is_pinned,
-        aten.empty_like.default: _no_empty_like,
-    })
+    _cls.dispatch_table.update(
+        {
+            aten.slice.Tensor: _slice,
+            aten.split.Tensor: _split,
+            aten.linear.default: _linear_op,
+            aten.t.default: _transpose,
+            aten.view.default: _view,
+            aten.is_pinned.default: _is_pinned,
+            aten.empty_like.default: _no_empty_like,
+        }
+    )
 
 
 class TransposedWeight(torch.Tensor):
@@ -103,7 +107,7 @@ class TransposedWeight(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
 
     @staticmethod
-    def __new__(cls, weight: QuantizedWeight) -> "TransposedWeight":
+    def __new__(cls, weight: QuantizedWeight) -> TransposedWeight:
         n, k = weight.outer_shape
         return torch.Tensor._make_wrapper_subclass(
             cls, (k, n), strides=(1, k), dtype=weight.outer_dtype, device=weight.device, requires_grad=False
@@ -119,7 +123,7 @@ class TransposedWeight(torch.Tensor):
         return ["weight"], None
 
     @staticmethod
-    def __tensor_unflatten__(inner: dict, meta: Any, outer_size: Any, outer_stride: Any) -> "TransposedWeight":
+    def __tensor_unflatten__(inner: dict, meta: Any, outer_size: Any, outer_stride: Any) -> TransposedWeight:
         return TransposedWeight(inner["weight"])
 
     @classmethod
@@ -127,8 +131,13 @@ class TransposedWeight(torch.Tensor):
         kwargs = kwargs or {}
         if func in (aten.mm.default, aten.matmul.default) and type(args[1]) is cls and type(args[0]) is not cls:
             return _linear(args[0], args[1].weight, None)
-        if (func is aten.addmm.default and type(args[2]) is cls and type(args[1]) is not cls
-                and kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1):
+        if (
+            func is aten.addmm.default
+            and type(args[2]) is cls
+            and type(args[1]) is not cls
+            and kwargs.get("beta", 1) == 1
+            and kwargs.get("alpha", 1) == 1
+        ):
             return _linear(args[1], args[2].weight, args[0])
         if func is aten.t.default:  # an alias, not the weight itself: t() is a view
             return aten.alias.default(args[0].weight)
@@ -166,7 +175,9 @@ def quantize_dtensor(weight: Any, config: Any) -> torch.Tensor:
 
     mesh, placements = weight.device_mesh, tuple(weight.placements)
     if mesh.ndim != 1 or not isinstance(placements[0], (Shard, Replicate)):
-        raise ValueError(f"quantize_ takes DTensor weights sharded or replicated over a 1-D mesh, got {placements} on {mesh}")
+        raise ValueError(
+            f"quantize_ takes DTensor weights sharded or replicated over a 1-D mesh, got {placements} on {mesh}"
+        )
     local = weight.to_local()
     kwargs = {}
     if placements[0] == Shard(1) and getattr(config, "scale_covers_row", False):

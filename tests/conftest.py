@@ -28,4 +28,3 @@ def _seed_and_reset_dynamo():
     torch.manual_seed(0)
     torch._dynamo.reset()
     yield
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -64,7 +64,7 @@ def inputs() -> list[torch.Tensor]:
 class GraphCounter:
     """Graphs Dynamo hands to a backend (one per compile or recompile), whatever the backend."""
 
-    def __enter__(self) -> "GraphCounter":
+    def __enter__(self) -> GraphCounter:
         self.start = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         return self
 
@@ -128,7 +128,9 @@ LIGHT_MODES: dict[str, tuple[Callable[[nn.Module, list[torch.Tensor]], list[torc
 }
 
 
-def check_sequence(model: nn.Module, run: Callable[[nn.Module, list[torch.Tensor]], list[torch.Tensor]], reference: nn.Module) -> int:
+def check_sequence(
+    model: nn.Module, run: Callable[[nn.Module, list[torch.Tensor]], list[torch.Tensor]], reference: nn.Module
+) -> int:
     """Run ``run`` over the shape sequence; every output matches eager; returns the graph count."""
     xs = inputs()
     with torch.inference_mode():

@@ -16,7 +16,11 @@ from subclasses.int4_packing import cpu_layout
 def test_cuda_floor_shares_inner_tensors_and_runs_on_fake_cuda(config, floor):
     cpu_layout()
     with FakeTensorMode():
-        layers = [nn.Linear(256, 128, bias=False, dtype=torch.bfloat16), nn.ReLU(), nn.Linear(128, 64, bias=False, dtype=torch.bfloat16)]
+        layers = [
+            nn.Linear(256, 128, bias=False, dtype=torch.bfloat16),
+            nn.ReLU(),
+            nn.Linear(128, 64, bias=False, dtype=torch.bfloat16),
+        ]
         model = quantize_(nn.Sequential(*layers), config).to("cuda:0")
         floored = cuda_floor_model(model)
         assert [type(m) for m in floored] == [floor, nn.ReLU, floor]

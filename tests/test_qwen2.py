@@ -9,8 +9,14 @@ from perf.qwen import Decoder, build_qwen2, floor_model_nd  # noqa: E402
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, quantize_  # noqa: E402
 from unwrap import unwrap  # noqa: E402
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+)
 CONFIGS = {"int4": Int4WeightOnlyConfig(group_size=32), "int8": Int8WeightOnlyConfig()}
 
 

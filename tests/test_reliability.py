@@ -6,7 +6,7 @@ import os
 import threading
 import tracemalloc
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -52,6 +52,7 @@ def one_thread():
 
 # ---- the bad-input matrix (README "Bad input and limits"), one row per case ----
 
+
 def _weight(name: str) -> torch.Tensor:
     return CONFIGS[name].quantize(torch.randn(32, 64, dtype=BF16))
 
@@ -62,10 +63,18 @@ MATRIX = [
     ("activation dtype != weight dtype", lambda w: F.linear(torch.randn(2, 64), w), TypeError, "does not match"),
     ("wrong in_features", lambda w: F.linear(torch.randn(2, 3, 48, dtype=BF16), w), ValueError, "in_features=64"),
     ("0-D activation", lambda w: F.linear(torch.tensor(1.0, dtype=BF16), w), ValueError, "in_features=64"),
-    ("bias dtype != activation dtype", lambda w: F.linear(torch.randn(2, 64, dtype=BF16), w, torch.randn(32)),
-     TypeError, "bias dtype"),
-    ("bias of the wrong length (as plain F.linear)",
-     lambda w: F.linear(torch.randn(2, 64, dtype=BF16), w, torch.randn(31, dtype=BF16)), RuntimeError, "size"),
+    (
+        "bias dtype != activation dtype",
+        lambda w: F.linear(torch.randn(2, 64, dtype=BF16), w, torch.randn(32)),
+        TypeError,
+        "bias dtype",
+    ),
+    (
+        "bias of the wrong length (as plain F.linear)",
+        lambda w: F.linear(torch.randn(2, 64, dtype=BF16), w, torch.randn(31, dtype=BF16)),
+        RuntimeError,
+        "size",
+    ),
     ("any other op on the weight", lambda w: w + 1, NotImplementedError, "dequantize"),
 ]
 
@@ -153,6 +162,7 @@ def test_unwrap_and_rewrap_without_subclasses_are_no_ops():
 
 # ---- long runs ----
 
+
 def rss_bytes() -> int:
     """Current resident set size (Linux)."""
     with open("/proc/self/statm") as f:
@@ -235,6 +245,7 @@ def test_2d_batch_1_to_64_compiles(name, mark, compiles, one_thread):
 
 
 # ---- threads ----
+
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("unwrapped", [False, True], ids=["wrapped", "unwrapped"])

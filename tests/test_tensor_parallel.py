@@ -77,9 +77,13 @@ def test_check_plan_names_the_layer_and_sizes():
     model = nn.Sequential(nn.Linear(192, 64), nn.Linear(64, 192)).bfloat16()
     quantize_(model, CONFIGS["int4"])
     check_plan(model, {"0": ColwiseParallel(), "1": ColwiseParallel()}, WORLD)  # 32 and 96 rows: fine
-    with pytest.raises(ValueError, match=r"^0 \(RowwiseParallel over 2 ranks\): .*\(64, 192\) at in_features \[0, 96\)"):
+    with pytest.raises(
+        ValueError, match=r"^0 \(RowwiseParallel over 2 ranks\): .*\(64, 192\) at in_features \[0, 96\)"
+    ):
         check_plan(model, {"0": RowwiseParallel()}, WORLD)
-    with pytest.raises(ValueError, match=r"^1 \(ColwiseParallel over 8 ranks\): .*\(192, 64\) at out_features \[0, 24\)"):
+    with pytest.raises(
+        ValueError, match=r"^1 \(ColwiseParallel over 8 ranks\): .*\(192, 64\) at out_features \[0, 24\)"
+    ):
         check_plan(model, {"1": ColwiseParallel()}, 8)
 
 
@@ -110,8 +114,11 @@ def _plan():
 
 def _inner(named: dict) -> dict:
     """The inner tensors of each quantized local shard, by name."""
-    return {name: [t.clone() for t in local_weight(p).inner_tensors()] for name, p in named.items()
-            if isinstance(local_weight(p), QuantizedWeight)}
+    return {
+        name: [t.clone() for t in local_weight(p).inner_tensors()]
+        for name, p in named.items()
+        if isinstance(local_weight(p), QuantizedWeight)
+    }
 
 
 def _layers_checks(mesh) -> dict:
@@ -134,9 +141,12 @@ def _layers_checks(mesh) -> dict:
         a, b = _inner(dict(first.named_parameters())), _inner(dict(later.named_parameters()))
         with torch.inference_mode():
             y = first(x)
-        out[fmt] = dict(same_local=list(a) == list(b) == ["0.weight", "1.weight"]
-                        and all(torch.equal(s, t) for k in a for s, t in zip(a[k], b[k])),
-                        sqnr=sqnr(ref, y), bytes=(local_weight_bytes(first), full_bytes))
+        out[fmt] = dict(
+            same_local=list(a) == list(b) == ["0.weight", "1.weight"]
+            and all(torch.equal(s, t) for k in a for s, t in zip(a[k], b[k])),
+            sqnr=sqnr(ref, y),
+            bytes=(local_weight_bytes(first), full_bytes),
+        )
     # parallelize_module's default (src_data_rank=0) would scatter the quantized weight
     model = quantize_(nn.Sequential(nn.Linear(256, 512)).bfloat16(), CONFIGS["int4"])
     try:
@@ -158,7 +168,9 @@ def _qwen2_checks(mesh, checkpoint_dir: str) -> dict:
     def model(seed: int) -> nn.Module:
         return quantize_(build_qwen2(QWEN2_SHAPES["Qwen2 tiny"], seed=seed), Int4WeightOnlyConfig())
 
-    prompt = torch.randint(0, QWEN2_SHAPES["Qwen2 tiny"]["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(
+        0, QWEN2_SHAPES["Qwen2 tiny"]["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1)
+    )
     tp1 = model(0)
     with torch.inference_mode():
         logits1 = tp1(prompt).logits
@@ -169,8 +181,11 @@ def _qwen2_checks(mesh, checkpoint_dir: str) -> dict:
     out["bytes"] = local_weight_bytes(tp2) - vocab
     with torch.inference_mode():
         logits2 = tp2(prompt).logits
-    out.update(tokens2=Decoder(tp2).generate(TOKENS), sqnr=sqnr(logits1, logits2),
-               argmax_same=torch.equal(logits1.argmax(-1), logits2.argmax(-1)))
+    out.update(
+        tokens2=Decoder(tp2).generate(TOKENS),
+        sqnr=sqnr(logits1, logits2),
+        argmax_same=torch.equal(logits1.argmax(-1), logits2.argmax(-1)),
+    )
     keys = list(tp2.state_dict())
     dcp.save(tp2.state_dict(), checkpoint_id=checkpoint_dir)
     saved = _inner(tp2.state_dict())
@@ -187,7 +202,9 @@ def _qwen2_checks(mesh, checkpoint_dir: str) -> dict:
     dcp.load(state, checkpoint_id=checkpoint_dir)
     fresh.load_state_dict(state)
     loaded = _inner(fresh.state_dict())
-    out["loaded"] = list(loaded) == list(saved) and all(torch.equal(s, t) for k in saved for s, t in zip(saved[k], loaded[k]))
+    out["loaded"] = list(loaded) == list(saved) and all(
+        torch.equal(s, t) for k in saved for s, t in zip(saved[k], loaded[k])
+    )
     out["loaded_tokens"] = Decoder(fresh).generate(TOKENS)
     return out
 
@@ -248,8 +265,11 @@ def test_qwen2_each_rank_holds_half_the_quantized_bytes(ranks):
 def test_qwen2_unwrapped_tp_registers_plain_local_tensors(ranks):
     q = ranks[0]["qwen2"]
     assert q["plain"] == ["Parameter"] and q["same_keys"]
-    assert q["plain_names"] == ["weight___local_tensor__packed", "weight___local_tensor__scale_and_zero",
-                                "bias___local_tensor"]
+    assert q["plain_names"] == [
+        "weight___local_tensor__packed",
+        "weight___local_tensor__scale_and_zero",
+        "bias___local_tensor",
+    ]
 
 
 def test_distributed_checkpoint_saves_and_loads_the_shards(ranks):
@@ -265,8 +285,13 @@ def test_tp_report_table_and_cli(monkeypatch, capsys):
     import perf.tp
     from perf.__main__ import parse_args
 
-    rows = [dict(variant="int4", bytes={1: 4 * 2**20, 2: 3 * 2**20},
-                 ms={"1 eager": 9.0, "1 compiled": 2.0, "2 eager": 30.0, "2 compiled": 3.0})]
+    rows = [
+        dict(
+            variant="int4",
+            bytes={1: 4 * 2**20, 2: 3 * 2**20},
+            ms={"1 eager": 9.0, "1 compiled": 2.0, "2 eager": 30.0, "2 compiled": 3.0},
+        )
+    ]
     monkeypatch.setattr(perf.tp, "run_ranks", lambda fn, world, *args, timeout: [rows, rows])
     table = perf.tp.tp_report(2, ["Qwen2 tiny"], ["int4"], threads=2, quick=True, progress=lambda _: None)
     assert "| int4 | 9.00 | 2.00 | 30.00 | 3.00 | 1.50 | 4.0 / 3.0 |" in table

@@ -19,7 +19,8 @@ import hashlib
 import linecache
 import sys
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -162,7 +163,7 @@ def define(cls: type, template: str, fields: dict[str, Any], owners: list[str]) 
     ``linecache`` knows (one per distinct source), its globals ``GLOBALS``; the per-weight
     globals in ``owners`` are released when ``cls`` is collected."""
     source = template.format(**fields)
-    function = source[len("def "): source.index("(")]
+    function = source[len("def ") : source.index("(")]
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
     filename = f"<unwrap generated {cls.__name__}.{function} {digest}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)

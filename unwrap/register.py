@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,9 +42,7 @@ class UnwrappedModule(nn.Module):
         # Emit the subclass under its original key, where it stood, instead of its plain tensors.
         local: dict[str, Any] = {}
         super()._save_to_state_dict(local, prefix, keep_vars)
-        first_plain = {
-            f"{prefix}{name}{SEPARATOR}{spec.paths()[0]}": name for name, spec in self._unwrapped.items()
-        }
+        first_plain = {f"{prefix}{name}{SEPARATOR}{spec.paths()[0]}": name for name, spec in self._unwrapped.items()}
         plain_keys = {
             f"{prefix}{name}{SEPARATOR}{path}" for name, spec in self._unwrapped.items() for path in spec.paths()
         }
@@ -55,7 +54,9 @@ class UnwrappedModule(nn.Module):
             elif key not in plain_keys:
                 destination[key] = value
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[override]
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # type: ignore[override]
         for name, spec in self._unwrapped.items():
             key = prefix + name
             if key not in state_dict or self._unwrapped_kind[name] == "non-persistent buffer":
@@ -90,8 +91,14 @@ class UnwrappedModule(nn.Module):
                     if torch._has_compatible_shallow_copy_type(tensor, new):
                         tensor.data = new
                     else:
-                        replaced[path] = nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
-                spec.meta, spec.outer_size, spec.outer_stride = new_spec.meta, new_spec.outer_size, new_spec.outer_stride
+                        replaced[path] = (
+                            nn.Parameter(new, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else new
+                        )
+                spec.meta, spec.outer_size, spec.outer_stride = (
+                    new_spec.meta,
+                    new_spec.outer_size,
+                    new_spec.outer_stride,
+                )
                 refresh_nested(spec, new_spec)
                 spec.cached = None
                 applied[id(spec)] = (spec, replaced)
@@ -116,7 +123,9 @@ class UnwrappedModule(nn.Module):
                 store.update((key, hidden[key] if key in hidden else items[key]) for key in order)
 
 
-_APPLIED: "weakref.WeakKeyDictionary[Callable, dict[int, tuple[SubclassSpec, dict[str, torch.Tensor]]]]" = weakref.WeakKeyDictionary()
+_APPLIED: weakref.WeakKeyDictionary[Callable, dict[int, tuple[SubclassSpec, dict[str, torch.Tensor]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _eager_get(module: UnwrappedModule, name: str) -> torch.Tensor:
@@ -169,7 +178,7 @@ def _install_accessors(module: UnwrappedModule) -> None:
             "bias": "self._parameters['bias']" if "bias" in module._parameters else "self.bias",
             **codegen.cache_fields(weight, "weight"),
         }
-        setattr(cls, "forward", codegen.define(cls, codegen.LINEAR_FORWARD, fields, owners))
+        cls.forward = codegen.define(cls, codegen.LINEAR_FORWARD, fields, owners)
 
 
 def _store_name(module: UnwrappedModule, name: str) -> str:
@@ -203,7 +212,9 @@ def _setter(name: str) -> Callable[[UnwrappedModule, torch.Tensor], None]:
     return set
 
 
-def _register_plain(module: UnwrappedModule, name: str, value: torch.Tensor, kind: str, spec_cache: dict | None = None) -> None:
+def _register_plain(
+    module: UnwrappedModule, name: str, value: torch.Tensor, kind: str, spec_cache: dict | None = None
+) -> None:
     """Register ``value``'s plain tensors on ``module`` as ``name__path`` and record its spec."""
     shared = spec_cache.get(id(value)) if spec_cache is not None else None
     if shared is not None:
@@ -212,7 +223,9 @@ def _register_plain(module: UnwrappedModule, name: str, value: torch.Tensor, kin
         spec, plain = flatten_subclass(value)
         if kind == "parameter":
             plain = {
-                path: t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=spec.requires_grad and t.is_floating_point())
+                path: t
+                if isinstance(t, nn.Parameter)
+                else nn.Parameter(t, requires_grad=spec.requires_grad and t.is_floating_point())
                 for path, t in plain.items()
             }
         if spec_cache is not None:
@@ -238,7 +251,9 @@ def _unregister_plain(module: UnwrappedModule, name: str) -> dict[str, torch.Ten
     return plain
 
 
-def _subclass_entries(module: nn.Module, prefix: str, left_wrapped: dict[str, str]) -> list[tuple[str, torch.Tensor, str]]:
+def _subclass_entries(
+    module: nn.Module, prefix: str, left_wrapped: dict[str, str]
+) -> list[tuple[str, torch.Tensor, str]]:
     """The subclass parameters and buffers ``unwrap`` can take; the others go to ``left_wrapped``
     (qualified name -> why)."""
     entries: list[tuple[str, torch.Tensor, str]] = []

@@ -36,7 +36,7 @@ class SubclassSpec:
     meta: Any
     outer_size: torch.Size
     outer_stride: tuple[int, ...]
-    inner: dict[str, "SubclassSpec | str | Opaque"]
+    inner: dict[str, SubclassSpec | str | Opaque]
     requires_grad: bool = False
     # Eager cache: the last rebuilt subclass and the plain tensors it was built from.
     cached: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = field(default=None, repr=False)
@@ -52,8 +52,11 @@ class SubclassSpec:
 
     def rebuild(self, plain: dict[str, torch.Tensor]) -> torch.Tensor:
         inner = {
-            name: value.rebuild(plain) if isinstance(value, SubclassSpec)
-            else value.value if isinstance(value, Opaque) else plain[value]
+            name: value.rebuild(plain)
+            if isinstance(value, SubclassSpec)
+            else value.value
+            if isinstance(value, Opaque)
+            else plain[value]
             for name, value in self.inner.items()
         }
         return self.subclass.__tensor_unflatten__(inner, self.meta, self.outer_size, self.outer_stride)
@@ -80,7 +83,18 @@ def flatten_subclass(tensor: torch.Tensor, prefix: str = "") -> tuple[SubclassSp
 
 
 # Metadata values Dynamo treats as constants when it rebuilds a subclass inside a graph.
-_CONSTANT_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format, enum.Enum)
+_CONSTANT_TYPES = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+    enum.Enum,
+)
 
 
 def untraceable_metadata(tensor: Any) -> str | None:

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, Int8WeightTensor, Packing, quantize_
+from subclasses import (
+    Int4WeightOnlyConfig,
+    Int4WeightTensor,
+    Int8WeightOnlyConfig,
+    Int8WeightTensor,
+    Packing,
+    quantize_,
+)
 from subclasses.int4_cuda import (
     K_TILE,
     N_TILE,
@@ -29,6 +36,8 @@ def tinygemm_packed_shape(n: int, k: int) -> tuple[int, int, int, int]:
     """Shape of the int32 tensor ``_convert_weight_to_int4pack`` returns for an [n, k] weight."""
     tiles = check_tinygemm_shape(n, k)
     return (n // N_TILE, k // (tiles * K_TILE), 32, tiles // 2)
+
+
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sm80+ for the int4 kernel)")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -48,8 +57,14 @@ def convert_like_cuda_kernel(canonical: torch.Tensor, inner_k_tiles: int) -> tor
                     ks = [base0 + t % 4, base0 + t % 4 + 4, base0 + 8 + t % 4, base0 + 8 + t % 4 + 4]
                     v = [rows[n0][kk] if n0 < n and kk < half_k else 0 for kk in ks]
                     pack = (
-                        (v[3] & 0xF) << 28 | (v[2] & 0xF) << 24 | (v[1] & 0xF) << 20 | (v[0] & 0xF) << 16
-                        | (v[3] & 0xF0) << 8 | (v[2] & 0xF0) << 4 | (v[1] & 0xF0) | (v[0] & 0xF0) >> 4
+                        (v[3] & 0xF) << 28
+                        | (v[2] & 0xF) << 24
+                        | (v[1] & 0xF) << 20
+                        | (v[0] & 0xF) << 16
+                        | (v[3] & 0xF0) << 8
+                        | (v[2] & 0xF0) << 4
+                        | (v[1] & 0xF0)
+                        | (v[0] & 0xF0) >> 4
                     )
                     out[n_tile, k_outer, t, inner // 2] = pack - (1 << 32) if pack >= 1 << 31 else pack
     return out.to(torch.int32)
@@ -329,7 +344,10 @@ def test_cuda_graph_of_ours_is_the_floor_graph(fake_mode, config):
     from perf.cuda import cuda_floor_model
 
     def two_layer():  # the report's W2 shapes, batch 1
-        layers = [nn.Linear(512, 1024, bias=False, dtype=torch.bfloat16), nn.Linear(1024, 1024, bias=False, dtype=torch.bfloat16)]
+        layers = [
+            nn.Linear(512, 1024, bias=False, dtype=torch.bfloat16),
+            nn.Linear(1024, 1024, bias=False, dtype=torch.bfloat16),
+        ]
         return quantize_(nn.Sequential(*layers), config).to("cuda:0")
 
     x = torch.randn(1, 512, dtype=torch.bfloat16, device="cuda:0")

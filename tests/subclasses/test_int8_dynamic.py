@@ -60,8 +60,9 @@ def test_int_mm_matches_emulation_and_dequantize_reference(dtype, k, m):
 def test_fallback_without_int_mm_is_the_same_product():
     weight = Int8DynamicActivationInt8WeightTensor.from_float(torch.randn(32, 72, dtype=torch.bfloat16))
     x = torch.randn(6, 72, dtype=torch.bfloat16)
-    with mock.patch.object(int8_dynamic, "int_mm_supported", return_value=False), mock.patch.object(
-        torch, "_int_mm", side_effect=AssertionError("_int_mm called")
+    with (
+        mock.patch.object(int8_dynamic, "int_mm_supported", return_value=False),
+        mock.patch.object(torch, "_int_mm", side_effect=AssertionError("_int_mm called")),
     ):
         out = F.linear(x, weight)
     assert torch.equal(out, F.linear(x, weight))

@@ -76,8 +76,10 @@ def test_toy_format_round_trips_checkpoints(tmp_path, suffix):
     loaded = load_checkpoint(path)
     for key, value in model.state_dict().items():
         assert type(loaded[key]) is type(value)
-        assert torch.equal(loaded[key].dequantize() if isinstance(value, QuantizedWeight) else loaded[key],
-                           value.dequantize() if isinstance(value, QuantizedWeight) else value)
+        assert torch.equal(
+            loaded[key].dequantize() if isinstance(value, QuantizedWeight) else loaded[key],
+            value.dequantize() if isinstance(value, QuantizedWeight) else value,
+        )
 
 
 def test_toy_format_checkpoint_is_validated(tmp_path):
@@ -86,7 +88,9 @@ def test_toy_format_checkpoint_is_validated(tmp_path):
 
     tensors, metadata = flatten_state_dict(state)
     tensors["0.weight:qdata"] = tensors["0.weight:qdata"][:8]
-    with pytest.raises(ValueError, match=r"'0.weight': inner tensor 'qdata' must be \(64, 32\) torch.int8, got \(8, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"'0.weight': inner tensor 'qdata' must be \(64, 32\) torch.int8, got \(8, 32\)"
+    ):
         unflatten_state_dict(tensors, metadata)
 
 
@@ -95,7 +99,11 @@ def test_toy_format_eager_compiled_exported(unwrapped):
     model = toy_model()
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     with torch.no_grad():
-        expected = F.linear(F.relu(F.linear(x, model[0].weight.dequantize(), model[0].bias)), model[2].weight.dequantize(), model[2].bias)
+        expected = F.linear(
+            F.relu(F.linear(x, model[0].weight.dequantize(), model[0].bias)),
+            model[2].weight.dequantize(),
+            model[2].bias,
+        )
         if unwrapped:
             unwrap(model)
             assert "weight__qdata" in dict(model[0].named_parameters())

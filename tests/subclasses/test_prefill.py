@@ -73,8 +73,10 @@ def test_partial_block_uses_generic_dequantize():
     """N = 48 is not a multiple of the AVX512 block (64): the generic unpack, same numerics."""
     weight = Int4WeightTensor.from_float(torch.randn(48, 256, dtype=torch.bfloat16), 128)
     x = torch.randn(crossover_rows(48, 256) + 1, 256, dtype=torch.bfloat16)
-    with mock.patch.object(prefill, "dequantize_kn", side_effect=AssertionError("fast path")), \
-            mock.patch.object(prefill, "eager_dequantize_kn", side_effect=AssertionError("fast path")):
+    with (
+        mock.patch.object(prefill, "dequantize_kn", side_effect=AssertionError("fast path")),
+        mock.patch.object(prefill, "eager_dequantize_kn", side_effect=AssertionError("fast path")),
+    ):
         out = F.linear(x, weight)
     assert sqnr(F.linear(x, weight.dequantize()), out) > 35
 

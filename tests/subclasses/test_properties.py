@@ -140,7 +140,9 @@ def run_case(case: Case) -> dict:
     product = F.linear(x.detach().float(), dense32)
     ref, signal = (product, None) if b is None else (product + b.float(), product.abs() + b.float().abs())
     outcome.update(
-        shape=list(out.shape), dtype=str(out.dtype), finite=bool(torch.isfinite(out).all()),
+        shape=list(out.shape),
+        dtype=str(out.dtype),
+        finite=bool(torch.isfinite(out).all()),
         sqnr=sqnr_db(ref, out, signal),
         unchanged=torch.equal(dense, w),
     )
@@ -194,8 +196,12 @@ class Worker:
             root = Path(__file__).resolve().parents[2]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.subclasses.test_properties"], cwd=root, env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                [sys.executable, "-m", "tests.subclasses.test_properties"],
+                cwd=root,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(payload) + "\n")
@@ -204,7 +210,9 @@ class Worker:
         line = self.proc.stdout.readline() if ready else ""
         if not line:
             self.close()
-            raise WorkerCrashed(f"worker exited with {self.proc.returncode} (negative: killed by that signal) on {payload}")
+            raise WorkerCrashed(
+                f"worker exited with {self.proc.returncode} (negative: killed by that signal) on {payload}"
+            )
         outcome = json.loads(line)
         assert "exception" not in outcome, f"{payload} raised in the worker:\n{outcome.get('exception')}"
         return outcome
@@ -248,9 +256,17 @@ def cases(draw, fmt: str, dtypes=tuple(DTYPES)) -> Case:
     n = 16 * draw(st.integers(1, 10)) if draw(st.sampled_from(aligned)) else draw(st.integers(1, 200))
     k = unit * draw(st.integers(1, 4)) if draw(st.sampled_from(aligned)) else draw(st.integers(1, 600))
     return Case(
-        fmt=fmt, group_size=group_size, n=n, k=k, dtype=draw(st.sampled_from(dtypes)),
-        batch=draw(st.sampled_from(BATCHES)), layout=draw(st.sampled_from(LAYOUTS)), bias=draw(st.booleans()),
-        requires_grad=draw(st.booleans()), api=draw(st.sampled_from(APIS)), seed=draw(st.integers(0, 2**16)),
+        fmt=fmt,
+        group_size=group_size,
+        n=n,
+        k=k,
+        dtype=draw(st.sampled_from(dtypes)),
+        batch=draw(st.sampled_from(BATCHES)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        bias=draw(st.booleans()),
+        requires_grad=draw(st.booleans()),
+        api=draw(st.sampled_from(APIS)),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 

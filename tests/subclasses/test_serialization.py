@@ -17,7 +17,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import subclasses.int4_packing as int4_packing
 import subclasses.portable as portable
-import subclasses.serialization as serialization
 from subclasses import (
     Int4WeightOnlyConfig,
     Int4WeightTensor,
@@ -30,9 +29,9 @@ from subclasses import (
     save_checkpoint,
     unflatten_state_dict,
 )
-from tests.subclasses.test_cuda_path import tinygemm_packed_shape
 from subclasses.int4_packing import CPU_LAYOUTS, pack_canonical, pack_cpu
 from tests.conftest import sqnr
+from tests.subclasses.test_cuda_path import tinygemm_packed_shape
 from unwrap import unwrap
 
 REPO = Path(__file__).resolve().parents[2]

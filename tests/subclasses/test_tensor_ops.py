@@ -32,8 +32,10 @@ def test_to_dtype_keeps_codes(weight):
 
 
 def test_copy_into_same_format(weight):
-    other = type(weight).from_float(torch.randn(64, 128, dtype=torch.bfloat16), *(
-        (weight.group_size,) if isinstance(weight, Int4WeightTensor) else ()))
+    other = type(weight).from_float(
+        torch.randn(64, 128, dtype=torch.bfloat16),
+        *((weight.group_size,) if isinstance(weight, Int4WeightTensor) else ()),
+    )
     with torch.no_grad():
         weight.copy_(other)
     assert torch.equal(weight.dequantize(), other.dequantize())

@@ -43,9 +43,13 @@ def test_torch_save_of_a_torchao_int4_model_loads_into_ours(tmp_path, unwrapped)
     torch.save(theirs.state_dict(), tmp_path / "torchao.pt")
     state = load_torchao_state_dict(torch.load(tmp_path / "torchao.pt", weights_only=True))
     torch.manual_seed(1)  # other weights until loaded
-    ours = quantize_(nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64, bias=False)).to(torch.bfloat16),
-                     Int4WeightOnlyConfig(group_size=64))
-    assert not torch.equal(run(ours, torch.ones(1, 256, dtype=torch.bfloat16)), run(theirs, torch.ones(1, 256, dtype=torch.bfloat16)))
+    ours = quantize_(
+        nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64, bias=False)).to(torch.bfloat16),
+        Int4WeightOnlyConfig(group_size=64),
+    )
+    assert not torch.equal(
+        run(ours, torch.ones(1, 256, dtype=torch.bfloat16)), run(theirs, torch.ones(1, 256, dtype=torch.bfloat16))
+    )
     if unwrapped:
         ours = unwrap(ours)
     ours.load_state_dict(state)
@@ -77,8 +81,11 @@ def test_safetensors_int8_checkpoint_loads_into_ours(tmp_path):
 
 def test_safetensors_tile_packed_checkpoint_loads_into_ours_on_cpu(tmp_path):
     bf16 = bf16_model()
-    state = {"0.weight": tile_packed_like_torchao(bf16[0].weight.detach(), 128), "0.bias": bf16[0].bias.detach(),
-             "2.weight": tile_packed_like_torchao(bf16[2].weight.detach(), 128)}
+    state = {
+        "0.weight": tile_packed_like_torchao(bf16[0].weight.detach(), 128),
+        "0.bias": bf16[0].bias.detach(),
+        "2.weight": tile_packed_like_torchao(bf16[2].weight.detach(), 128),
+    }
     tensors, metadata = save_torchao_safetensors(state, tmp_path / "m.safetensors")
     ours = quantize_(bf16_model(), Int4WeightOnlyConfig(group_size=128, qparams_algorithm="tinygemm"))
     expected = copy.deepcopy(ours)  # our quantization of the same weights: the same tinygemm math

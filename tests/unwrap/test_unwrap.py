@@ -1,10 +1,9 @@
 import copy
-import warnings
 import io
+import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.testing._internal.two_tensor import TwoTensor
 
@@ -110,13 +109,13 @@ def test_tied_weight_stays_one_set_of_plain_tensors():
     assert isinstance(model.head.weight, Int4WeightTensor)
 
 
-
 def test_tied_weight_stays_tied_across_a_move_to_meta():
     """The meta device takes new plain tensors (`.data` cannot cross): both owners get the same."""
     model = unwrap(quantize_(TiedLM().bfloat16(), Int4WeightOnlyConfig(group_size=64))).to("meta")
     assert model.head.weight__packed is model.head_copy.weight__packed
     assert model.head.weight__packed.device.type == "meta"
     assert len(list(model.parameters())) == 4  # body + head, two inner tensors each
+
 
 class WithBuffers(nn.Module):
     def __init__(self):
@@ -172,7 +171,6 @@ def test_rebuilt_weight_never_stale(fmt):
     assert getattr(rebuilt, name.split("__")[1]) is getattr(layer, name)
 
 
-
 def test_a_dropped_unwrapped_model_frees_its_weights():
     """The eager cache lives on the module: nothing global keeps a dropped model's tensors alive."""
     import gc
@@ -185,6 +183,7 @@ def test_a_dropped_unwrapped_model_frees_its_weights():
     del model
     gc.collect()
     assert packed() is None
+
 
 def test_assigning_a_new_subclass_routes_through_and_plain_raises():
     model = unwrap(quantized_model("int8"))
@@ -234,7 +233,9 @@ def test_new_metadata_recompiles_never_stale():
     with torch.no_grad():
         compiled(x)
         w = model[0].weight
-        canonical = Int4WeightTensor(pack_canonical(w.codes()), w.scale_and_zero, w.group_size, "canonical", tuple(w.shape), w.dtype)
+        canonical = Int4WeightTensor(
+            pack_canonical(w.codes()), w.scale_and_zero, w.group_size, "canonical", tuple(w.shape), w.dtype
+        )
         assert canonical.packed.shape == w.packed.shape and canonical.packed.dtype == w.packed.dtype
         model[0].weight = canonical
         out = compiled(x)
@@ -408,7 +409,9 @@ class RecipeTensor(torch.Tensor):
         if func is torch.ops.aten.detach.default:  # nn.Parameter needs detach to keep the type
             return RecipeTensor(args[0].inner.detach(), args[0].recipe)
         unwrap_one = lambda t: t.inner * t.recipe.scale if isinstance(t, RecipeTensor) else t  # noqa: E731
-        return func(*torch.utils._pytree.tree_map(unwrap_one, args), **torch.utils._pytree.tree_map(unwrap_one, kwargs or {}))
+        return func(
+            *torch.utils._pytree.tree_map(unwrap_one, args), **torch.utils._pytree.tree_map(unwrap_one, kwargs or {})
+        )
 
 
 def recipe_model():
@@ -433,7 +436,9 @@ def test_subclass_with_non_constant_metadata_stays_wrapped_and_compiles():
     x = torch.randn(3, 8)
     with torch.no_grad():
         expected = model(x)
-    with pytest.warns(UserWarning, match=r"left 1 tensor\(s\) wrapped.*1\.weight \(a Recipe in RecipeTensor's metadata\)"):
+    with pytest.warns(
+        UserWarning, match=r"left 1 tensor\(s\) wrapped.*1\.weight \(a Recipe in RecipeTensor's metadata\)"
+    ):
         unwrap(model)
     assert isinstance(model[1].weight, nn.Parameter) and isinstance(model[1].weight, RecipeTensor)
     assert "weight" in model[1]._parameters  # still an ordinary parameter, not plain tensors
