@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .linear import declared_linear, torchao_style_constructor
+from .linear import declared_linear, torchao_style_constructor, unread_inner
 from .spec import SEPARATOR, DifferentiableRebuild, Opaque, SubclassSpec, flatten_subclass, refresh_nested, untraceable_metadata
 
 
@@ -163,7 +163,7 @@ def _inner_source(value: "SubclassSpec | str | Opaque", name: str, store: str) -
     return f"{store}[{name + SEPARATOR + value!r}]"
 
 
-def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
+def _rebuild_source(spec: SubclassSpec, name: str, store: str, unread: frozenset[str] = frozenset()) -> str:
     if _is_dtensor(spec.subclass):
         # Dynamo cannot trace DTensor's constructor (its __tensor_unflatten__), but traces
         # DTensor.from_local: the local tensor (plain or ours) and the mesh, shape, stride as is.
@@ -174,7 +174,7 @@ def _rebuild_source(spec: SubclassSpec, name: str, store: str) -> str:
             f"shape={tuple(spec.outer_size)!r}, stride={tuple(spec.outer_stride)!r})"
         )
     sources = {inner_name: _inner_source(value, name, store) for inner_name, value in spec.inner.items()}
-    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: _literal(v) or _global(v))
+    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: _literal(v) or _global(v), unread)
     if constructor is not None:
         return constructor
     inner = ", ".join(f"{inner_name!r}: {source}" for inner_name, source in sources.items())
@@ -190,18 +190,19 @@ def _is_dtensor(cls: type) -> bool:
     return module is not None and issubclass(cls, module.DTensor)
 
 
-def _accessor_source(module: UnwrappedModule, name: str, signature: str, result: str) -> str:
+def _accessor_source(module: UnwrappedModule, name: str, signature: str, result: str, unread: frozenset[str] = frozenset()) -> str:
     """Source of a function returning ``result`` (``{}``: the subclass ``name``). Under
     torch.compile it rebuilds the subclass from the plain tensors with the metadata written in as
     literals; in eager it returns the cached subclass while each plain tensor it was built from is
-    still registered (in-place changes show through), else ``_eager_get`` rebuilds it."""
+    still registered (in-place changes show through), else ``_eager_get`` rebuilds it. ``unread``:
+    inner tensors the compiled rebuild leaves out (``linear.unread_inner``)."""
     store = "_parameters" if module._unwrapped_kind[name] == "parameter" else "_buffers"
     spec = module._unwrapped[name]
     lines = [
         f"def {signature}:",
         "    if is_compiling():",
         f"        plain = self.{store}",
-        f"        return {result.format(_rebuild_source(spec, name, 'plain'))}",
+        f"        return {result.format(_rebuild_source(spec, name, 'plain', unread))}",
     ]
     held = " and ".join(f"plain[{name + SEPARATOR + path!r}] is held[{i}]" for i, path in enumerate(spec.paths()))
     lines += [
@@ -245,7 +246,9 @@ def _install_accessors(module: UnwrappedModule) -> None:
         # nn.Linear keeps its bias in _parameters; reading it there spares nn.Module.__getattr__.
         bias = "self._parameters['bias']" if "bias" in module._parameters else "self.bias"
         result = f"{_global(linear)}(input, {{}}, {bias})"
-        cls.forward = _generate(module, _accessor_source(module, "weight", "forward(self, input)", result), "forward")
+        weight = spec.rebuild(module._plain_tensors("weight")) if hasattr(linear, "unread_inner") else None
+        unread = unread_inner(linear, weight) if weight is not None else frozenset()
+        cls.forward = _generate(module, _accessor_source(module, "weight", "forward(self, input)", result, unread), "forward")
 
 
 def _refresh_class(module: UnwrappedModule) -> None:
