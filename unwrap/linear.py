@@ -101,9 +101,10 @@ def torchao_style_constructor(subclass: type, sources: dict[str, str], meta: Any
     required attributes, then the optional ones by keyword); None for any other class.
 
     ``sources``: source of each inner tensor by name; ``constant(value)``: source of a metadata
-    value; ``unread``: optional inner tensors to pass as None (see ``unread_inner``). Used for the compiled rebuild of the weight: that unflatten asks ``hasattr`` of the
-    class four times, and Dynamo adds a guard for each call of each layer; the call it ends in,
-    written out with the metadata as constants, needs none."""
+    value; ``unread``: optional inner tensors to pass as None (see ``unread_inner``). Used for the
+    compiled rebuild of the weight: that unflatten asks ``hasattr`` of the class four times, and
+    Dynamo adds a guard for each call of each layer; the call it ends in, written out with the
+    metadata as constants, needs none."""
     unflatten = getattr(subclass.__tensor_unflatten__, "__func__", None)
     base = next((c for c in subclass.__mro__ if c.__name__ == "TorchAOBaseTensor"), None)
     if base is None or unflatten is not getattr(base.__dict__.get("__tensor_unflatten__"), "__func__", None):
