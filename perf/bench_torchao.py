@@ -68,6 +68,9 @@ def prepared(workload: str, fmt: str, variant: str, mode: str) -> tuple[Callable
 def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant: str, mode: str,
              *, rounds: int = ROUNDS, number: int = 200) -> dict[str, object]:
     """Time ``variant`` with ``benchmark``, then against the floor interleaved (as bench_overhead)."""
+    # Built outside inference_mode, as a user builds a model: inference tensors have no version
+    # counter, so the lean int8 linear (subclasses/torchao_linear.py) could not keep its scale.
+    cached_variants(workload, fmt)
     with torch.inference_mode():
         ours, floor = prepared(workload, fmt, variant, mode), prepared(workload, fmt, "floor", mode)
     layers = sum(1 for _ in cached_variants(workload, fmt)[0]["floor"].children())

@@ -12,6 +12,7 @@ from .quant_api import (
     quantize_,
 )
 from . import tensor_parallel  # registers the ops DTensor needs on every format
+from . import torchao_linear  # declares lean linears for torchao's tensors to unwrap (no torchao import)
 from .serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
 from .torchao_interop import (
     ConversionSummary,

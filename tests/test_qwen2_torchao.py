@@ -1,5 +1,5 @@
-"""transformers' Qwen2 (tiny) quantized with torchao, converted with subclasses.from_torchao:
-the same greedy tokens, eager and unwrapped + compiled."""
+"""transformers' Qwen2 (tiny) quantized with torchao, converted with subclasses.from_torchao or only
+unwrapped: the same greedy tokens, eager and unwrapped + compiled."""
 
 import copy
 
@@ -36,3 +36,11 @@ def test_converted_qwen2_generates_the_same_tokens(torchao_qwen2):
     unwrap(converted)
     compiled = torch.compile(converted, fullgraph=True)
     assert Decoder(converted, compiled, max_len=32).generate(12) == expected
+
+
+def test_unwrapped_qwen2_generates_the_same_tokens(torchao_qwen2):
+    # not converted: the lean linear declared for Int4OpaqueTensor (3-D inputs, q/k/v biases)
+    expected = Decoder(torchao_qwen2, max_len=32).generate(12)
+    unwrapped = unwrap(copy.deepcopy(torchao_qwen2))
+    assert type(unwrapped.model.layers[0].self_attn.q_proj).forward is not torch.nn.Linear.forward
+    assert Decoder(unwrapped, max_len=32).generate(12) == expected

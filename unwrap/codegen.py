@@ -111,10 +111,13 @@ def constant(value: Any, owners: list[str]) -> str:
     return text if text is not None else global_name(value, owners)
 
 
-def rebuild_source(spec: SubclassSpec, attribute: str, store: str, owners: list[str]) -> str:
+def rebuild_source(
+    spec: SubclassSpec, attribute: str, store: str, owners: list[str], unread: frozenset[str] = frozenset()
+) -> str:
     """An expression rebuilding the subclass of ``spec`` from the plain tensors in the dict named
     ``store`` (keys ``f"{attribute}__{path}"``): DTensor by ``from_local``, a torchao-style class
-    by its constructor, any other by its ``__tensor_unflatten__`` with the metadata as literals."""
+    by its constructor (``unread``: optional inner tensors passed as None, see
+    ``linear.unread_inner``), any other by its ``__tensor_unflatten__`` with the metadata as literals."""
     sources = {name: _inner_source(value, attribute, store, owners) for name, value in spec.inner.items()}
     if _is_dtensor(spec.subclass):
         # Dynamo cannot trace DTensor's __tensor_unflatten__, but traces from_local: the local
@@ -124,7 +127,7 @@ def rebuild_source(spec: SubclassSpec, attribute: str, store: str, owners: list[
             f"{constant(spec.meta[0], owners)}, run_check=False, shape={literal(tuple(spec.outer_size))}, "
             f"stride={literal(tuple(spec.outer_stride))})"
         )
-    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: constant(v, owners))
+    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: constant(v, owners), unread)
     if constructor is not None:
         return constructor
     inner = ", ".join(f"{name!r}: {source}" for name, source in sources.items())

@@ -7,10 +7,19 @@ trip, and a compiled model guards nothing about the class's tables. The protocol
 1. ``__unwrap_linear__``: a class attribute, a function ``(input, weight, bias) -> Tensor`` that
    computes ``F.linear(input, weight, bias)`` for a ``weight`` of that class (a ``staticmethod``, or
    a plain function stored on the class). This is the protocol to implement.
-2. ``function_table[F.linear]``: the same function in a dict of ``__torch_function__`` overrides
+2. ``register_linear(name, fn)``: the same function registered for a class by its qualified name
+   (``module.qualname``), for classes one cannot edit; ``subclasses`` registers lean linears for
+   torchao's classes this way (``subclasses/torchao_linear.py``) without importing torchao.
+3. ``function_table[F.linear]``: the same function in a dict of ``__torch_function__`` overrides
    (``subclasses.QuantizedWeight`` keeps one per class).
-3. ``_TORCH_FN_TABLE[cls][F.linear]``: torchao's ``TorchAOBaseTensor`` convention, a per-class dict
+4. ``_TORCH_FN_TABLE[cls][F.linear]``: torchao's ``TorchAOBaseTensor`` convention, a per-class dict
    of overrides called as ``impl(func, types, args, kwargs)``; adapted here to the signature of 1.
+
+A declared linear may also carry ``unread_inner(weight) -> names``: optional inner tensors of
+``weight`` (keyword arguments of a torchao-style constructor, see ``torchao_style_constructor``) it
+never reads. The compiled forward's rebuild passes None for them, so Dynamo neither takes them as
+graph inputs nor guards them (torchao's weight-only ``Int8Tensor`` carries an all-zero
+``zero_point`` its linear ignores: one guard per layer).
 
 A subclass with none of them keeps the generic path (``nn.Linear.forward`` reading the weight
 through its property, so ``F.linear`` goes through ``__torch_function__``). This module imports no
@@ -27,6 +36,17 @@ from torch.nn import functional as F
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
+_REGISTERED: dict[str, LinearFn] = {}
+
+
+def register_linear(qualified_name: str, linear: LinearFn) -> None:
+    """Declare ``linear`` (``(input, weight, bias) -> Tensor``) as ``F.linear`` for the class named
+    ``qualified_name`` (``f"{cls.__module__}.{cls.__qualname__}"``, exactly; subclasses of it are
+    not covered), without importing or editing that class."""
+    if not callable(linear):
+        raise TypeError(f"register_linear({qualified_name!r}, ...): linear must be callable, got {type(linear).__name__}")
+    _REGISTERED[qualified_name] = linear
+
 
 def declared_linear(subclass: type) -> LinearFn | None:
     """The ``(input, weight, bias) -> Tensor`` function ``subclass`` declares for ``F.linear``
@@ -34,6 +54,9 @@ def declared_linear(subclass: type) -> LinearFn | None:
     linear = getattr(subclass, "__unwrap_linear__", None)
     if callable(linear):
         return linear
+    registered = _REGISTERED.get(f"{subclass.__module__}.{subclass.__qualname__}")
+    if registered is not None:
+        return registered
     table = getattr(subclass, "function_table", None)
     if isinstance(table, dict) and callable(table.get(F.linear)):
         return table[F.linear]
@@ -64,15 +87,24 @@ def _adapt_torch_function(subclass: type, impl: Callable) -> LinearFn:
     return linear
 
 
-def torchao_style_constructor(subclass: type[Any], sources: dict[str, str], meta: Any, constant: Callable[[Any], str]) -> str | None:
+def unread_inner(linear: LinearFn, weight: torch.Tensor) -> frozenset[str]:
+    """The inner tensors of ``weight`` that ``linear`` declares it never reads (its optional
+    ``unread_inner(weight)``; empty if it has none)."""
+    unread = getattr(linear, "unread_inner", None)
+    return frozenset(unread(weight)) if callable(unread) else frozenset()
+
+
+def torchao_style_constructor(subclass: type[Any], sources: dict[str, str], meta: Any, constant: Callable[[Any], str],
+                              unread: frozenset[str] = frozenset()) -> str | None:
     """Source calling ``subclass(...)`` directly, for a class that keeps torchao's generic
     ``TorchAOBaseTensor.__tensor_unflatten__`` (its constructor takes the required tensors, the
     required attributes, then the optional ones by keyword); None for any other class.
 
     ``sources``: source of each inner tensor by name; ``constant(value)``: source of a metadata
-    value. Used for the compiled rebuild of the weight: that unflatten asks ``hasattr`` of the
-    class four times, and Dynamo adds a guard for each call of each layer; the call it ends in,
-    written out with the metadata as constants, needs none."""
+    value; ``unread``: optional inner tensors to pass as None (see ``unread_inner``). Used for the
+    compiled rebuild of the weight: that unflatten asks ``hasattr`` of the class four times, and
+    Dynamo adds a guard for each call of each layer; the call it ends in, written out with the
+    metadata as constants, needs none."""
     unflatten = getattr(subclass.__tensor_unflatten__, "__func__", None)
     base = next((c for c in subclass.__mro__ if c.__name__ == "TorchAOBaseTensor"), None)
     if base is None or unflatten is not getattr(base.__dict__.get("__tensor_unflatten__"), "__func__", None):
@@ -81,6 +113,6 @@ def torchao_style_constructor(subclass: type[Any], sources: dict[str, str], meta
         return None
     args = [sources[n] for n in subclass.tensor_data_names]
     args += [constant(meta[n]) for n in subclass.tensor_attribute_names]
-    args += [f"{n}={sources.get(n, 'None')}" for n in getattr(subclass, "optional_tensor_data_names", ())]
+    args += [f"{n}={'None' if n in unread else sources.get(n, 'None')}" for n in getattr(subclass, "optional_tensor_data_names", ())]
     args += [f"{n}={constant(meta[n])}" for n in getattr(subclass, "optional_tensor_attribute_names", ())]
     return f"{constant(subclass)}({', '.join(args)})"

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import codegen
-from .linear import declared_linear
+from .linear import declared_linear, unread_inner
 from .spec import SEPARATOR, DifferentiableRebuild, SubclassSpec, flatten_subclass, refresh_nested, untraceable_metadata
 
 
@@ -171,10 +171,12 @@ def _install_accessors(module: UnwrappedModule) -> None:
         # Reading the weight here, not through the property, also spares Dynamo a guard per
         # layer on the property's getter; eager skips the __torch_function__ round trip.
         # nn.Linear keeps its bias in _parameters; reading it there spares nn.Module.__getattr__.
+        # Inner tensors the linear never reads are left out of the compiled rebuild (no input, no guard).
+        unread = unread_inner(linear, weight.rebuild(module._plain_tensors("weight"))) if hasattr(linear, "unread_inner") else frozenset()
         fields = {
             "store": _store_name(module, "weight"),
             "linear": codegen.global_name(linear, owners),
-            "rebuild": codegen.rebuild_source(weight, "weight", "plain", owners),
+            "rebuild": codegen.rebuild_source(weight, "weight", "plain", owners, unread),
             "bias": "self._parameters['bias']" if "bias" in module._parameters else "self.bias",
             **codegen.cache_fields(weight, "weight"),
         }

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.testing._internal.two_tensor import TwoTensor
 
-from unwrap import declared_linear, rewrap, unwrap
+from unwrap import declared_linear, register_linear, rewrap, unwrap
 
 
 def first_linear(x: torch.Tensor, w: TwoTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,3 +96,32 @@ def test_a_subclass_declaring_nothing_keeps_the_generic_path():
         unwrap(layer)
         assert type(layer).forward is nn.Linear.forward
         assert torch.equal(layer(x), reference)
+
+
+class RegisteredTensor(OwnTwoTensor):
+    """Declares nothing itself: its linear is registered by class name (as subclasses does for torchao's)."""
+
+
+class RegisteredSubTensor(RegisteredTensor):
+    pass
+
+
+def registered_linear(x: torch.Tensor, w: TwoTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    CALLS.append("registered")
+    return F.linear(x, w.a, bias)
+
+
+register_linear(f"{RegisteredTensor.__module__}.{RegisteredTensor.__qualname__}", registered_linear)
+
+
+def test_a_linear_registered_by_class_name():
+    assert declared_linear(RegisteredTensor) is registered_linear
+    assert declared_linear(RegisteredSubTensor) is None  # the exact class only
+    layer = unwrap(linear_with(RegisteredTensor))
+    x = torch.randn(3, 8)
+    CALLS.clear()
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight.a, layer.bias))
+    assert CALLS == ["registered"]
+    with pytest.raises(TypeError, match="must be callable"):
+        register_linear("some.Class", None)
