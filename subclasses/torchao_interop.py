@@ -47,7 +47,7 @@ def _find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
 
-def _int4_group_size(t: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> int:
+def _int4_group_size(t: Any, shape: tuple[int, int], dtype: torch.dtype) -> int:
     """Checks shared by both int4 tensors; returns the group size."""
     block = list(t.block_size)
     if len(block) != 2 or block[0] != 1 or block[1] not in GROUP_SIZES:
@@ -60,7 +60,7 @@ def _int4_group_size(t: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
     return block[1]
 
 
-def _from_int4_opaque(t: torch.Tensor) -> Int4WeightTensor:
+def _from_int4_opaque(t: Any) -> Int4WeightTensor:
     n, k = t.shape
     if t.act_mapping_type is not None:
         raise TorchaoConversionError(
@@ -77,7 +77,7 @@ def _from_int4_opaque(t: torch.Tensor) -> Int4WeightTensor:
     return Int4WeightTensor(t.qdata, sz, group_size, Packing.CPU, (n, k), sz.dtype)
 
 
-def _from_int4_tile_packed(t: torch.Tensor) -> Int4WeightTensor:
+def _from_int4_tile_packed(t: Any) -> Int4WeightTensor:
     n, k = t.shape
     group_size = _int4_group_size(t, (n, k), torch.bfloat16)
     qdata, sz = t.qdata, t.scale_and_zero
@@ -95,7 +95,7 @@ def _from_int4_tile_packed(t: torch.Tensor) -> Int4WeightTensor:
     return Int4WeightTensor.from_codes(codes, sz[: k // group_size, :n].contiguous(), group_size, torch.bfloat16)
 
 
-def _from_int8(t: torch.Tensor) -> Int8WeightTensor:
+def _from_int8(t: Any) -> Int8WeightTensor:
     if t.qdata.dim() != 2 or t.qdata.dtype != torch.int8:
         raise TorchaoConversionError(f"qdata must be int8 2-D, got {t.qdata.dtype} {tuple(t.qdata.shape)}")
     n, k = t.qdata.shape

@@ -33,7 +33,7 @@ INT4_OPAQUE = "torchao.prototype.quantization.int4.Int4OpaqueTensor"
 INT8 = "torchao.quantization.Int8Tensor"
 
 
-def torchao_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def torchao_linear(input: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
     """torchao's own ``F.linear`` for ``weight``'s class (its per-class table), what the lean ones fall back to."""
     cls = type(weight)
     return cls._TORCH_FN_TABLE[cls][F.linear](F.linear, (cls,), (input, weight, bias), {})
@@ -46,7 +46,7 @@ def torchao_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 _PLANS: dict[int, tuple[weakref.ref, int, Any]] = {}
 
 
-def _planned(weight: torch.Tensor, plan: Callable[[torch.Tensor], Any], source: torch.Tensor | None = None) -> Any:
+def _planned(weight: Any, plan: Callable[[torch.Tensor], Any], source: torch.Tensor | None = None) -> Any:
     """``plan(weight)``, remembered per weight object (and per in-place version of ``source``, a
     tensor the plan is computed from); traced by torch.compile it is simply computed."""
     if torch.compiler.is_compiling() or (source is not None and source.is_inference()):  # no version counter
@@ -54,12 +54,15 @@ def _planned(weight: torch.Tensor, plan: Callable[[torch.Tensor], Any], source: 
     key, version = id(weight), source._version if source is not None else 0
     entry = _PLANS.get(key)
     if entry is None or entry[0]() is not weight or entry[1] != version:
-        entry = (weakref.ref(weight, lambda _, key=key: _PLANS.pop(key, None)), version, plan(weight))
+        def forget(_: object, key: int = key) -> None:  # the weight is gone: drop its plan
+            _PLANS.pop(key, None)
+
+        entry = (weakref.ref(weight, forget), version, plan(weight))
         _PLANS[key] = entry
     return entry[2]
 
 
-def _int4_group_size(weight: torch.Tensor) -> int | None:
+def _int4_group_size(weight: Any) -> int | None:
     """The group size when torchao's linear for ``weight`` is the tinygemm kernel call alone (A16W4,
     no act_pre_scale, CPU, no padding of N: its output slice is then a no-op), else None."""
     if weight.act_mapping_type is not None or weight.act_pre_scale is not None or not weight.qdata.is_cpu:
@@ -67,7 +70,7 @@ def _int4_group_size(weight: torch.Tensor) -> int | None:
     return weight.block_size[1] if weight.qdata.shape[0] == weight.shape[0] else None
 
 
-def int4_opaque_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_opaque_linear(input: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` on torchao's ``Int4OpaqueTensor``: torchao's tinygemm path (the same kernel call
     on the same tensors, so bit-identical) without its Python around the kernel."""
     group_size = _planned(weight, _int4_group_size)
@@ -83,7 +86,7 @@ def int4_opaque_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return out
 
 
-def _int8_kernel_scale(weight: torch.Tensor) -> torch.Tensor | None:
+def _int8_kernel_scale(weight: Any) -> torch.Tensor | None:
     """The [N] scale in ``weight.dtype`` that ``_weight_int8pack_mm`` takes for torchao's weight-only
     ``weight``, or None when its linear is not that kernel's (see the module docstring)."""
     qdata, scale = weight.qdata, weight.scale
@@ -95,7 +98,7 @@ def _int8_kernel_scale(weight: torch.Tensor) -> torch.Tensor | None:
     return scale.to(weight.dtype).reshape(-1).expand(n).contiguous()
 
 
-def int8_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_linear(input: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` on torchao's weight-only ``Int8Tensor`` through ``_weight_int8pack_mm``: what
     ``torch.compile`` makes of torchao's linear, bit for bit, in eager as well."""
     scale = _planned(weight, _int8_kernel_scale, weight.scale)  # redone when the scale changes in place
@@ -110,7 +113,7 @@ def int8_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out
 
 
-def _int8_unread(weight: torch.Tensor) -> tuple[str, ...]:
+def _int8_unread(weight: Any) -> tuple[str, ...]:
     # Weight-only per row/tensor: neither int8_linear nor torchao's linear reads the zero point
     # (torchao's weight-only Int8Tensor carries an all-zero one).
     per_row = weight.act_quant_kwargs is None and weight.qdata.dim() == 2 and weight.block_size[-1] == weight.qdata.shape[-1]
