@@ -17,7 +17,8 @@ from .timing import compile_counting_guards
 from .workloads import Int4FloorLinear, Int8FloorLinear
 
 MODES = ("eager", "compiled", "cpp_wrapper", "aoti")
-MODE_TITLES = {"eager": "eager", "compiled": "compiled", "cpp_wrapper": "cpp_wrapper", "aoti": "AOTInductor"}
+MODE_TITLES = {"eager": "eager", "compiled": "compiled", "cpp_wrapper": "cpp_wrapper", "aoti": "AOTInductor",
+               "decode": "compile_for_decode", "llama.cpp": "llama.cpp"}  # LLM decode columns
 
 _PACKAGE_DIR: str | None = None
 
