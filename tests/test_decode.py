@@ -118,7 +118,7 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
             eager = model(token, past_key_values=cache, cache_position=torch.tensor([0]), logits_to_keep=1).logits
         assert sqnr(eager, logits[name]) > 30, name
     assert not torch.equal(logits["a"], logits["b"])
-    assert sum(counts[True]) < 0.5 * sum(counts[False]), counts
+    assert len(counts[True]) == 2 and max(counts[True]) < 0.5 * counts[False][0], counts
 
 
 def test_decoder_rejects_bad_input(tiny):
