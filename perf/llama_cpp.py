@@ -40,6 +40,9 @@ def parse_types(text: str) -> list[str]:
     return types
 
 
+_QUIET = None  # llama.cpp's log callback, once set
+
+
 def quantize_gguf(source: str, target: str, ggml_type: str) -> str:
     """``source`` requantized to ``ggml_type`` (Q4_0 or Q8_0) at ``target`` with llama.cpp's
     ``llama_model_quantize`` (``allow_requantize``: the source is already quantized); returns target."""
@@ -51,6 +54,10 @@ def quantize_gguf(source: str, target: str, ggml_type: str) -> str:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes[ggml_type]
     params.allow_requantize = True
+    global _QUIET
+    if _QUIET is None:  # llama.cpp logs one line per tensor; the callback must outlive every later log call
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
     status = llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeError(f"llama_model_quantize({source!r} -> {ggml_type}) returned {status}")
@@ -78,13 +85,17 @@ class LlamaDecoder:
 
         self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=max_len,
                          n_batch=max(512, len(prompt)), verbose=False)
-        self.prompt, self.max_len = prompt, max_len
+        self.prompt, self.max_len, self.n_vocab = prompt, max_len, self.llm.n_vocab()
         self.reset()
 
     def _pick(self) -> int:
+        """Argmax of the last evaluated token's logits (read from llama.cpp: ``Llama.eval`` keeps them
+        only with ``logits_all``, which would copy every prompt row)."""
+        import llama_cpp
         import numpy as np
 
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
 
     def reset(self) -> int:
         self.llm.reset()
