@@ -49,13 +49,14 @@ class Breakdown:
     """One mode's token: ``total`` ms/token measured without the profiler; under the profiler
     ``profiled`` ms/token of wall time and ``parts`` ms/token per category; ``rest`` = profiled −
     sum(parts) (framework, Python, fused elementwise kernels, norms, rotary, embedding);
-    ``guard_count`` the compiled frames' guards (None: eager)."""
+    ``guard_count`` the compiled frames' guards (None: eager); ``cpu`` ms/token of CPU time."""
 
     mode: str
     total: float
     profiled: float
     parts: dict[str, float] = field(default_factory=dict)
     guard_count: int | None = None
+    cpu: float | None = None  # ms/token of process CPU time, without the profiler
 
     @property
     def rest(self) -> float:
@@ -172,6 +173,7 @@ def measure(model: nn.Module, modes: list[str], *, max_len: int = 256, rounds: i
         decoders[mode].next()  # compiles now
     progress(f"timing {len(decoders)} modes interleaved, {rounds} rounds of {tokens} tokens")
     best = interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens)
+    cpu = interleaved_min_cpu_ms_per_token(decoders, rounds=rounds, tokens=tokens)
     progress(f"profiling {len(decoders)} modes interleaved, {profile_rounds} rounds")
     profiled: dict[str, tuple[float, dict[str, float]]] = {}
     with no_gc():
@@ -181,21 +183,46 @@ def measure(model: nn.Module, modes: list[str], *, max_len: int = 256, rounds: i
                 if mode not in profiled or wall < profiled[mode][0]:
                     profiled[mode] = wall, categorize(events, model.config.vocab_size)
     return [Breakdown(mode, best[mode], profiled[mode][0] / tokens, {k: v / tokens for k, v in profiled[mode][1].items()},
-                      sum(counts[mode]) if counts[mode] else None) for mode in decoders]
+                      sum(counts[mode]) if counts[mode] else None, cpu[mode]) for mode in decoders]
+
+
+def interleaved_min_cpu_ms_per_token(decoders: dict, *, rounds: int, tokens: int) -> dict:
+    """As ``perf.report.interleaved_min_ms_per_token`` in this process's CPU time (all threads): on a
+    busy machine wall time mostly measures the other jobs; with one thread, CPU time is what the token
+    costs (with several, it also counts threads spinning at barriers)."""
+    from .report import no_gc
+
+    best = dict.fromkeys(decoders, float("inf"))
+    with no_gc():
+        for _ in range(rounds):
+            for key, decoder in decoders.items():
+                if decoder.position + tokens > decoder.max_len:
+                    decoder.reset()
+                start = time.process_time()
+                for _ in range(tokens):
+                    decoder.next()
+                best[key] = min(best[key], (time.process_time() - start) / tokens * 1e3)
+    return best
 
 
 def format_table(title: str, rows: list[Breakdown]) -> str:
     """A Markdown table, ms/token per category, each mode's total with its ratio to the first row's."""
     first = rows[0].total
     lines = [f"#### {title} (ms/token)", "",
-             "| mode | total | vs " + rows[0].mode + " | profiled | " + " | ".join(CATEGORIES) + " | rest | guard count |",
-             "|---|" + "---|" * (len(CATEGORIES) + 5)]
+             "| mode | total | vs " + rows[0].mode + " | CPU time | vs " + rows[0].mode + " | profiled | "
+             + " | ".join(CATEGORIES) + " | rest | guard count |",
+             "|---|" + "---|" * (len(CATEGORIES) + 7)]
     for row in rows:
         cells = [f"{row.parts.get(c, 0.0):.2f}" for c in CATEGORIES]
         guards = "-" if row.guard_count is None else str(row.guard_count)
-        lines.append(f"| {row.mode} | {row.total:.2f} | {row.total / first:.2f} | {row.profiled:.2f} | " + " | ".join(cells)
+        cpu = "-" if row.cpu is None else f"{row.cpu:.2f}"
+        cpu_ratio = "-" if row.cpu is None or not rows[0].cpu else f"{row.cpu / rows[0].cpu:.2f}"
+        lines.append(f"| {row.mode} | {row.total:.2f} | {row.total / first:.2f} | {cpu} | {cpu_ratio} | {row.profiled:.2f} | "
+                     + " | ".join(cells)
                      + f" | {row.rest:.2f} | {guards} |")
-    lines += ["", "total: without the profiler; profiled: wall time under it, split into the categories and rest.",
+    lines += ["", "total: wall time without the profiler; CPU time: the process's, without the profiler (on a busy "
+              "machine, use one thread and read this); profiled: wall time under the profiler, split into the "
+              "categories and rest.",
               "Modes: " + "; ".join(f"{r.mode}: {MODES[r.mode]}" for r in rows) + "."]
     return "\n".join(lines) + "\n"
 

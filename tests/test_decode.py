@@ -147,12 +147,12 @@ def test_profile_splits_the_token(tiny):
     rows = measure(tiny, ["eager", "decode"], max_len=32, rounds=1, tokens=2, profile_rounds=1)
     eager, decode = rows
     for row in rows:
-        assert row.total > 0 and row.profiled > 0
+        assert row.total > 0 and row.profiled > 0 and row.cpu > 0
         assert row.parts["GEMVs"] > 0 and row.parts["lm_head"] > 0 and row.parts["attention"] > 0
     assert eager.parts["guards"] == 0 and eager.guard_count is None
     assert decode.parts["guards"] > 0 and decode.guard_count > 0
     table = format_table("tiny", rows)
-    assert "| eager |" in table and "| decode |" in table and "guard count" in table
+    assert "| eager |" in table and "| decode |" in table and "CPU time" in table and "guard count" in table
 
 
 def test_categorize_counts_outermost_events_and_finds_the_lm_head():
