@@ -60,6 +60,16 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def llama_blocks(*, quick: bool, progress: Progress) -> list:
+    """The llama.cpp table on SmolLM2's GGUF (quick: Q4_0 only) when llama-cpp-python is installed."""
+    from .llama_cpp import TYPES, available, llama_block
+
+    if not available():
+        print("llama-cpp-python is not installed (the 'llama' extra): no llama.cpp rows", file=sys.stderr)
+        return []
+    return [llama_block(torch.get_num_threads(), ["Q4_0"] if quick else list(TYPES), quick=quick, progress=progress)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot:  # fail before minutes of measuring, not after
@@ -90,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             print("transformers not installed (the 'hf' extra): skipping the Qwen2 models", file=sys.stderr)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
             "quick": args.quick, "formats": fmts}
-    blocks = run_report(fmts, quick=args.quick, llm=llm, progress=Progress(), workloads=selected(WORKLOADS, args.only))
+    progress = Progress()
+    blocks = run_report(fmts, quick=args.quick, llm=llm, progress=progress, workloads=selected(WORKLOADS, args.only))
+    if "SmolLM2 135M" in llm:
+        blocks.extend(llama_blocks(quick=args.quick, progress=progress))
     print(format_report(blocks, meta), end="")
     if args.json:
         write_json(args.json, blocks, meta)

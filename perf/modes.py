@@ -20,7 +20,8 @@ from .floor import Int4FloorLinear, Int8FloorLinear
 VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
 MODES = ("eager", "compiled", "cpp_wrapper", "aoti")
 CUDA_MODES = ("eager", "compiled", "reduce-overhead")  # "reduce-overhead": CUDA graphs
-MODE_TITLES = {"eager": "eager", "compiled": "compiled", "cpp_wrapper": "cpp_wrapper", "aoti": "AOTInductor"}
+MODE_TITLES = {"eager": "eager", "compiled": "compiled", "cpp_wrapper": "cpp_wrapper", "aoti": "AOTInductor",
+               "decode": "compile_for_decode", "llama.cpp": "llama.cpp"}  # LLM decode columns
 
 _PACKAGE_DIR: str | None = None
 

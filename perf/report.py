@@ -180,13 +180,16 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
 
     def decoders(variant: str, model: torch.nn.Module, row: Row, compiled_too: bool) -> dict:
         out = {(variant, "eager"): Decoder(model)}
-        row.times["compiled"] = None
+        row.times["compiled"] = row.times["decode"] = None
         if compiled_too:
             progress(f"{name}: {variant}, compiling")
             step, counts = compile_counting_guards(fresh_caller(model))
             out[(variant, "compiled")] = Decoder(model, step)
             out[(variant, "compiled")].next()  # compiles now
             guard_counts[variant] = counts
+        if variant in DECODE_VARIANTS:  # the recommended way (README "Decode"), on a copy: it switches attention
+            progress(f"{name}: {variant}, compiling for decode")
+            out[(variant, "decode")] = decode_decoder(model)
         return out
 
     def prefills(variant: str, model: torch.nn.Module, compiled_too: bool) -> dict:
@@ -215,7 +218,7 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
                 variants["torchao"] = torchao_model(bf16, fmt)
             except Exception as error:  # an API change in torchao must not sink the report
                 progress(f"torchao row skipped: {error}")
-        block = Block(name, fmt, "ms/token", ("eager", "compiled"), [bf16_row], notes, prefill_tokens or None)
+        block = Block(name, fmt, "ms/token", LLM_MODES, [bf16_row], notes, prefill_tokens or None)
         if tokenizer is not None:
             progress(f"{name} {fmt}: perplexity and a greedy sample, bf16 and {fmt}")
             block.notes.extend(quality_notes(bf16, variants["ours wrapped"], fmt, tokenizer, cache=quality_cache))
@@ -242,13 +245,30 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
             if row.variant in guard_counts:
                 row.guards = sum(guard_counts[row.variant])
             if block.prefill_tokens:
-                row.ttft = {mode: ttft.get((row.variant, mode)) for mode in block.modes}
+                row.ttft = {mode: ttft.get((row.variant, mode)) for mode in block.modes if mode != "decode"}
         blocks.append(block)
         del variants, all_decoders, all_prefills
     return blocks
 
 
 REAL_MODELS = ("SmolLM2 135M",)
+LLM_MODES = ("eager", "compiled", "decode")
+DECODE_VARIANTS = ("bf16", "ours unwrapped")  # rows with a "decode" (compile_for_decode) column
+
+
+def decode_decoder(model: torch.nn.Module):
+    """A ``Decoder`` whose step is ``subclasses.decode``'s (grouped-KV attention, module guards skipped)
+    on a copy of ``model``: what ``compile_for_decode`` runs, with the report's cache size. Compiled now."""
+    import copy
+
+    from subclasses.decode import compile_decode_step, use_gqa_decode_attention
+
+    from .qwen import Decoder
+
+    gqa = use_gqa_decode_attention(copy.deepcopy(model))
+    decoder = Decoder(gqa, compile_decode_step(gqa))
+    decoder.next()
+    return decoder
 DEFAULT_CONFIGS = {"int4": Int4WeightOnlyConfig, "int8": Int8WeightOnlyConfig}
 SAMPLE_PROMPT = "The capital of France is"
 
@@ -322,7 +342,8 @@ def format_block(block: Block) -> str:
     token with its ratio to bf16 (LLMs with ``prefill_tokens``), the guards of the default compile,
     kernel-only time, host overhead (best − kernel), best ÷ bf16's best."""
     floor, bf16 = block.row("floor"), block.row("bf16")
-    ttft_modes = block.modes if block.prefill_tokens else ()
+    # compile_for_decode prefills in eager: its time to first token is the eager column's
+    ttft_modes = tuple(m for m in block.modes if m != "decode") if block.prefill_tokens else ()
     head = ["variant", *(MODE_TITLES[m] for m in block.modes), *(f"TTFT {MODE_TITLES[m]}" for m in ttft_modes),
             "guards", "kernel", "overhead", "best/bf16", "best/floor"]
     ttft_title = (f"; TTFT: ms to the first token of a {block.prefill_tokens}-token prompt, in brackets: ratio to bf16"

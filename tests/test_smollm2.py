@@ -69,3 +69,19 @@ def test_unwrapped_compiled_matches_eager(smollm2):
         compiled = model.generate(prompt, max_new_tokens=3, do_sample=False)
     assert sqnr(eager_logits, compiled_logits) > 30
     assert compiled.tolist() == eager.tolist()
+
+
+def test_compile_for_decode_tokens_equal_eager(smollm2):
+    """The recommended decode (grouped-KV attention under compile, module guards skipped, cache sized to
+    the generation) on 4 real layers: the first greedy tokens equal eager's and transformers' generate."""
+    from subclasses.decode import GreedyDecoder, compile_for_decode
+
+    bf16, tokenizer = smollm2
+    model = unwrap(quantize_(first_layers(copy.deepcopy(bf16), 4), Int4WeightOnlyConfig()))
+    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        reference = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    eager = GreedyDecoder(model, max_len=prompt.shape[1] + 3).generate(prompt, 3)
+    compiled = compile_for_decode(model, max_len=prompt.shape[1] + 3).generate(prompt, 3)
+    assert eager.tolist() == reference.tolist()
+    assert compiled.tolist() == eager.tolist()

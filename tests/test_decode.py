@@ -1,0 +1,178 @@
+"""subclasses.decode: the grouped-KV decode attention (exact against transformers' SDPA), the compiled
+decode step with fewer guards, greedy tokens equal to eager's, and perf.decode_profile's breakdown."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.conftest import sqnr
+from tests.optional import import_or_fail_in_ci
+
+import_or_fail_in_ci("transformers", "hf")
+
+from perf.decode_profile import Breakdown, build_model, categorize, format_table, measure  # noqa: E402
+from perf.qwen import QWEN2_SHAPES, build_qwen2  # noqa: E402
+from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
+from subclasses.decode import (  # noqa: E402
+    ATTENTION, GreedyDecoder, compile_decode_step, compile_for_decode, gqa_sdpa_attention, use_gqa_decode_attention)
+from unwrap import unwrap  # noqa: E402
+
+
+class Heads(torch.nn.Module):
+    num_key_value_groups = 3
+    is_causal = True
+
+
+def qkv(q_len: int, length: int = 40, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """bf16 query [1, 9, q_len, 64], key/value [1, 3, length, 64] and a static cache's bool mask
+    (the first 17 + q_len slots visible)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 9, q_len, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 3, length, 64, generator=g).bfloat16() for _ in range(2))
+    mask = (torch.arange(length) < 17 + q_len).view(1, 1, 1, length).expand(1, 1, q_len, length)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_attention_is_transformers_sdpa_in_eager(q_len):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v, mask = qkv(q_len)
+    ours, _ = gqa_sdpa_attention(Heads(), q, k, v, mask, scaling=0.125)
+    theirs, _ = sdpa_attention_forward(Heads(), q, k, v, mask, scaling=0.125)
+    assert ours.shape == (1, q_len, 9, 64)
+    assert torch.equal(ours, theirs)
+
+
+def test_attention_compiled_keeps_the_shortcut_and_its_numbers():
+    """Compiled, transformers' SDPA expands K/V to every head; ours keeps eager's grouped form: its
+    graph has no expansion, and Inductor's result equals eager's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v, mask = qkv(1)
+    eager, _ = sdpa_attention_forward(Heads(), q, k, v, mask, scaling=0.125)
+    codes = {}
+
+    def capture(name):
+        def backend(gm, inputs):
+            codes[name] = gm.code
+            return gm.forward
+        return backend
+
+    for name, attention in (("ours", gqa_sdpa_attention), ("theirs", sdpa_attention_forward)):
+        torch.compile(lambda *a, f=attention: f(Heads(), *a, scaling=0.125)[0], backend=capture(name), fullgraph=True)(q, k, v, mask)
+    assert "expand" in codes["theirs"]
+    assert "expand" not in codes["ours"] and "repeat" not in codes["ours"], codes["ours"]
+    compiled = torch.compile(lambda *a: gqa_sdpa_attention(Heads(), *a, scaling=0.125)[0], fullgraph=True)(q, k, v, mask)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Qwen2 tiny shapes (4 heads over 2 KV heads), int4 default config, unwrapped."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    model = unwrap(quantize_(build_qwen2(QWEN2_SHAPES["Qwen2 tiny"]), Int4WeightOnlyConfig()))
+    yield model
+    torch.set_num_threads(threads)
+
+
+def test_compile_for_decode_tokens_equal_eager_and_transformers_generate(tiny):
+    prompt = torch.tensor([[5, 17, 99, 3, 250]])
+    reference = tiny.generate(prompt, max_new_tokens=6, do_sample=False)
+    eager = GreedyDecoder(tiny, max_len=16).generate(prompt, 6)
+    model = copy.deepcopy(tiny)
+    decoder = compile_for_decode(model, max_len=16)
+    assert model.config._attn_implementation == ATTENTION
+    compiled = decoder.generate(prompt, 6)
+    assert eager.tolist() == reference.tolist()
+    assert compiled.tolist() == eager.tolist()
+    assert decoder.generate(prompt, 6).tolist() == compiled.tolist()  # reset between generations
+
+
+def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
+    """Fewer guards with the model's skipped; two models of one class compiled side by side each
+    run their own weights (each step has its own code object, so no cache entry is shared)."""
+    from transformers import StaticCache
+
+    other = unwrap(quantize_(build_qwen2(QWEN2_SHAPES["Qwen2 tiny"], seed=1), Int4WeightOnlyConfig()))
+    counts: dict[bool, list[int]] = {True: [], False: []}
+
+    def counting(skip: bool):
+        def keep(entries):
+            flags = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries) if skip else [True] * len(entries)
+            counts[skip].append(sum(flags))
+            return flags
+        return keep
+
+    token, logits = torch.tensor([[7]]), {}
+    for name, model, skip in (("a", tiny, True), ("b", other, True), ("a, all guards", tiny, False)):
+        step = compile_decode_step(model, skip_module_guards=False, options={"guard_filter_fn": counting(skip)})
+        with torch.inference_mode():
+            cache = StaticCache(config=model.config, max_cache_len=8)
+            logits[name] = step(token, past_key_values=cache, cache_position=torch.tensor([0]), logits_to_keep=1).logits
+            cache = StaticCache(config=model.config, max_cache_len=8)
+            eager = model(token, past_key_values=cache, cache_position=torch.tensor([0]), logits_to_keep=1).logits
+        assert sqnr(eager, logits[name]) > 30, name
+    assert not torch.equal(logits["a"], logits["b"])
+    assert len(counts[True]) == 2 and max(counts[True]) < 0.5 * counts[False][0], counts
+
+
+def test_decoder_rejects_bad_input(tiny):
+    with pytest.raises(ValueError, match="max_len .* at least 2, got 1"):
+        GreedyDecoder(tiny, max_len=1)
+    decoder = GreedyDecoder(tiny, max_len=8)
+    with pytest.raises(ValueError, match=r"prompt \(5\) \+ max_new_tokens \(4\) exceeds the cache's max_len \(8\)"):
+        decoder.generate(torch.ones(1, 5, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match=r"batch 1\), got shape \(2, 3\)"):
+        decoder.generate(torch.ones(2, 3, dtype=torch.long), 1)
+    eager_model = copy.deepcopy(tiny)
+    eager_model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="replaces 'sdpa'; this model uses 'eager'"):
+        use_gqa_decode_attention(eager_model)
+
+
+def test_eos_stops_generation(tiny):
+    prompt = torch.tensor([[5, 17, 99]])
+    full = GreedyDecoder(tiny, max_len=16).generate(prompt, 6)
+    eos = int(full[0, 4])  # the second generated token
+    stopped = GreedyDecoder(tiny, max_len=16).generate(prompt, 6, eos_token_id=eos)
+    assert stopped.tolist() == full[:, : full[0].tolist().index(eos, 3) + 1].tolist()
+
+
+def test_profile_splits_the_token(tiny):
+    rows = measure(tiny, ["eager", "decode"], max_len=32, rounds=1, tokens=2, profile_rounds=1)
+    eager, decode = rows
+    for row in rows:
+        assert row.total > 0 and row.profiled > 0 and row.cpu > 0
+        assert row.parts["GEMVs"] > 0 and row.parts["lm_head"] > 0 and row.parts["attention"] > 0
+    assert eager.parts["guards"] == 0 and eager.guard_count is None
+    assert decode.parts["guards"] > 0 and decode.guard_count > 0
+    table = format_table("tiny", rows)
+    assert "| eager |" in table and "| decode |" in table and "CPU time" in table and "guard count" in table
+
+
+def test_categorize_counts_outermost_events_and_finds_the_lm_head():
+    class Event:
+        def __init__(self, name, us, shapes=(), parent=None):
+            self.name, self.cpu_time_total, self.input_shapes, self.cpu_parent = name, us, list(shapes), parent
+
+    linear = Event("aten::linear", 300, [[1, 64], [128, 64]])
+    events = [linear, Event("aten::mm", 290, [[1, 64], [64, 128]], linear),
+              Event("aten::_weight_int4pack_mm_for_cpu", 1000, [[1, 64], [4096, 32], [], [2, 4096, 2]]),
+              Event("aten::scaled_dot_product_attention", 50),
+              Event("TorchDynamo Cache Lookup", 20)]
+    parts = categorize(events, vocab_size=4096)
+    assert parts == {"GEMVs": 0.3, "lm_head": 1.0, "attention": 0.05, "guards": 0.02}
+    row = Breakdown("eager", total=2.0, profiled=1.5, parts=parts)
+    assert row.rest == pytest.approx(1.5 - 1.37)
+
+
+def test_build_model_rejects_unknown_names():
+    with pytest.raises(ValueError, match="model must be one of .* got 'llama'"):
+        build_model("llama", "int4")
+    with pytest.raises(ValueError, match="format must be one of .* got 'int3'"):
+        build_model("qwen2-tiny", "int3")
