@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from subclasses import Int4WeightTensor, Int8WeightTensor, quantize_
+from subclasses.int4_gemv import int4_gemv
 
 from .workloads import CONFIGS, Int4FloorLinear, Int8FloorLinear
 
@@ -60,7 +61,9 @@ class Int4FloorLinearND(Int4FloorLinear):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_and_zero)
+        x2d = x.reshape(-1, x.shape[-1])
+        kernel = int4_gemv if x2d.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # ours' M = 1 kernel too
+        out = kernel(x2d, self.packed, self.group_size, self.scale_and_zero)
         out = out.view(*x.shape[:-1], out.shape[-1])
         return out if self.bias is None else out + self.bias
 

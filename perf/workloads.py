@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, Int8WeightTensor, quantize_
+from subclasses.int4_gemv import int4_gemv
 
 CONFIGS: dict[str, Callable[[], object]] = {
     "int4": lambda: Int4WeightOnlyConfig(group_size=128),
@@ -40,7 +41,8 @@ class Int4FloorLinear(nn.Module):
         self.group_size = weight.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zero)
+        kernel = int4_gemv if x.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # ours' M = 1 kernel too
+        return kernel(x, self.packed, self.group_size, self.scale_and_zero)
 
 
 class Int8FloorLinear(nn.Module):
