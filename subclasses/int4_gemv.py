@@ -1,14 +1,16 @@
 """The int4 decode (M = 1) kernel: ``unwrap_cpu::int4_gemv``, a small C++ op (csrc/int4_gemv.cpp).
 
-Why: ``aten._weight_int4pack_mm_for_cpu`` at M = 1 runs well below memory bandwidth on this
-project's CPUs (SmolLM2's 210 GEMVs: ~2x the bytes / bandwidth floor, see ``perf/bench_gemv.py``).
+Why: at M = 1 a linear should run at memory bandwidth. ``aten._weight_int4pack_mm_for_cpu`` spends
+~2x the CPU time per weight of this kernel and ran at 1.2-2.1x the bytes / bandwidth floor on the
+project's machine where this one ran at 1.0-1.2x on large weights (``python -m perf.bench_gemv``).
 The op reads the same packed bytes (the AVX512 CPU packing, unchanged: checkpoints and every other
-path are untouched) and computes in fp32 exactly what the aten kernel computes, 64 rows per stream.
+path are untouched); activations are rounded to 15 bits per 32 features (VNNI integer dot
+products), the rest is fp32: bf16/fp16 outputs match aten's kernel to their rounding.
 
 It is compiled at first use with ``torch.utils.cpp_extension.load`` (~30 s, cached under
 ``TORCH_EXTENSIONS_DIR``, ~/.cache/torch_extensions by default). Where it cannot be used (a CPU
-without AVX512, whose packing differs; no compiler; ``UNWRAP_INT4_GEMV=0``) ``int4_gemv`` runs
-the aten kernel instead: same numbers up to fp32 summation order.
+without AVX512 VNNI/VBMI, whose packing may differ; no compiler; ``UNWRAP_INT4_GEMV=0``)
+``int4_gemv`` runs the aten kernel instead.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def kernel_available() -> bool:
     A failed build warns once and answers False from then on."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return False
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not _has_vnni_and_vbmi():
         return False
     if hasattr(torch.ops.unwrap_cpu, "int4_gemv"):  # loaded by another copy of this module
         return True
@@ -63,12 +65,27 @@ def _agrees_with_aten() -> bool:
     scale_and_zero = torch.rand(128 // 32, q.shape[0], 2, generator=generator)
     x = torch.randn(1, 128, generator=generator)
     packed = pack_cpu(q)
-    ours = torch.ops.unwrap_cpu.int4_gemv(x, packed, 32, scale_and_zero)
+    try:
+        ours = torch.ops.unwrap_cpu.int4_gemv(x, packed, 32, scale_and_zero)
+    except RuntimeError as error:  # the CPU lacks an instruction the kernel needs
+        warnings.warn(f"the int4 GEMV kernel cannot run here ({error}); using aten's int4 kernel at M = 1", stacklevel=3)
+        return False
     expected = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_and_zero)
     if not (ours - expected).norm() <= 1e-4 * expected.norm():  # a layout error is ~100 %, rounding ~1e-5
         warnings.warn("the int4 GEMV kernel disagrees with aten's on this machine's packing; using aten's", stacklevel=3)
         return False
     return True
+
+
+def _has_vnni_and_vbmi() -> bool:
+    """The CPU flags the kernel needs besides AVX512F/BW (Skylake-X and Cascade Lake lack VBMI),
+    from /proc/cpuinfo; where that file does not exist, the kernel's own check decides."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or {"avx512_vnni", "avx512vbmi"} <= set(flags)
 
 
 @torch.compiler.assume_constant_result
