@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from subclasses import Int4WeightTensor, Int8WeightTensor
+from subclasses.int4_gemv import int4_gemv
 
 
 class Int4FloorLinear(nn.Module):
@@ -28,7 +29,8 @@ class Int4FloorLinear(nn.Module):
         self.group_size = weight.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zero)
+        kernel = int4_gemv if x.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # ours' M = 1 kernel too
+        return kernel(x, self.packed, self.group_size, self.scale_and_zero)
 
 
 class Int8FloorLinear(nn.Module):
@@ -55,9 +57,9 @@ class Int4FloorLinearND(Int4FloorLinear):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_and_zero
-        )
+        x2d = x.reshape(-1, x.shape[-1])
+        kernel = int4_gemv if x2d.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # ours' M = 1 kernel too
+        out = kernel(x2d, self.packed, self.group_size, self.scale_and_zero)
         out = out.view(*x.shape[:-1], out.shape[-1])
         return out if self.bias is None else out + self.bias
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .int4_gemv import int4_gemv
 from .int4_packing import affine_dequantize, dequantize_codes, traced_cpu_layout, unpack_cpu
 
 # Crossover by shape class, measured with ``python -m perf.crossover`` (2 threads, bf16,
@@ -132,6 +133,8 @@ def mm_by_rows(
 ) -> torch.Tensor:
     """``x2d @ W^T``: the int4 kernel up to the crossover row count of an [n, k] weight,
     dequantize + GEMM above it. M must be known (an int)."""
+    if x2d.shape[0] == 1:
+        return int4_gemv(x2d, packed, group_size, scale_and_zero)
     if x2d.shape[0] <= crossover_rows(n, k):
         return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
     return prefill_mm(x2d, packed, scale_and_zero, group_size, n, k)
@@ -168,6 +171,8 @@ def int4_prefill_mm(
     """
     m, rows = x2d.shape[0], crossover_rows(n, k)
     # statically_known_true installs no guard: a symbolic M answers False to both.
+    if statically_known_true(m == 1):  # decode of a 3-D x, or with a bias
+        return int4_gemv(x2d, packed, group_size, scale_and_zero)
     if statically_known_true(m <= rows):
         return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
     if statically_known_true(m > rows):

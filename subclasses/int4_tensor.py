@@ -20,6 +20,7 @@ from .base import (
     weight_reason,
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
+from .int4_gemv import int4_gemv
 from .int4_packing import (
     EPS,
     affine_dequantize,
@@ -215,14 +216,15 @@ def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | 
     # decode (M = 1; K > 1, so contiguous means unit stride): nothing but the kernel.
     # guard_or_false: a dynamic (even unbacked) M goes on below.
     if x.dim() == 2 and bias is None and x.is_contiguous() and guard_or_false(x.shape[0] == 1):
-        return torch._weight_int4pack_mm_for_cpu(x, weight.packed, weight.group_size, weight.scale_and_zero)
+        return int4_gemv(x, weight.packed, weight.group_size, weight.scale_and_zero)
     x2d = as_kernel_input(x)
     # prefill: kernel or dequantize + GEMM by the crossover. Compiled, M may be dynamic (even
     # unbacked): no Python comparison on it; int4_prefill_mm decides inside the graph.
     if torch.compiler.is_compiling() or x2d.shape[0] > PREFILL_MIN_ROWS:
         out = int4_prefill_mm(x2d, weight.packed, weight.scale_and_zero, weight.group_size, *weight.outer_shape)
         return as_linear_output(out, x, bias)
-    out = torch._weight_int4pack_mm_for_cpu(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
+    kernel = int4_gemv if x2d.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # M = 1 of a 3-D x, or with a bias
+    out = kernel(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
     return as_linear_output(out, x, bias)
 
 

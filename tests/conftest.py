@@ -28,3 +28,17 @@ def _seed_and_reset_dynamo():
     torch.manual_seed(0)
     torch._dynamo.reset()
     yield
+
+
+
+@pytest.fixture
+def aten_int4_decode(monkeypatch):
+    """M = 1 int4 linears run aten's kernel (subclasses.int4_gemv switched off), for tests that
+    compare bit for bit with torchao, which calls that kernel."""
+    import subclasses.int4_gemv as gemv
+
+    monkeypatch.setenv(gemv.ENV_SWITCH, "0")
+    gemv.kernel_available.cache_clear()
+    yield
+    monkeypatch.delenv(gemv.ENV_SWITCH)
+    gemv.kernel_available.cache_clear()

@@ -57,7 +57,7 @@ INPUTS = [(1, 256), (3, 256), (2, 5, 256)]
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_int4_opaque_converts_exactly_and_back(group_size, dtype):
+def test_int4_opaque_converts_exactly_and_back(group_size, dtype, aten_int4_decode):
     theirs = torchao_quantized(PrototypeInt4WeightOnlyConfig(group_size=group_size), dtype)
     ours = copy.deepcopy(theirs)
     summary = from_torchao(ours, strict=True)

@@ -1,0 +1,112 @@
+"""The int4 decode (M = 1) kernel: ``unwrap_cpu::int4_gemv``, a small C++ op (csrc/int4_gemv.cpp).
+
+Why: at M = 1 a linear should run at memory bandwidth. ``aten._weight_int4pack_mm_for_cpu`` spends
+~2x the CPU time per weight of this kernel and ran at 1.2-2.1x the bytes / bandwidth floor on the
+project's machine where this one ran at 1.0-1.2x on large weights (``python -m perf.bench_gemv``).
+The op reads the same packed bytes (the AVX512 CPU packing, unchanged: checkpoints and every other
+path are untouched); activations are rounded to 15 bits per 32 features (VNNI integer dot
+products), the rest is fp32: bf16/fp16 outputs match aten's kernel to their rounding.
+
+It is compiled at first use with ``torch.utils.cpp_extension.load`` (~30 s, cached under
+``TORCH_EXTENSIONS_DIR``, ~/.cache/torch_extensions by default). Where it cannot be used (a CPU
+without AVX512 VNNI/VBMI, whose packing may differ; no compiler; ``UNWRAP_INT4_GEMV=0``)
+``int4_gemv`` runs the aten kernel instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .int4_packing import pack_cpu
+
+SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
+ENV_SWITCH = "UNWRAP_INT4_GEMV"  # "0": never build or use the C++ op
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Whether ``unwrap_cpu::int4_gemv`` is loaded (built on first call): an AVX512 CPU (the only
+    packing the kernel reads), not switched off by ``UNWRAP_INT4_GEMV=0``, and a working compiler.
+    A failed build warns once and answers False from then on."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not _has_vnni_and_vbmi():
+        return False
+    if hasattr(torch.ops.unwrap_cpu, "int4_gemv"):  # loaded by another copy of this module
+        return True
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="unwrap_int4_gemv",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no headers: the aten kernel keeps working
+        warnings.warn(f"building the int4 GEMV kernel failed ({error!r}); using aten's int4 kernel at M = 1", stacklevel=2)
+        return False
+    _register_fake()
+    return _agrees_with_aten()
+
+
+def _agrees_with_aten() -> bool:
+    """Check the kernel once against aten's on every packing case it reads (a full block, a
+    partial one): it assumes the AVX512 byte layout, which torch does not promise."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (64 + 32 + 16, 128), generator=generator)
+    scale_and_zero = torch.rand(128 // 32, q.shape[0], 2, generator=generator)
+    x = torch.randn(1, 128, generator=generator)
+    packed = pack_cpu(q)
+    try:
+        ours = torch.ops.unwrap_cpu.int4_gemv(x, packed, 32, scale_and_zero)
+    except RuntimeError as error:  # the CPU lacks an instruction the kernel needs
+        warnings.warn(f"the int4 GEMV kernel cannot run here ({error}); using aten's int4 kernel at M = 1", stacklevel=3)
+        return False
+    expected = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_and_zero)
+    if not (ours - expected).norm() <= 1e-4 * expected.norm():  # a layout error is ~100 %, rounding ~1e-5
+        warnings.warn("the int4 GEMV kernel disagrees with aten's on this machine's packing; using aten's", stacklevel=3)
+        return False
+    return True
+
+
+def _has_vnni_and_vbmi() -> bool:
+    """The CPU flags the kernel needs besides AVX512F/BW (Skylake-X and Cascade Lake lack VBMI),
+    from /proc/cpuinfo; where that file does not exist, the kernel's own check decides."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or {"avx512_vnni", "avx512vbmi"} <= set(flags)
+
+
+@torch.compiler.assume_constant_result
+def traced_kernel_available() -> bool:
+    """``kernel_available()`` for code that torch.compile traces: a constant to Dynamo (building
+    and loading a library is not traceable)."""
+    return kernel_available()
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` for a contiguous x [1, K] (the caller checks M == 1) and an int4 weight in the
+    CPU packing: [1, N] in x's dtype, through the C++ op when it is available, aten's int4 kernel
+    otherwise."""
+    # fp32 activations keep aten's kernel: its fp32 result is exact to ~125 dB, ours ~85-90 dB.
+    if x.dtype != torch.float32 and traced_kernel_available():
+        return torch.ops.unwrap_cpu.int4_gemv.default(x, packed, group_size, scale_and_zero)
+    return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
+
+
+def _register_fake() -> None:
+    # The op's schema comes with the library; its shape function is declared here once loaded.
+    @torch.library.register_fake("unwrap_cpu::int4_gemv")
+    def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0])
