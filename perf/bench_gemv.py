@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -48,8 +48,15 @@ class Model:
     def layer_shapes(self) -> list[tuple[str, int, int]]:
         """(name, N, K) of one decoder layer's seven linears, in execution order."""
         h, kv, i = self.hidden, self.kv, self.intermediate
-        return [("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, h),
-                ("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)]
+        return [
+            ("q_proj", h, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, h),
+            ("gate_proj", i, h),
+            ("up_proj", i, h),
+            ("down_proj", h, i),
+        ]
 
     def shapes(self) -> list[tuple[str, int, int, int]]:
         """(name, N, K, calls per token) of each distinct shape, the vocab matrix (lm_head) last."""
@@ -79,7 +86,7 @@ def read_bandwidth_gbs(nbytes: int = BANDWIDTH_BYTES, chunk: int = 512 << 10, ro
     best = [float("inf")] * len(chunks)
     for _ in range(rounds):
         for i, part in enumerate(chunks):
-            best[i] = min(best[i], _timed(lambda: read(part)))
+            best[i] = min(best[i], _timed(lambda part=part: read(part)))
     return nbytes / sum(best) / 1e9
 
 
@@ -118,22 +125,32 @@ def random_weight(n: int, k: int, group_size: int = GROUP_SIZE, dtype: torch.dty
 def copies(weight: Weight, count: int) -> list[Weight]:
     """``weight`` and ``count - 1`` copies of its tensors (distinct memory, so a sweep is cold)."""
     w = weight.int4
-    clone = lambda: Int4WeightTensor(w.packed.clone(), w.scale_and_zero.clone(), w.group_size, w.packing, w.outer_shape, w.outer_dtype)
-    return [weight] + [Weight(weight.n, weight.k, clone(), tuple(t.clone() for t in weight.int8)) for _ in range(count - 1)]
+    clone = lambda: Int4WeightTensor(
+        w.packed.clone(), w.scale_and_zero.clone(), w.group_size, w.packing, w.outer_shape, w.outer_dtype
+    )
+    return [weight] + [
+        Weight(weight.n, weight.k, clone(), tuple(t.clone() for t in weight.int8)) for _ in range(count - 1)
+    ]
 
 
 def paths() -> dict[str, Callable[[torch.Tensor, Weight], torch.Tensor]]:
     """The GEMVs compared: name -> fn(x [1, K], weight)."""
     table: dict[str, Callable[[torch.Tensor, Weight], torch.Tensor]] = {
-        "aten": lambda x, w: torch._weight_int4pack_mm_for_cpu(x, w.int4.packed, w.int4.group_size, w.int4.scale_and_zero),
+        "aten": lambda x, w: torch._weight_int4pack_mm_for_cpu(
+            x, w.int4.packed, w.int4.group_size, w.int4.scale_and_zero
+        ),
     }
     if kernel_available():
-        table["unwrap"] = lambda x, w: torch.ops.unwrap_cpu.int4_gemv.default(x, w.int4.packed, w.int4.group_size, w.int4.scale_and_zero)
+        table["unwrap"] = lambda x, w: torch.ops.unwrap_cpu.int4_gemv.default(
+            x, w.int4.packed, w.int4.group_size, w.int4.scale_and_zero
+        )
     table["int8"] = lambda x, w: torch._weight_int8pack_mm(x, *w.int8)
     return table
 
 
-def sweep(fn: Callable[[torch.Tensor, Weight], torch.Tensor], weights: list[Weight], inputs: dict[int, torch.Tensor]) -> None:
+def sweep(
+    fn: Callable[[torch.Tensor, Weight], torch.Tensor], weights: list[Weight], inputs: dict[int, torch.Tensor]
+) -> None:
     """One call per weight, in order (a token's worth, or a cold pass over copies of one shape)."""
     for w in weights:
         fn(inputs[w.k], w)
@@ -174,8 +191,15 @@ def shape_rows(model: Model, bandwidth: float, rounds: int = 7) -> list[dict[str
         count = copies_for(n, k)
         weights = copies(random_weight(n, k), count)
         times = {p: t / count for p, t in time_paths(weights, rounds).items()}
-        rows.append({"shape": f"{name} {n}x{k}", "calls": calls, "floor": int4_bytes(n, k) / bandwidth / 1e3,
-                     "int8 floor": int8_bytes(n, k) / bandwidth / 1e3, **times})
+        rows.append(
+            {
+                "shape": f"{name} {n}x{k}",
+                "calls": calls,
+                "floor": int4_bytes(n, k) / bandwidth / 1e3,
+                "int8 floor": int8_bytes(n, k) / bandwidth / 1e3,
+                **times,
+            }
+        )
         del weights
     return rows
 
@@ -186,20 +210,38 @@ def token_row(model: Model, bandwidth: float, rounds: int = 5, lm_head: bool = T
     shapes += [(model.vocab, model.hidden)] if lm_head else []
     weights = [random_weight(n, k) for n, k in shapes]
     times = time_paths(weights, rounds)
-    return {"shape": f"token ({len(shapes)} GEMVs)", "calls": 1,
-            "floor": sum(int4_bytes(n, k) for n, k in shapes) / bandwidth / 1e3,
-            "int8 floor": sum(int8_bytes(n, k) for n, k in shapes) / bandwidth / 1e3, **times}
+    return {
+        "shape": f"token ({len(shapes)} GEMVs)",
+        "calls": 1,
+        "floor": sum(int4_bytes(n, k) for n, k in shapes) / bandwidth / 1e3,
+        "int8 floor": sum(int8_bytes(n, k) for n, k in shapes) / bandwidth / 1e3,
+        **times,
+    }
 
 
 def format_table(title: str, rows: list[dict[str, object]]) -> str:
     """Markdown table: us per call; ``x floor`` is each int4 path's time over the int4 floor."""
     int4 = [p for p in ("aten", "unwrap") if p in rows[0]]
-    head = ["shape", "calls/token", "int4 floor us", *[f"{p} us" for p in int4], *[f"{p} x floor" for p in int4],
-            "int8 us", "int8 floor us"]
+    head = [
+        "shape",
+        "calls/token",
+        "int4 floor us",
+        *[f"{p} us" for p in int4],
+        *[f"{p} x floor" for p in int4],
+        "int8 us",
+        "int8 floor us",
+    ]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["shape"], r["calls"], f"{r['floor']:.1f}", *[f"{r[p]:.1f}" for p in int4],
-                 *[f"{r[p] / r['floor']:.2f}" for p in int4], f"{r['int8']:.1f}", f"{r['int8 floor']:.1f}"]
+        cells = [
+            r["shape"],
+            r["calls"],
+            f"{r['floor']:.1f}",
+            *[f"{r[p]:.1f}" for p in int4],
+            *[f"{r[p] / r['floor']:.2f}" for p in int4],
+            f"{r['int8']:.1f}",
+            f"{r['int8 floor']:.1f}",
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -213,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth_gbs()
-    print(f"threads {args.threads}, read bandwidth {bandwidth:.1f} GB/s (read_bandwidth_gbs: {BANDWIDTH_BYTES >> 20} MiB), "
-          f"int4 group {GROUP_SIZE}, bf16, unwrap kernel {'available' if kernel_available() else 'NOT available'}\n")
+    print(
+        f"threads {args.threads}, read bandwidth {bandwidth:.1f} GB/s (read_bandwidth_gbs: {BANDWIDTH_BYTES >> 20} MiB), "
+        f"int4 group {GROUP_SIZE}, bf16, unwrap kernel {'available' if kernel_available() else 'NOT available'}\n"
+    )
     for name in args.models.split(","):
         model = MODELS[name]
         rows = shape_rows(model, bandwidth, args.rounds)

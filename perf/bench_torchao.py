@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -65,8 +65,16 @@ def prepared(workload: str, fmt: str, variant: str, mode: str) -> tuple[Callable
     return prepare(models[variant], (x,), mode)
 
 
-def run_case(benchmark: Callable[..., object], workload: str, fmt: str, variant: str, mode: str,
-             *, rounds: int = ROUNDS, number: int = 200) -> dict[str, object]:
+def run_case(
+    benchmark: Callable[..., object],
+    workload: str,
+    fmt: str,
+    variant: str,
+    mode: str,
+    *,
+    rounds: int = ROUNDS,
+    number: int = 200,
+) -> dict[str, object]:
     """Time ``variant`` with ``benchmark``, then against the floor interleaved (as bench_overhead)."""
     # Built outside inference_mode, as a user builds a model: inference tensors have no version
     # counter, so the lean int8 linear (subclasses/torchao_linear.py) could not keep its scale.

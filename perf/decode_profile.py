@@ -18,8 +18,8 @@ import argparse
 import copy
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -34,10 +34,19 @@ MODES: dict[str, str] = {
     "decode": "compile_for_decode: grouped-KV attention, fullgraph, module guards skipped (recommended)",
     "decode+cpp_wrapper": "the same with Inductor's cpp_wrapper",
 }
-MATMULS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm",
-           "aten::_int_mm", "aten::linear")
-ATTENTION_OPS = ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
-                 "aten::_scaled_dot_product_attention_math")
+MATMULS = (
+    "aten::_weight_int4pack_mm_for_cpu",
+    "aten::_weight_int8pack_mm",
+    "aten::mm",
+    "aten::addmm",
+    "aten::_int_mm",
+    "aten::linear",
+)
+ATTENTION_OPS = (
+    "aten::scaled_dot_product_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_attention_math",
+)
 GUARDS = "TorchDynamo Cache Lookup"
 CATEGORIES = ("GEMVs", "lm_head", "attention", "guards")
 MODELS = ("smollm2", "qwen2", "qwen2-tiny")
@@ -158,8 +167,16 @@ def profile_tokens(decoder: object, tokens: int) -> tuple[float, list]:
     return wall, list(prof.events())
 
 
-def measure(model: nn.Module, modes: list[str], *, max_len: int = 256, rounds: int = 5, tokens: int = 8,
-            profile_rounds: int = 3, progress: Callable[[str], None] = lambda message: None) -> list[Breakdown]:
+def measure(
+    model: nn.Module,
+    modes: list[str],
+    *,
+    max_len: int = 256,
+    rounds: int = 5,
+    tokens: int = 8,
+    profile_rounds: int = 3,
+    progress: Callable[[str], None] = lambda message: None,
+) -> list[Breakdown]:
     """Build and compile every mode first, time them interleaved, then profile them interleaved."""
     from .qwen import Decoder
     from .report import interleaved_min_ms_per_token, no_gc
@@ -182,8 +199,17 @@ def measure(model: nn.Module, modes: list[str], *, max_len: int = 256, rounds: i
                 wall, events = profile_tokens(decoder, tokens)
                 if mode not in profiled or wall < profiled[mode][0]:
                     profiled[mode] = wall, categorize(events, model.config.vocab_size)
-    return [Breakdown(mode, best[mode], profiled[mode][0] / tokens, {k: v / tokens for k, v in profiled[mode][1].items()},
-                      sum(counts[mode]) if counts[mode] else None, cpu[mode]) for mode in decoders]
+    return [
+        Breakdown(
+            mode,
+            best[mode],
+            profiled[mode][0] / tokens,
+            {k: v / tokens for k, v in profiled[mode][1].items()},
+            sum(counts[mode]) if counts[mode] else None,
+            cpu[mode],
+        )
+        for mode in decoders
+    ]
 
 
 def interleaved_min_cpu_ms_per_token(decoders: dict, *, rounds: int, tokens: int) -> dict:
@@ -208,22 +234,35 @@ def interleaved_min_cpu_ms_per_token(decoders: dict, *, rounds: int, tokens: int
 def format_table(title: str, rows: list[Breakdown]) -> str:
     """A Markdown table, ms/token per category, each mode's total with its ratio to the first row's."""
     first = rows[0].total
-    lines = [f"#### {title} (ms/token)", "",
-             "| mode | total | vs " + rows[0].mode + " | CPU time | vs " + rows[0].mode + " | profiled | "
-             + " | ".join(CATEGORIES) + " | rest | guard count |",
-             "|---|" + "---|" * (len(CATEGORIES) + 7)]
+    lines = [
+        f"#### {title} (ms/token)",
+        "",
+        "| mode | total | vs "
+        + rows[0].mode
+        + " | CPU time | vs "
+        + rows[0].mode
+        + " | profiled | "
+        + " | ".join(CATEGORIES)
+        + " | rest | guard count |",
+        "|---|" + "---|" * (len(CATEGORIES) + 7),
+    ]
     for row in rows:
         cells = [f"{row.parts.get(c, 0.0):.2f}" for c in CATEGORIES]
         guards = "-" if row.guard_count is None else str(row.guard_count)
         cpu = "-" if row.cpu is None else f"{row.cpu:.2f}"
         cpu_ratio = "-" if row.cpu is None or not rows[0].cpu else f"{row.cpu / rows[0].cpu:.2f}"
-        lines.append(f"| {row.mode} | {row.total:.2f} | {row.total / first:.2f} | {cpu} | {cpu_ratio} | {row.profiled:.2f} | "
-                     + " | ".join(cells)
-                     + f" | {row.rest:.2f} | {guards} |")
-    lines += ["", "total: wall time without the profiler; CPU time: the process's, without the profiler (on a busy "
-              "machine, use one thread and read this); profiled: wall time under the profiler, split into the "
-              "categories and rest.",
-              "Modes: " + "; ".join(f"{r.mode}: {MODES[r.mode]}" for r in rows) + "."]
+        lines.append(
+            f"| {row.mode} | {row.total:.2f} | {row.total / first:.2f} | {cpu} | {cpu_ratio} | {row.profiled:.2f} | "
+            + " | ".join(cells)
+            + f" | {row.rest:.2f} | {guards} |"
+        )
+    lines += [
+        "",
+        "total: wall time without the profiler; CPU time: the process's, without the profiler (on a busy "
+        "machine, use one thread and read this); profiled: wall time under the profiler, split into the "
+        "categories and rest.",
+        "Modes: " + "; ".join(f"{r.mode}: {MODES[r.mode]}" for r in rows) + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -234,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=MODELS, default="smollm2")
     parser.add_argument("--format", choices=("bf16", *FORMATS), default="int4")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--modes", default="eager,compiled,decode",
-                        help="comma-separated, from: " + ", ".join(MODES) + " (the first is the ratios' reference)")
+    parser.add_argument(
+        "--modes",
+        default="eager,compiled,decode",
+        help="comma-separated, from: " + ", ".join(MODES) + " (the first is the ratios' reference)",
+    )
     parser.add_argument("--max-len", type=int, default=256, help="static cache slots (attention reads every one)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=8)

@@ -44,8 +44,10 @@ def main(tokens: int = 160) -> None:
         aten, aten_logits = decode_nll(model, ids)
     sqnr = 20 * torch.log10(aten_logits.norm() / (aten_logits - ours_logits).norm()).item()
     agree = (aten_logits.argmax(-1) == ours_logits.argmax(-1)).float().mean().item()
-    print(f"{tokens} tokens decoded at M = 1: perplexity ours {ours:.4f}, aten {aten:.4f} ({(ours / aten - 1) * 100:+.2f} %); "
-          f"logits SQNR ours vs aten {sqnr:.1f} dB; argmax agree {agree * 100:.1f} %")
+    print(
+        f"{tokens} tokens decoded at M = 1: perplexity ours {ours:.4f}, aten {aten:.4f} ({(ours / aten - 1) * 100:+.2f} %); "
+        f"logits SQNR ours vs aten {sqnr:.1f} dB; argmax agree {agree * 100:.1f} %"
+    )
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ import ctypes
 import importlib.util
 import os
 import tempfile
-import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 SHIPPED = "Q4_1"
 TYPES = ("Q4_0", "Q8_0", "Q4_1")  # ggml's names; Q4_1 is the shipped file
-BUSY_NOTE = ("llama.cpp's threads spin-wait: on a busy machine it runs 5-30x slower than idle "
-             "(PyTorch far less); compare with it on an idle machine only")
+BUSY_NOTE = (
+    "llama.cpp's threads spin-wait: on a busy machine it runs 5-30x slower than idle "
+    "(PyTorch far less); compare with it on an idle machine only"
+)
 
 
 def available() -> bool:
@@ -71,8 +72,11 @@ def gguf_files(source: str, types: list[str]) -> Iterator[dict[str, str]]:
     with tempfile.TemporaryDirectory(prefix="unwrap-gguf-") as folder:
         paths = {}
         for ggml_type in types:
-            paths[ggml_type] = source if ggml_type == SHIPPED else quantize_gguf(
-                source, os.path.join(folder, f"model.{ggml_type}.gguf"), ggml_type)
+            paths[ggml_type] = (
+                source
+                if ggml_type == SHIPPED
+                else quantize_gguf(source, os.path.join(folder, f"model.{ggml_type}.gguf"), ggml_type)
+            )
         yield paths
 
 
@@ -83,8 +87,14 @@ class LlamaDecoder:
     def __init__(self, path: str, *, threads: int, prompt: list[int], max_len: int = 1024) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=max_len,
-                         n_batch=max(512, len(prompt)), verbose=False)
+        self.llm = Llama(
+            model_path=path,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=max_len,
+            n_batch=max(512, len(prompt)),
+            verbose=False,
+        )
         self.prompt, self.max_len, self.n_vocab = prompt, max_len, self.llm.n_vocab()
         self.reset()
 
@@ -133,8 +143,15 @@ def prompt_tokens(path: str, count: int) -> list[int]:
     return tokens[:count]
 
 
-def measure(threads: int, types: list[str], *, prefill_tokens: int = 512, rounds: int = 5, tokens: int = 8,
-            progress: Callable[[str], None] = lambda message: None) -> dict[str, tuple[float, float]]:
+def measure(
+    threads: int,
+    types: list[str],
+    *,
+    prefill_tokens: int = 512,
+    rounds: int = 5,
+    tokens: int = 8,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, tuple[float, float]]:
     """{type: (decode ms/token, ms to the first token of a ``prefill_tokens`` prompt)}, each the
     minimum over interleaved rounds, ``threads`` threads (prefill and decode)."""
     from .real_model import smollm2_gguf_path
@@ -154,16 +171,31 @@ def measure(threads: int, types: list[str], *, prefill_tokens: int = 512, rounds
     return {t: (decode[t], ttft[t] / 1e3) for t in types}
 
 
-def llama_block(threads: int, types: list[str], *, quick: bool = False, progress: Callable[[str], None] = lambda m: None):
+def llama_block(
+    threads: int, types: list[str], *, quick: bool = False, progress: Callable[[str], None] = lambda m: None
+):
     """The report's llama.cpp table (a ``perf.report.Block``) for SmolLM2's GGUF."""
     from .report import Block, Row
 
     prefill_tokens = 512
     results = measure(threads, types, prefill_tokens=prefill_tokens, rounds=3 if quick else 5, progress=progress)
-    rows = [Row(f"llama.cpp {t}" + (" (the shipped file)" if t == SHIPPED else ""), {"llama.cpp": ms},
-                ttft={"llama.cpp": first}) for t, (ms, first) in results.items()]
-    return Block("SmolLM2 135M GGUF", "llama.cpp", "ms/token", ("llama.cpp",), rows,
-                 [f"llama-cpp-python, {threads} thread(s), greedy; " + BUSY_NOTE], prefill_tokens)
+    rows = [
+        Row(
+            f"llama.cpp {t}" + (" (the shipped file)" if t == SHIPPED else ""),
+            {"llama.cpp": ms},
+            ttft={"llama.cpp": first},
+        )
+        for t, (ms, first) in results.items()
+    ]
+    return Block(
+        "SmolLM2 135M GGUF",
+        "llama.cpp",
+        "ms/token",
+        ("llama.cpp",),
+        rows,
+        [f"llama-cpp-python, {threads} thread(s), greedy; " + BUSY_NOTE],
+        prefill_tokens,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,23 +7,29 @@ import itertools
 import os
 import tempfile
 import types
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .timing import compile_counting_guards
 from subclasses.int4_gemv import int4_gemv
 
 from .floor import Int4FloorLinear, Int8FloorLinear
+from .timing import compile_counting_guards
 
 # The names every report, benchmark and table uses: what is measured, and how it is run.
 VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
 MODES = ("eager", "compiled", "cpp_wrapper", "aoti")
 CUDA_MODES = ("eager", "compiled", "reduce-overhead")  # "reduce-overhead": CUDA graphs
-MODE_TITLES = {"eager": "eager", "compiled": "compiled", "cpp_wrapper": "cpp_wrapper", "aoti": "AOTInductor",
-               "decode": "compile_for_decode", "llama.cpp": "llama.cpp"}  # LLM decode columns
+MODE_TITLES = {
+    "eager": "eager",
+    "compiled": "compiled",
+    "cpp_wrapper": "cpp_wrapper",
+    "aoti": "AOTInductor",
+    "decode": "compile_for_decode",
+    "llama.cpp": "llama.cpp",
+}  # LLM decode columns
 
 _PACKAGE_DIR: str | None = None
 
@@ -137,4 +143,13 @@ def torchao_model(bf16: nn.Module, fmt: str) -> nn.Module:
     return model
 
 
-__all__ = ["VARIANTS", "MODES", "CUDA_MODES", "MODE_TITLES", "prepare", "kernel_chain", "torchao_available", "torchao_model"]
+__all__ = [
+    "VARIANTS",
+    "MODES",
+    "CUDA_MODES",
+    "MODE_TITLES",
+    "prepare",
+    "kernel_chain",
+    "torchao_available",
+    "torchao_model",
+]

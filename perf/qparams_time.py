@@ -19,7 +19,15 @@ def layer_shapes(name: str = "Qwen2 0.5B") -> list[tuple[int, int]]:
     s = QWEN2_SHAPES[name]
     hidden, inter = s["hidden_size"], s["intermediate_size"]
     kv = hidden // s["num_attention_heads"] * s["num_key_value_heads"]
-    return [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
+    return [
+        (hidden, hidden),
+        (kv, hidden),
+        (kv, hidden),
+        (hidden, hidden),
+        (inter, hidden),
+        (inter, hidden),
+        (hidden, inter),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             best[algorithm] = min(best[algorithm], time.perf_counter() - start)
     layers = QWEN2_SHAPES["Qwen2 0.5B"]["num_hidden_layers"]
     for algorithm, seconds in best.items():
-        print(f"{algorithm}: {seconds:.2f} s per decoder layer, x{layers} = {seconds * layers:.1f} s "
-              f"({seconds / best['tinygemm']:.1f}x tinygemm)")
+        print(
+            f"{algorithm}: {seconds:.2f} s per decoder layer, x{layers} = {seconds * layers:.1f} s "
+            f"({seconds / best['tinygemm']:.1f}x tinygemm)"
+        )
     return 0
 
 

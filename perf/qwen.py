@@ -4,9 +4,8 @@ static KV cache; next-token latency for bf16, our quantized weights and the floo
 from __future__ import annotations
 
 import copy
-import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,10 +17,22 @@ from .workloads import CONFIGS
 
 # Qwen2.5-0.5B's shapes; "tiny" is host-bound (its kernels take microseconds).
 QWEN2_SHAPES: dict[str, dict[str, int]] = {
-    "Qwen2 0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
-    "Qwen2 tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=4096),
+    "Qwen2 0.5B": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "Qwen2 tiny": dict(
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),
 }
 
 
@@ -80,8 +91,15 @@ class Decoder:
     model itself by default, or a compiled version), then one-token steps through ``step`` (the
     model, or its compiled version) at increasing cache positions."""
 
-    def __init__(self, model: nn.Module, step: Callable | None = None, *, max_len: int = 256, prompt_len: int = 8,
-                 prefill: Callable | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        step: Callable | None = None,
+        *,
+        max_len: int = 256,
+        prompt_len: int = 8,
+        prefill: Callable | None = None,
+    ) -> None:
         from transformers import StaticCache
 
         self.model, self.step = model, (model if step is None else step)
@@ -89,8 +107,13 @@ class Decoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.max_len, self.prompt_len = max_len, prompt_len
         with torch.inference_mode():  # the cache allocates its tensors on first use: do that in eager, or a
-            model(torch.zeros(1, 1, dtype=torch.long), past_key_values=self.cache, use_cache=True,  # compiled
-                  cache_position=torch.tensor([0]), logits_to_keep=1)  # prefill recompiles on its 2nd call
+            model(
+                torch.zeros(1, 1, dtype=torch.long),
+                past_key_values=self.cache,
+                use_cache=True,  # compiled
+                cache_position=torch.tensor([0]),
+                logits_to_keep=1,
+            )  # prefill recompiles on its 2nd call
         self.reset()
 
     def reset(self) -> int:
@@ -99,8 +122,13 @@ class Decoder:
         prompt = (torch.arange(1, self.prompt_len + 1) % self.model.config.vocab_size).unsqueeze(0)
         with torch.inference_mode():  # the cache's tensors are inference tensors
             self.cache.reset()
-            out = self.prefill(prompt, past_key_values=self.cache, use_cache=True,
-                               cache_position=torch.arange(self.prompt_len), logits_to_keep=1)
+            out = self.prefill(
+                prompt,
+                past_key_values=self.cache,
+                use_cache=True,
+                cache_position=torch.arange(self.prompt_len),
+                logits_to_keep=1,
+            )
         self.position = self.prompt_len
         self.token = out.logits[:, -1].argmax(-1, keepdim=True)
         return int(self.token)
@@ -110,8 +138,13 @@ class Decoder:
         if self.position >= self.max_len:
             self.reset()
         with torch.inference_mode():
-            out = self.step(self.token, past_key_values=self.cache, use_cache=True,
-                            cache_position=torch.tensor([self.position]), logits_to_keep=1)
+            out = self.step(
+                self.token,
+                past_key_values=self.cache,
+                use_cache=True,
+                cache_position=torch.tensor([self.position]),
+                logits_to_keep=1,
+            )
         self.position += 1
         self.token = out.logits[:, -1].argmax(-1, keepdim=True)
         return int(self.token)

@@ -1,5 +1,9 @@
 """Affine-quantized weight tensor subclasses and torchao-style ``quantize_``."""
 
+from . import (
+    tensor_parallel,  # noqa: F401 - registers the ops DTensor needs on every format
+    torchao_linear,  # noqa: F401 - declares lean linears for torchao's tensors to unwrap (no torchao import)
+)
 from .base import QuantizedWeight
 from .int4_tensor import Int4WeightTensor, Packing
 from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
@@ -11,8 +15,6 @@ from .quant_api import (
     QuantizeSummary,
     quantize_,
 )
-from . import tensor_parallel  # registers the ops DTensor needs on every format
-from . import torchao_linear  # declares lean linears for torchao's tensors to unwrap (no torchao import)
 from .serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
 from .torchao_interop import (
     ConversionSummary,

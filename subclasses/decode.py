@@ -20,7 +20,8 @@ SmolLM2-135M, see README "Decode"):
 from __future__ import annotations
 
 import types
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,23 +29,42 @@ from torch import nn
 ATTENTION = "unwrap_sdpa"
 
 
-def gqa_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       is_causal: bool | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+def gqa_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
     """transformers' ``sdpa_attention_forward``, except that a one-token query with grouped K/V heads
     and a mask always takes its grouped-KV shortcut (transformers takes it in eager only). Any other
     call is transformers' own function."""
     from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 
     groups = getattr(module, "num_key_value_groups", 1)
-    shortcut = (query.shape[2] == 1 and groups > 1 and attention_mask is not None
-                and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-                and not kwargs.get("output_attentions", False))
+    shortcut = (
+        query.shape[2] == 1
+        and groups > 1
+        and attention_mask is not None
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions", False)
+    )
     if not shortcut:  # no mask: transformers uses enable_gqa, compiled or not
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     out = nn.functional.scaled_dot_product_attention(
-        pack_gqa(query, groups), key, value, attn_mask=pack_gqa(attention_mask, groups),
-        dropout_p=dropout, scale=scaling, is_causal=False)
+        pack_gqa(query, groups),
+        key,
+        value,
+        attn_mask=pack_gqa(attention_mask, groups),
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=False,
+    )
     out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
     return out, None
 
@@ -60,7 +80,7 @@ def use_gqa_decode_attention(model: nn.Module) -> nn.Module:
         raise ValueError(f"the grouped-KV decode attention replaces 'sdpa'; this model uses {current!r}")
     AttentionInterface.register(ATTENTION, gqa_sdpa_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    model.set_attn_implementation(ATTENTION)
+    model.set_attn_implementation(ATTENTION)  # type: ignore[operator]  # a transformers PreTrainedModel
     return model
 
 
@@ -77,7 +97,7 @@ def _own_code(fn: Callable) -> Callable:
     return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
-def compile_decode_step(model: nn.Module, *, skip_module_guards: bool = True, **compile_kwargs: object) -> Callable:
+def compile_decode_step(model: nn.Module, *, skip_module_guards: bool = True, **compile_kwargs: Any) -> Callable:
     """``model``'s forward compiled for one-token steps (``fullgraph``, static shapes), guards on the
     model skipped unless ``skip_module_guards=False``. Call it like the model."""
 
@@ -113,22 +133,29 @@ class GreedyDecoder:
             raise ValueError(f"input_ids must be [1, T] (batch 1), got shape {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
         if length + max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds the cache's "
-                             f"max_len ({self.max_len})")
+            raise ValueError(
+                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) exceeds the cache's max_len ({self.max_len})"
+            )
         self.cache.reset()
-        out = self.model(input_ids, past_key_values=self.cache, use_cache=True,
-                         cache_position=torch.arange(length), logits_to_keep=1)
+        out = self.model(
+            input_ids, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(length), logits_to_keep=1
+        )
         tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
         for position in range(length, length + max_new_tokens - 1):
             if eos_token_id is not None and int(tokens[-1]) == eos_token_id:
                 break
-            out = self.step(tokens[-1], past_key_values=self.cache, use_cache=True,
-                            cache_position=torch.tensor([position]), logits_to_keep=1)
+            out = self.step(
+                tokens[-1],
+                past_key_values=self.cache,
+                use_cache=True,
+                cache_position=torch.tensor([position]),
+                logits_to_keep=1,
+            )
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         return torch.cat([input_ids, *tokens], dim=1)
 
 
-def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: object) -> GreedyDecoder:
+def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) -> GreedyDecoder:
     """The fast way to decode greedily on CPU, in one call: switch ``model`` (in place) to the
     grouped-KV decode attention, and return a ``GreedyDecoder`` with a static cache of ``max_len``
     slots (prompt + new tokens: attention reads every slot) whose one-token step is compiled with
@@ -137,5 +164,12 @@ def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: object)
     return GreedyDecoder(model, max_len, compile_decode_step(model, **compile_kwargs))
 
 
-__all__ = ["ATTENTION", "GreedyDecoder", "compile_decode_step", "compile_for_decode", "frozen_model_guards",
-           "gqa_sdpa_attention", "use_gqa_decode_attention"]
+__all__ = [
+    "ATTENTION",
+    "GreedyDecoder",
+    "compile_decode_step",
+    "compile_for_decode",
+    "frozen_model_guards",
+    "gqa_sdpa_attention",
+    "use_gqa_decode_attention",
+]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,13 +37,13 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .base import QuantizedWeight
+from .portable import build
 from .quant_api import (
     Int4WeightOnlyConfig,
     Int8DynamicActivationInt8WeightConfig,
     Int8WeightOnlyConfig,
     WeightConfig,
 )
-from .portable import build
 from .serialization import QUANTIZED_KEY, SEPARATOR, _parse_entry, flatten_state_dict
 
 QUANT_METHOD = "unwrap"
@@ -94,21 +94,27 @@ class UnwrapConfig(QuantizationConfigMixin):
         return WEIGHT_FORMATS[self.weight]()
 
     @classmethod
-    def from_weight_config(cls, config: WeightConfig) -> "UnwrapConfig":
+    def from_weight_config(cls, config: WeightConfig) -> UnwrapConfig:
         """The ``UnwrapConfig`` of a ``quantize_`` config; TypeError for one it does not know."""
         for name, config_type in WEIGHT_FORMATS.items():
             if type(config) is config_type:
-                return cls(name, **({"group_size": getattr(config, "group_size")} if name == "int4" else {}))
-        raise TypeError(f"no UnwrapConfig for {type(config).__name__}; known: {sorted(c.__name__ for c in WEIGHT_FORMATS.values())}")
+                if name == "int4":
+                    return cls(name, group_size=cast(Int4WeightOnlyConfig, config).group_size)
+                return cls(name)
+        raise TypeError(
+            f"no UnwrapConfig for {type(config).__name__}; known: {sorted(c.__name__ for c in WEIGHT_FORMATS.values())}"
+        )
 
 
 class UnwrapQuantize(ConversionOps):
     """Quantize one high-precision weight as transformers reads it (quantize on load)."""
 
-    def __init__(self, hf_quantizer: "UnwrapHfQuantizer") -> None:
+    def __init__(self, hf_quantizer: UnwrapHfQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
 
-    def convert(self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs: Any) -> dict:
+    def convert(
+        self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs: Any
+    ) -> dict:
         (value,) = input_dict.values()
         value = value[0] if isinstance(value, list) else value
         assert model is not None and full_layer_name is not None  # transformers passes both
@@ -118,10 +124,12 @@ class UnwrapQuantize(ConversionOps):
 class UnwrapDeserialize(ConversionOps):
     """Rebuild one quantized weight from its inner tensors (``"{key}:packed"``, ...) and the metadata."""
 
-    def __init__(self, hf_quantizer: "UnwrapHfQuantizer") -> None:
+    def __init__(self, hf_quantizer: UnwrapHfQuantizer) -> None:
         self.hf_quantizer = hf_quantizer
 
-    def convert(self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs: Any) -> dict:
+    def convert(
+        self, input_dict: dict, model: nn.Module | None = None, full_layer_name: str | None = None, **kwargs: Any
+    ) -> dict:
         tensors = {}
         for pattern, values in input_dict.items():
             if len(values) != 1:
@@ -166,10 +174,14 @@ class UnwrapHfQuantizer(HfQuantizer):
     def get_load_operations(self) -> dict:
         return {"deserialize": UnwrapDeserialize}
 
-    def _process_model_before_weight_loading(self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any) -> None:
+    def _process_model_before_weight_loading(
+        self, model: PreTrainedModel, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> None:
         # [] rather than None: no default skips (transformers' would keep an untied lm_head in high
         # precision, where quantize_ quantizes it)
-        self.modules_to_not_convert = self.get_modules_to_not_convert(model, self.quantization_config.modules_to_not_convert or [])
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, self.quantization_config.modules_to_not_convert or []
+        )
         if self.pre_quantized:
             self.quantized_entries = _read_quantized_entries(checkpoint_files or [])
 
@@ -178,7 +190,9 @@ class UnwrapHfQuantizer(HfQuantizer):
         the dtype the model is loaded in (``from_pretrained(..., dtype=...)``)."""
         entry = self.quantized_entries.get(key)
         if entry is None:
-            raise ValueError(f"{key!r}: the checkpoint has its inner tensors {sorted(tensors)} but its metadata does not describe it")
+            raise ValueError(
+                f"{key!r}: the checkpoint has its inner tensors {sorted(tensors)} but its metadata does not describe it"
+            )
         cls, shape, dtype, attributes = _parse_entry(key, entry)
         weight = build(cls, tensors, attributes, shape, dtype, repr(key))
         module, name = get_module_from_name(model, key)
@@ -214,7 +228,8 @@ class UnwrapHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         if self.skipped:
             warnings.warn(
-                f"{self.quantization_config.weight_config()!r} left these weights in high precision: " + "; ".join(self.skipped),
+                f"{self.quantization_config.weight_config()!r} left these weights in high precision: "
+                + "; ".join(self.skipped),
                 stacklevel=2,
             )
             self.skipped = []
@@ -251,8 +266,10 @@ def _read_quantized_entries(checkpoint_files: list[str]) -> dict[str, Any]:
         try:
             entries.update(json.loads(metadata[QUANTIZED_KEY]))
         except (KeyError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: safetensors metadata {QUANTIZED_KEY!r} is missing or not JSON ({error}); "
-                             "was it written by save_pretrained of an 'unwrap' quantized model?") from None
+            raise ValueError(
+                f"{path}: safetensors metadata {QUANTIZED_KEY!r} is missing or not JSON ({error}); "
+                "was it written by save_pretrained of an 'unwrap' quantized model?"
+            ) from None
     return entries
 
 
@@ -270,7 +287,9 @@ def attach(model: nn.Module, config: WeightConfig) -> None:
 def _register() -> None:
     # Once per process (this module is imported once); another owner of the name is an error.
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) not in (None, UnwrapConfig):
-        raise RuntimeError(f"the quantization method {QUANT_METHOD!r} is already registered by {AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]}")
+        raise RuntimeError(
+            f"the quantization method {QUANT_METHOD!r} is already registered by {AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]}"
+        )
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(UnwrapConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

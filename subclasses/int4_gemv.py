@@ -51,7 +51,9 @@ def kernel_available() -> bool:
             verbose=False,
         )
     except Exception as error:  # no compiler, no headers: the aten kernel keeps working
-        warnings.warn(f"building the int4 GEMV kernel failed ({error!r}); using aten's int4 kernel at M = 1", stacklevel=2)
+        warnings.warn(
+            f"building the int4 GEMV kernel failed ({error!r}); using aten's int4 kernel at M = 1", stacklevel=2
+        )
         return False
     _register_fake()
     return _agrees_with_aten()
@@ -68,11 +70,15 @@ def _agrees_with_aten() -> bool:
     try:
         ours = torch.ops.unwrap_cpu.int4_gemv(x, packed, 32, scale_and_zero)
     except RuntimeError as error:  # the CPU lacks an instruction the kernel needs
-        warnings.warn(f"the int4 GEMV kernel cannot run here ({error}); using aten's int4 kernel at M = 1", stacklevel=3)
+        warnings.warn(
+            f"the int4 GEMV kernel cannot run here ({error}); using aten's int4 kernel at M = 1", stacklevel=3
+        )
         return False
     expected = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_and_zero)
     if not (ours - expected).norm() <= 1e-4 * expected.norm():  # a layout error is ~100 %, rounding ~1e-5
-        warnings.warn("the int4 GEMV kernel disagrees with aten's on this machine's packing; using aten's", stacklevel=3)
+        warnings.warn(
+            "the int4 GEMV kernel disagrees with aten's on this machine's packing; using aten's", stacklevel=3
+        )
         return False
     return True
 

@@ -106,11 +106,15 @@ def unpack_cpu(packed: torch.Tensor) -> torch.Tensor:
     return _unpack_with(packed, *traced_cpu_layout())
 
 
-def dequantize_codes(q: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_codes(
+    q: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
     """The [N, K] weight from codes q [N, K] and scale_and_zero [K/g, N, 2]: ``(q - 8) * scale + zero``."""
     n, k = q.shape
     scale_and_zero = scale_and_zero.transpose(0, 1).unsqueeze(2)  # [N, K/g, 1, 2]
-    return affine_dequantize(q.view(n, k // group_size, group_size), scale_and_zero[..., 0], scale_and_zero[..., 1], dtype).view(n, k)
+    return affine_dequantize(
+        q.view(n, k // group_size, group_size), scale_and_zero[..., 0], scale_and_zero[..., 1], dtype
+    ).view(n, k)
 
 
 def affine_dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

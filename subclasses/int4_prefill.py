@@ -9,7 +9,7 @@ crossover measured on the project's CPU; ``perf/crossover.py`` re-measures it.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -152,7 +152,9 @@ def mm_by_rows_at_run_time(
 
 
 @mm_by_rows_at_run_time.register_fake
-def _(x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int) -> torch.Tensor:
+def _(
+    x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int
+) -> torch.Tensor:
     return x2d.new_empty(x2d.shape[0], n)
 
 

@@ -14,8 +14,8 @@ from .base import (
     as_linear_output,
     aten,
     check_activation,
-    quantized_embedding,
     linear_with_input_grad,
+    quantized_embedding,
     target_dtype_device,
     weight_reason,
 )
@@ -31,8 +31,8 @@ from .int4_packing import (
     unpack_canonical,
     unpack_cpu,
 )
-from .int4_qparams import check_qparams_algorithm, mse_qparams
 from .int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
+from .int4_qparams import check_qparams_algorithm, mse_qparams
 
 GROUP_SIZES = (32, 64, 128, 256)
 ROWS_MULTIPLE = 16  # the kernels' out_features rule
@@ -104,15 +104,20 @@ class Int4WeightTensor(QuantizedWeight):
         """Why ``weight`` cannot be quantized with ``group_size``, or None if it can."""
         return weight_reason(weight) or shape_reason(weight.shape[0], weight.shape[1], group_size)
 
-    def portable(self) -> "Int4WeightTensor":
+    def portable(self) -> Int4WeightTensor:
         """In the canonical packing (``int4_packing.pack_canonical``; also runs on fake CUDA)."""
         if self.packing == Packing.CANONICAL:
             return self
         return Int4WeightTensor(
-            pack_canonical(self.codes()), self.scale_and_zero, self.group_size, Packing.CANONICAL, self.outer_shape, self.outer_dtype
+            pack_canonical(self.codes()),
+            self.scale_and_zero,
+            self.group_size,
+            Packing.CANONICAL,
+            self.outer_shape,
+            self.outer_dtype,
         )
 
-    def localized(self) -> "Int4WeightTensor":
+    def localized(self) -> Int4WeightTensor:
         """Packed for its device's kernel (the local CPU layout on CPU)."""
         if self.packing == packing_for(self.device):
             return self
@@ -133,7 +138,7 @@ class Int4WeightTensor(QuantizedWeight):
     @classmethod
     def from_float(
         cls, weight: torch.Tensor, group_size: int = 128, qparams_algorithm: str = "tinygemm"
-    ) -> "Int4WeightTensor":
+    ) -> Int4WeightTensor:
         """Quantize a high-precision [N, K] weight; ``qparams_algorithm`` chooses scales and zeros
         ("tinygemm": torchao's min-max math, in the weight's dtype; "mse": see int4_qparams)."""
         check_qparams_algorithm(qparams_algorithm)
@@ -147,7 +152,7 @@ class Int4WeightTensor(QuantizedWeight):
     @classmethod
     def from_codes(
         cls, q: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, dtype: torch.dtype
-    ) -> "Int4WeightTensor":
+    ) -> Int4WeightTensor:
         """Build from codes q [N, K] in 0..15, packed for the device q lives on."""
         packing = packing_for(q.device)
         packed = _PACK[packing](q)
@@ -163,14 +168,18 @@ class Int4WeightTensor(QuantizedWeight):
         to a multiple of 16 (the kernel's out_features rule)."""
         n, k = self.outer_shape
         if dim == 1 and (start % self.group_size or length % self.group_size):
-            return (f"cannot cut the int4 weight of shape ({n}, {k}) at in_features [{start}, {start + length}): "
-                    f"every piece must hold whole groups of group_size={self.group_size}")
+            return (
+                f"cannot cut the int4 weight of shape ({n}, {k}) at in_features [{start}, {start + length}): "
+                f"every piece must hold whole groups of group_size={self.group_size}"
+            )
         if dim == 0 and length % ROWS_MULTIPLE:
-            return (f"cannot cut the int4 weight of shape ({n}, {k}) at out_features [{start}, {start + length}): "
-                    f"every piece must hold a multiple of {ROWS_MULTIPLE} rows for the int4 kernel")
+            return (
+                f"cannot cut the int4 weight of shape ({n}, {k}) at out_features [{start}, {start + length}): "
+                f"every piece must hold a multiple of {ROWS_MULTIPLE} rows for the int4 kernel"
+            )
         return None
 
-    def narrow_shard(self, dim: int, start: int, length: int) -> "Int4WeightTensor":
+    def narrow_shard(self, dim: int, start: int, length: int) -> Int4WeightTensor:
         """Rows (dim 0) or input features (dim 1) ``[start, start + length)`` as a weight of
         their own, packed for its device, through the codes: the CPU packing interleaves blocks
         of rows, so its bytes cannot be cut. ValueError where ``cut_error`` says why not."""

@@ -15,8 +15,9 @@ torchao's tensors are recognised by class name and module.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +71,9 @@ def _from_int4_opaque(t: Any) -> Int4WeightTensor:
     sz = t.scale_and_zero
     group_size = _int4_group_size(t, (n, k), sz.dtype)
     if t.qdata.dtype != torch.uint8 or tuple(t.qdata.shape) != (n, k // 2) or t.qdata.device.type != "cpu":
-        raise TorchaoConversionError(f"qdata {t.qdata.dtype} {tuple(t.qdata.shape)} on {t.qdata.device} is not the CPU kernel's uint8 [{n}, {k // 2}]")
+        raise TorchaoConversionError(
+            f"qdata {t.qdata.dtype} {tuple(t.qdata.shape)} on {t.qdata.device} is not the CPU kernel's uint8 [{n}, {k // 2}]"
+        )
     if tuple(sz.shape) != (k // group_size, n, 2):
         raise TorchaoConversionError(f"scale_and_zero shape {tuple(sz.shape)} is not [{k // group_size}, {n}, 2]")
     # The same op packed both, so torchao's qdata is our CPU packing byte for byte.
@@ -90,7 +93,9 @@ def _from_int4_tile_packed(t: Any) -> Int4WeightTensor:
     if sz.dtype != torch.bfloat16:
         raise TorchaoConversionError(f"scale_and_zero is {sz.dtype}; Int4TilePackedTo4dTensor is bf16")
     if not n <= qdata.shape[0] * 8 < n + 16 or sz.dim() != 3 or sz.shape[0] * group_size != k_pad or sz.shape[1] < n:
-        raise TorchaoConversionError(f"qdata {tuple(qdata.shape)} / scale_and_zero {tuple(sz.shape)} do not fit shape ({n}, {k})")
+        raise TorchaoConversionError(
+            f"qdata {tuple(qdata.shape)} / scale_and_zero {tuple(sz.shape)} do not fit shape ({n}, {k})"
+        )
     codes = unpack_tinygemm(qdata)[:n, :k]
     return Int4WeightTensor.from_codes(codes, sz[: k // group_size, :n].contiguous(), group_size, torch.bfloat16)
 
@@ -110,7 +115,9 @@ def _from_int8(t: Any) -> Int8WeightTensor:
         raise TorchaoConversionError(f"dtype {t.dtype} is not one of {FLOAT_DTYPES}")
     block = list(t.block_size)
     if block not in ([1, k], [n, k]):
-        raise TorchaoConversionError(f"block_size {block} is group-wise; ours is one scale per output channel ([1, {k}])")
+        raise TorchaoConversionError(
+            f"block_size {block} is group-wise; ours is one scale per output channel ([1, {k}])"
+        )
     if t.zero_point is not None and bool(t.zero_point.ne(0).any()):
         raise TorchaoConversionError("its zero_point is not 0 (asymmetric); ours is symmetric")
     if t.scale.numel() not in (1, n):
@@ -159,7 +166,9 @@ def to_torchao_tensor(weight: QuantizedWeight) -> torch.Tensor:
     if weight.packing == Packing.CPU:
         return Int4OpaqueTensor(weight.packed, weight.scale_and_zero, [1, g], torch.Size((n, k)))
     if weight.packing != Packing.CUDA_TINYGEMM:
-        raise TorchaoConversionError(f"an int4 weight packed {weight.packing!r} (on {weight.device}) has no torchao kernel; move it to CPU or CUDA")
+        raise TorchaoConversionError(
+            f"an int4 weight packed {weight.packing!r} (on {weight.device}) has no torchao kernel; move it to CPU or CUDA"
+        )
     if weight.outer_dtype != torch.bfloat16:
         raise TorchaoConversionError(f"Int4TilePackedTo4dTensor is bf16 only, the weight is {weight.outer_dtype}")
     n_pad, k_pad = _find_multiple(n, 8), _find_multiple(k, TILE_K_PAD)
@@ -194,7 +203,9 @@ def _convert_model(model: nn.Module, pick, convert, strict: bool) -> ConversionS
     is converted once and the one new Parameter assigned to every user."""
     for fqn, module in model.named_modules():
         if "_unwrapped" in module.__dict__:
-            raise ValueError(f"module {fqn or type(module).__name__!r} is unwrapped; call unwrap.rewrap(model) first (and unwrap again after)")
+            raise ValueError(
+                f"module {fqn or type(module).__name__!r} is unwrapped; call unwrap.rewrap(model) first (and unwrap again after)"
+            )
     users: dict[int, list[tuple[nn.Module, str, str]]] = {}
     for fqn, module in model.named_modules(remove_duplicate=False):
         for name, param in module._parameters.items():
@@ -234,7 +245,9 @@ def to_torchao(model: nn.Module, *, strict: bool = False) -> ConversionSummary:
     return _convert_model(model, lambda p: isinstance(p, QuantizedWeight), to_torchao_tensor, strict)
 
 
-def load_torchao_state_dict(state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+def load_torchao_state_dict(
+    state_dict: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> dict[str, torch.Tensor]:
     """A torchao checkpoint as a state_dict of our weights, for ``model.load_state_dict`` on a model
     quantized with our matching config (same group size).
 

@@ -22,7 +22,8 @@ Registered by class name when ``subclasses`` is imported: torchao is never impor
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -54,6 +55,7 @@ def _planned(weight: Any, plan: Callable[[torch.Tensor], Any], source: torch.Ten
     key, version = id(weight), source._version if source is not None else 0
     entry = _PLANS.get(key)
     if entry is None or entry[0]() is not weight or entry[1] != version:
+
         def forget(_: object, key: int = key) -> None:  # the weight is gone: drop its plan
             _PLANS.pop(key, None)
 
@@ -102,7 +104,12 @@ def int8_linear(input: torch.Tensor, weight: Any, bias: torch.Tensor | None = No
     """``F.linear`` on torchao's weight-only ``Int8Tensor`` through ``_weight_int8pack_mm``: what
     ``torch.compile`` makes of torchao's linear, bit for bit, in eager as well."""
     scale = _planned(weight, _int8_kernel_scale, weight.scale)  # redone when the scale changes in place
-    if scale is None or input.dtype != scale.dtype or not input.is_cpu or (input.requires_grad and torch.is_grad_enabled()):
+    if (
+        scale is None
+        or input.dtype != scale.dtype
+        or not input.is_cpu
+        or (input.requires_grad and torch.is_grad_enabled())
+    ):
         return torchao_linear(input, weight, bias)
     if input.dim() == 2 and bias is None and input.is_contiguous():  # decode: nothing but the kernel
         return torch._weight_int8pack_mm(input, weight.qdata, scale)
@@ -116,7 +123,9 @@ def int8_linear(input: torch.Tensor, weight: Any, bias: torch.Tensor | None = No
 def _int8_unread(weight: Any) -> tuple[str, ...]:
     # Weight-only per row/tensor: neither int8_linear nor torchao's linear reads the zero point
     # (torchao's weight-only Int8Tensor carries an all-zero one).
-    per_row = weight.act_quant_kwargs is None and weight.qdata.dim() == 2 and weight.block_size[-1] == weight.qdata.shape[-1]
+    per_row = (
+        weight.act_quant_kwargs is None and weight.qdata.dim() == 2 and weight.block_size[-1] == weight.qdata.shape[-1]
+    )
     return ("zero_point",) if per_row else ()
 
 

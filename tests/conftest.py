@@ -30,7 +30,6 @@ def _seed_and_reset_dynamo():
     yield
 
 
-
 @pytest.fixture
 def aten_int4_decode(monkeypatch):
     """M = 1 int4 linears run aten's kernel (subclasses.int4_gemv switched off), for tests that

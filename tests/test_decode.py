@@ -17,7 +17,13 @@ from perf.decode_profile import Breakdown, build_model, categorize, format_table
 from perf.qwen import QWEN2_SHAPES, build_qwen2  # noqa: E402
 from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
 from subclasses.decode import (  # noqa: E402
-    ATTENTION, GreedyDecoder, compile_decode_step, compile_for_decode, gqa_sdpa_attention, use_gqa_decode_attention)
+    ATTENTION,
+    GreedyDecoder,
+    compile_decode_step,
+    compile_for_decode,
+    gqa_sdpa_attention,
+    use_gqa_decode_attention,
+)
 from unwrap import unwrap  # noqa: E402
 
 
@@ -60,13 +66,18 @@ def test_attention_compiled_keeps_the_shortcut_and_its_numbers():
         def backend(gm, inputs):
             codes[name] = gm.code
             return gm.forward
+
         return backend
 
     for name, attention in (("ours", gqa_sdpa_attention), ("theirs", sdpa_attention_forward)):
-        torch.compile(lambda *a, f=attention: f(Heads(), *a, scaling=0.125)[0], backend=capture(name), fullgraph=True)(q, k, v, mask)
+        torch.compile(lambda *a, f=attention: f(Heads(), *a, scaling=0.125)[0], backend=capture(name), fullgraph=True)(
+            q, k, v, mask
+        )
     assert "expand" in codes["theirs"]
     assert "expand" not in codes["ours"] and "repeat" not in codes["ours"], codes["ours"]
-    compiled = torch.compile(lambda *a: gqa_sdpa_attention(Heads(), *a, scaling=0.125)[0], fullgraph=True)(q, k, v, mask)
+    compiled = torch.compile(lambda *a: gqa_sdpa_attention(Heads(), *a, scaling=0.125)[0], fullgraph=True)(
+        q, k, v, mask
+    )
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
@@ -106,6 +117,7 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
             flags = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries) if skip else [True] * len(entries)
             counts[skip].append(sum(flags))
             return flags
+
         return keep
 
     token, logits = torch.tensor([[7]]), {}
@@ -161,10 +173,13 @@ def test_categorize_counts_outermost_events_and_finds_the_lm_head():
             self.name, self.cpu_time_total, self.input_shapes, self.cpu_parent = name, us, list(shapes), parent
 
     linear = Event("aten::linear", 300, [[1, 64], [128, 64]])
-    events = [linear, Event("aten::mm", 290, [[1, 64], [64, 128]], linear),
-              Event("aten::_weight_int4pack_mm_for_cpu", 1000, [[1, 64], [4096, 32], [], [2, 4096, 2]]),
-              Event("aten::scaled_dot_product_attention", 50),
-              Event("TorchDynamo Cache Lookup", 20)]
+    events = [
+        linear,
+        Event("aten::mm", 290, [[1, 64], [64, 128]], linear),
+        Event("aten::_weight_int4pack_mm_for_cpu", 1000, [[1, 64], [4096, 32], [], [2, 4096, 2]]),
+        Event("aten::scaled_dot_product_attention", 50),
+        Event("TorchDynamo Cache Lookup", 20),
+    ]
     parts = categorize(events, vocab_size=4096)
     assert parts == {"GEMVs": 0.3, "lm_head": 1.0, "attention": 0.05, "guards": 0.02}
     row = Breakdown("eager", total=2.0, profiled=1.5, parts=parts)

@@ -3,4 +3,11 @@
 from .linear import declared_linear, register_linear
 from .register import SubclassSpec, rewrap, unwrap, unwrap_tensor_subclass_parameters
 
-__all__ = ["unwrap", "rewrap", "unwrap_tensor_subclass_parameters", "SubclassSpec", "declared_linear", "register_linear"]
+__all__ = [
+    "unwrap",
+    "rewrap",
+    "unwrap_tensor_subclass_parameters",
+    "SubclassSpec",
+    "declared_linear",
+    "register_linear",
+]

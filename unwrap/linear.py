@@ -29,12 +29,13 @@ subclass package: it only reads attributes.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-LinearFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 _REGISTERED: dict[str, LinearFn] = {}
 
@@ -44,7 +45,9 @@ def register_linear(qualified_name: str, linear: LinearFn) -> None:
     ``qualified_name`` (``f"{cls.__module__}.{cls.__qualname__}"``, exactly; subclasses of it are
     not covered), without importing or editing that class."""
     if not callable(linear):
-        raise TypeError(f"register_linear({qualified_name!r}, ...): linear must be callable, got {type(linear).__name__}")
+        raise TypeError(
+            f"register_linear({qualified_name!r}, ...): linear must be callable, got {type(linear).__name__}"
+        )
     _REGISTERED[qualified_name] = linear
 
 
@@ -67,7 +70,7 @@ def declared_linear(subclass: type) -> LinearFn | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapt_torch_function(subclass: type, impl: Callable) -> LinearFn:
     """``impl(func, types, args, kwargs)`` as ``(input, weight, bias)``; one adapter per class
     and implementation, so the generated forwards of a model share it.
@@ -78,8 +81,7 @@ def _adapt_torch_function(subclass: type, impl: Callable) -> LinearFn:
     its own rather than from closure cells and this module's globals."""
     namespace = {"impl": getattr(impl, "__wrapped__", impl), "F_linear": F.linear}
     source = (
-        "def linear(input, weight, bias=None):\n"
-        "    return impl(F_linear, (type(weight),), (input, weight, bias), {})\n"
+        "def linear(input, weight, bias=None):\n    return impl(F_linear, (type(weight),), (input, weight, bias), {})\n"
     )
     exec(compile(source, f"<unwrap linear of {subclass.__qualname__}>", "exec"), namespace)
     linear = namespace["linear"]
@@ -94,8 +96,13 @@ def unread_inner(linear: LinearFn, weight: torch.Tensor) -> frozenset[str]:
     return frozenset(unread(weight)) if callable(unread) else frozenset()
 
 
-def torchao_style_constructor(subclass: type[Any], sources: dict[str, str], meta: Any, constant: Callable[[Any], str],
-                              unread: frozenset[str] = frozenset()) -> str | None:
+def torchao_style_constructor(
+    subclass: type[Any],
+    sources: dict[str, str],
+    meta: Any,
+    constant: Callable[[Any], str],
+    unread: frozenset[str] = frozenset(),
+) -> str | None:
     """Source calling ``subclass(...)`` directly, for a class that keeps torchao's generic
     ``TorchAOBaseTensor.__tensor_unflatten__`` (its constructor takes the required tensors, the
     required attributes, then the optional ones by keyword); None for any other class.
@@ -113,6 +120,9 @@ def torchao_style_constructor(subclass: type[Any], sources: dict[str, str], meta
         return None
     args = [sources[n] for n in subclass.tensor_data_names]
     args += [constant(meta[n]) for n in subclass.tensor_attribute_names]
-    args += [f"{n}={'None' if n in unread else sources.get(n, 'None')}" for n in getattr(subclass, "optional_tensor_data_names", ())]
+    args += [
+        f"{n}={'None' if n in unread else sources.get(n, 'None')}"
+        for n in getattr(subclass, "optional_tensor_data_names", ())
+    ]
     args += [f"{n}={constant(meta[n])}" for n in getattr(subclass, "optional_tensor_attribute_names", ())]
     return f"{constant(subclass)}({', '.join(args)})"

@@ -172,7 +172,11 @@ def _install_accessors(module: UnwrappedModule) -> None:
         # layer on the property's getter; eager skips the __torch_function__ round trip.
         # nn.Linear keeps its bias in _parameters; reading it there spares nn.Module.__getattr__.
         # Inner tensors the linear never reads are left out of the compiled rebuild (no input, no guard).
-        unread = unread_inner(linear, weight.rebuild(module._plain_tensors("weight"))) if hasattr(linear, "unread_inner") else frozenset()
+        unread = (
+            unread_inner(linear, weight.rebuild(module._plain_tensors("weight")))
+            if hasattr(linear, "unread_inner")
+            else frozenset()
+        )
         fields = {
             "store": _store_name(module, "weight"),
             "linear": codegen.global_name(linear, owners),

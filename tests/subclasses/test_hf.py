@@ -38,7 +38,11 @@ from unwrap import unwrap  # noqa: E402
 FORMATS = {
     "int4": (Int4WeightOnlyConfig(group_size=32), UnwrapConfig("int4", group_size=32), Int4WeightTensor),
     "int8": (Int8WeightOnlyConfig(), UnwrapConfig("int8"), Int8WeightTensor),
-    "int8_dynamic": (Int8DynamicActivationInt8WeightConfig(), UnwrapConfig("int8_dynamic"), Int8DynamicActivationInt8WeightTensor),
+    "int8_dynamic": (
+        Int8DynamicActivationInt8WeightConfig(),
+        UnwrapConfig("int8_dynamic"),
+        Int8DynamicActivationInt8WeightTensor,
+    ),
 }
 IDS = torch.randint(0, QWEN2_SHAPES["Qwen2 tiny"]["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -134,10 +138,18 @@ def test_quantize_on_load_keeps_what_the_config_cannot_take_and_says_so(tmp_path
     shapes = dict(hidden_size=80, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)  # fmt: skip
     build_qwen2(shapes).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"model.layers.0.self_attn.q_proj.weight \(in_features=80 must be divisible by group_size=64\)"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=UnwrapConfig("int4", group_size=64))
+    with pytest.warns(
+        UserWarning,
+        match=r"model.layers.0.self_attn.q_proj.weight \(in_features=80 must be divisible by group_size=64\)",
+    ):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=UnwrapConfig("int4", group_size=64)
+        )
     layer = model.model.layers[0]
-    assert type(layer.self_attn.q_proj.weight) is torch.nn.Parameter and layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert (
+        type(layer.self_attn.q_proj.weight) is torch.nn.Parameter
+        and layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+    )
     assert type(layer.mlp.down_proj.weight) is Int4WeightTensor
     with pytest.warns(UserWarning):
         after = quantize_(load(tmp_path), Int4WeightOnlyConfig(group_size=64))
@@ -163,7 +175,9 @@ def test_checkpoint_without_our_metadata_is_a_clear_error(bf16_dir, tmp_path):
 
 def test_importing_our_packages_does_not_import_transformers():
     code = "import sys, subclasses, unwrap; assert not {'transformers', 'gguf'} & set(sys.modules), 'imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+    )
 
 
 def test_inner_tensors_off_alignment_are_copied_before_the_kernel_sees_them():

@@ -80,15 +80,20 @@ def test_kernel_rejects_bad_input_with_the_rule():
     with pytest.raises(RuntimeError, match="in x's dtype"):
         torch.ops.unwrap_cpu.int4_gemv(torch.randn(1, 256), *args)
     with pytest.raises(RuntimeError, match="group_size=48 must divide K=256"):
-        torch.ops.unwrap_cpu.int4_gemv(torch.randn(1, 256, dtype=torch.bfloat16), weight.packed, 48, weight.scale_and_zero)
+        torch.ops.unwrap_cpu.int4_gemv(
+            torch.randn(1, 256, dtype=torch.bfloat16), weight.packed, 48, weight.scale_and_zero
+        )
 
 
 def test_fake_impl_and_schema():
     require_kernel()
     weight = weight_of(64, 256, 64, torch.bfloat16)
     x = torch.randn(1, 256, dtype=torch.bfloat16)
-    torch.library.opcheck(torch.ops.unwrap_cpu.int4_gemv.default, (x, weight.packed, 64, weight.scale_and_zero),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.unwrap_cpu.int4_gemv.default,
+        (x, weight.packed, 64, weight.scale_and_zero),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -116,7 +121,11 @@ def test_switched_off_by_environment(monkeypatch):
 
 
 def _model(bias: bool) -> nn.Module:
-    model = nn.Sequential(nn.Linear(256, 192, bias=bias), nn.ReLU(), nn.Linear(192, 64, bias=False)).to(torch.bfloat16).eval()
+    model = (
+        nn.Sequential(nn.Linear(256, 192, bias=bias), nn.ReLU(), nn.Linear(192, 64, bias=False))
+        .to(torch.bfloat16)
+        .eval()
+    )
     return quantize_(model, Int4WeightOnlyConfig(group_size=64))
 
 
@@ -125,13 +134,16 @@ def _expected(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     first, second = model[0], model[2]
     h = torch.ops.unwrap_cpu.int4_gemv(x.reshape(1, -1), first.weight.packed, 64, first.weight.scale_and_zero)
     h = torch.relu(h if first.bias is None else h + first.bias)
-    return torch.ops.unwrap_cpu.int4_gemv(h, second.weight.packed, 64, second.weight.scale_and_zero).view(*x.shape[:-1], 64)
+    return torch.ops.unwrap_cpu.int4_gemv(h, second.weight.packed, 64, second.weight.scale_and_zero).view(
+        *x.shape[:-1], 64
+    )
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("unwrapped", [False, True], ids=["wrapped", "unwrapped"])
-@pytest.mark.parametrize("shape, bias", [((1, 256), False), ((1, 1, 256), False), ((1, 256), True)],
-                         ids=["2d", "3d", "bias"])
+@pytest.mark.parametrize(
+    "shape, bias", [((1, 256), False), ((1, 1, 256), False), ((1, 256), True)], ids=["2d", "3d", "bias"]
+)
 def test_linear_at_one_row_uses_the_kernel(shape, bias, unwrapped, compiled):
     require_kernel()
     model = _model(bias)

@@ -136,6 +136,8 @@ def test_compiled_3d_decode_calls_the_kernel_directly():
     x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
-    decode_kernel = "unwrap_cpu.int4_gemv" if kernel_available() else "_weight_int4pack_mm_for_cpu"  # subclasses.int4_gemv
+    decode_kernel = (
+        "unwrap_cpu.int4_gemv" if kernel_available() else "_weight_int4pack_mm_for_cpu"
+    )  # subclasses.int4_gemv
     assert len(graphs) == 1 and decode_kernel in graphs[0]
     assert "cond" not in graphs[0] and "kernel_in_cond" not in graphs[0]

@@ -23,7 +23,6 @@ from subclasses.torchao_interop import from_torchao_tensor, to_torchao_tensor
 from tests.conftest import sqnr
 from tests.optional import import_or_fail_in_ci
 
-
 import_or_fail_in_ci("torchao", "torchao")
 from torchao.prototype.quantization.int4 import Int4OpaqueTensor, PrototypeInt4WeightOnlyConfig  # noqa: E402
 from torchao.quantization import (  # noqa: E402
@@ -61,7 +60,10 @@ def test_int4_opaque_converts_exactly_and_back(group_size, dtype, aten_int4_deco
     theirs = torchao_quantized(PrototypeInt4WeightOnlyConfig(group_size=group_size), dtype)
     ours = copy.deepcopy(theirs)
     summary = from_torchao(ours, strict=True)
-    assert summary.converted == {"0.weight": "Int4OpaqueTensor -> Int4WeightTensor", "2.weight": "Int4OpaqueTensor -> Int4WeightTensor"}
+    assert summary.converted == {
+        "0.weight": "Int4OpaqueTensor -> Int4WeightTensor",
+        "2.weight": "Int4OpaqueTensor -> Int4WeightTensor",
+    }
     for i in (0, 2):
         t, o = theirs[i].weight, ours[i].weight
         assert type(o) is Int4WeightTensor and o.group_size == group_size and o.dtype == dtype
@@ -116,7 +118,11 @@ def model_reference(m: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """Every linear as dequantize-then-F.linear."""
     with torch.inference_mode():
         for layer in m:
-            x = nn.functional.linear(x, layer.weight.dequantize(), layer.bias) if isinstance(layer, nn.Linear) else layer(x)
+            x = (
+                nn.functional.linear(x, layer.weight.dequantize(), layer.bias)
+                if isinstance(layer, nn.Linear)
+                else layer(x)
+            )
     return x
 
 
@@ -133,17 +139,21 @@ def test_ties_are_kept_and_the_summary_names_every_user():
 
 
 def test_what_cannot_convert_is_left_with_the_reason():
-    m = nn.ModuleDict({
-        "dyn": nn.Linear(64, 64, bias=False),
-        "grouped": nn.Linear(128, 64, bias=False),
-        "awq": nn.Linear(64, 64, bias=False),
-        "ok": nn.Linear(64, 64, bias=False),
-    }).to(torch.bfloat16)
+    m = nn.ModuleDict(
+        {
+            "dyn": nn.Linear(64, 64, bias=False),
+            "grouped": nn.Linear(128, 64, bias=False),
+            "awq": nn.Linear(64, 64, bias=False),
+            "ok": nn.Linear(64, 64, bias=False),
+        }
+    ).to(torch.bfloat16)
     torchao_quantize_(m["dyn"], TorchaoInt8Dynamic())
     torchao_quantize_(m["grouped"], TorchaoInt8WeightOnly(granularity=PerGroup(64)))
     torchao_quantize_(m["awq"], PrototypeInt4WeightOnlyConfig(group_size=32))
     w = m["awq"].weight  # as AWQ leaves it: an activation pre-scale our linear does not apply
-    awq = Int4OpaqueTensor(w.qdata, w.scale_and_zero, w.block_size, w.shape, act_pre_scale=torch.ones(64, dtype=torch.bfloat16))
+    awq = Int4OpaqueTensor(
+        w.qdata, w.scale_and_zero, w.block_size, w.shape, act_pre_scale=torch.ones(64, dtype=torch.bfloat16)
+    )
     m["awq"].weight = nn.Parameter(awq, requires_grad=False)
     torchao_quantize_(m["ok"], TorchaoInt8WeightOnly())
     summary = from_torchao(m)
@@ -170,6 +180,7 @@ def test_refusals_name_the_reason():
         from_torchao_tensor(da8w4)
     with pytest.raises(TorchaoConversionError, match="TwoTensor has no equivalent"):
         from torch.testing._internal.two_tensor import TwoTensor
+
         from_torchao_tensor(TwoTensor(torch.ones(2), torch.ones(2)))
     dynamic = quantize_(model(), Int8DynamicActivationInt8WeightConfig())[0].weight
     with pytest.raises(TorchaoConversionError, match="Int8DynamicActivationInt8WeightTensor has no torchao"):
@@ -187,14 +198,19 @@ def test_an_unwrapped_model_must_be_rewrapped_first():
 def tile_packed_like_torchao(w: torch.Tensor, group_size: int) -> Int4TilePackedTo4dTensor:
     """Int4TilePackedTo4dTensor.from_hp on CPU: its own qparams and padding, with our CPU
     transcription of the CUDA packing op (from_hp itself asks for a CUDA device)."""
-    from torchao.quantization.quant_primitives import MappingType, _choose_qparams_affine_tinygemm, _quantize_affine_tinygemm
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
     from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
 
     n, k = w.shape
     padded = nn.functional.pad(w, (0, -k % 1024, 0, -n % 8))
     block = (1, group_size)
-    scale, zero = _choose_qparams_affine_tinygemm(padded, MappingType.ASYMMETRIC, block, torch.int32, 0, 15,
-                                                  scale_dtype=w.dtype, zero_point_dtype=w.dtype)
+    scale, zero = _choose_qparams_affine_tinygemm(
+        padded, MappingType.ASYMMETRIC, block, torch.int32, 0, 15, scale_dtype=w.dtype, zero_point_dtype=w.dtype
+    )
     q = _quantize_affine_tinygemm(padded, block, scale, zero, torch.int32, quant_min=0, quant_max=15)
     rows = padded.shape[0]
     sz = pack_tinygemm_scales_and_zeros(scale.reshape(rows, -1), zero.reshape(rows, -1), scale.dtype)
@@ -219,7 +235,9 @@ def test_int4_tile_packed_converts_through_the_codes(n, k, group_size):
 def _as_cuda_layout(weight: Int4WeightTensor) -> Int4WeightTensor:
     """Our weight with the CUDA kernel's packing, built on CPU (no GPU here)."""
     packed = pack_tinygemm_reference(weight.codes())
-    return Int4WeightTensor(packed, weight.scale_and_zero, weight.group_size, "cuda_tinygemm", tuple(weight.shape), weight.dtype)
+    return Int4WeightTensor(
+        packed, weight.scale_and_zero, weight.group_size, "cuda_tinygemm", tuple(weight.shape), weight.dtype
+    )
 
 
 def test_tile_packed_refusals():
@@ -227,7 +245,13 @@ def test_tile_packed_refusals():
     short = Int4TilePackedTo4dTensor(tiled.qdata[:, :4], tiled.scale_and_zero, [1, 128], tiled.shape)
     with pytest.raises(TorchaoConversionError, match="inner_k_tiles=8"):
         from_torchao_tensor(short)
-    fp16 = Int4WeightTensor(torch.zeros(6, 2, 32, 4, dtype=torch.int32), torch.zeros(2, 48, 2, dtype=torch.float16),
-                            128, "cuda_tinygemm", (48, 256), torch.float16)
+    fp16 = Int4WeightTensor(
+        torch.zeros(6, 2, 32, 4, dtype=torch.int32),
+        torch.zeros(2, 48, 2, dtype=torch.float16),
+        128,
+        "cuda_tinygemm",
+        (48, 256),
+        torch.float16,
+    )
     with pytest.raises(TorchaoConversionError, match="bf16 only"):
         to_torchao_tensor(fp16)

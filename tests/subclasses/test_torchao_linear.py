@@ -76,7 +76,9 @@ def test_int8_is_the_int8pack_kernel_close_to_torchaos_eager(shape, bias):
     b = torch.randn(64, dtype=torch.bfloat16) if bias else None
     with torch.inference_mode():
         out = int8_linear(x, w, b)
-        kernel = torch._weight_int8pack_mm(x.reshape(-1, 256).contiguous(), w.qdata, w.scale.to(torch.bfloat16).flatten())
+        kernel = torch._weight_int8pack_mm(
+            x.reshape(-1, 256).contiguous(), w.qdata, w.scale.to(torch.bfloat16).flatten()
+        )
         expected = kernel.reshape(*x.shape[:-1], 64) + (b if bias else 0)
         assert torch.equal(out, expected)
         assert sqnr(torchaos_linear(x, w, b), out) > 40  # torchao's eager rounds twice (bf16 GEMM, then the scale)
