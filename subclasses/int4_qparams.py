@@ -55,57 +55,79 @@ def group_squared_error(
     return _error(groups, codes, scale.reshape(-1), zero.reshape(-1)).view(n, -1)
 
 
+def _tree_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension (a power of two) [R, g] -> [R, 1] as one fixed binary tree of
+    elementwise adds. A reduction's order is the kernel's choice (eager and inductor differ in the
+    last bits); elementwise adds are not, so eager and compiled results are bit-identical."""
+    while t.shape[-1] > 1:
+        half = t.shape[-1] // 2
+        t = t[..., :half] + t[..., half:]
+    return t
+
+
 def _error(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """Per-group squared error of groups x [R, g] for codes q [R, g], scale and zero [R], float64."""
     # same ops and order as Int4WeightTensor.dequantize on an fp32 weight
     deq = (q.to(torch.float32) - 8) * scale.to(torch.float32).unsqueeze(-1) + zero.to(torch.float32).unsqueeze(-1)
-    return (deq.double() - x.double()).square().sum(-1)
+    return _tree_sum((deq.double() - x.double()).square()).squeeze(-1)
 
 
-def _fit(xc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, best: list[torch.Tensor]) -> None:
-    """Codes ``q = clamp(round(xc * a + b), 0, 15)`` for centred groups xc [R, g]; the least-squares
-    fit ``xc ~ s * (q - mean(q))`` reduces the squared error by ``gain = cov(xc, q)**2 / var(q)``.
-    Updates ``best = [gain, s, mean(q)]`` (each [R, 1]) in place where the gain is larger."""
-    g = xc.shape[-1]
+def _fit(
+    xc: torch.Tensor, h: torch.Tensor, sum_h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, best: list[torch.Tensor]
+) -> None:
+    """Codes ``q = clamp(round(xc * a + b), 0, 15)`` for groups xc [R, g] centred on their
+    h-weighted mean; the weighted least-squares fit ``xc ~ s * (q - qbar)`` (``qbar`` the weighted
+    mean code) reduces the h-weighted squared error by ``gain = cov(xc, q)**2 / var(q)``.
+    Updates ``best = [gain, s, qbar]`` (each [R, 1]) in place where the gain is larger."""
     q = torch.clamp(torch.round(xc * a + b), 0, 15)
-    sum_q = q.sum(-1, keepdim=True)
-    var_q = (q * q).sum(-1, keepdim=True) - sum_q * sum_q / g  # times g; 0 when all codes agree
-    cov = (xc * q).sum(-1, keepdim=True)  # xc has mean 0, so this is the covariance (times g)
+    hq = h * q
+    sum_hq = _tree_sum(hq)
+    var_q = _tree_sum(hq * q) - sum_hq * sum_hq / sum_h  # 0 when all codes agree
+    cov = _tree_sum(hq * xc)  # xc has weighted mean 0, so this is the covariance
     ok = var_q > 0
     var_q = torch.where(ok, var_q, 1.0)
     gain = torch.where(ok, cov * cov / var_q, 0.0)
     better = gain > best[0]
     best[0] = torch.where(better, gain, best[0])
     best[1] = torch.where(better, cov / var_q, best[1])
-    best[2] = torch.where(better, sum_q / g, best[2])
+    best[2] = torch.where(better, sum_hq / sum_h, best[2])
 
 
 def _mse_chunk(
     w: torch.Tensor, old_q: torch.Tensor, old_scale: torch.Tensor, old_zero: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups w [R, g] (weight dtype) and min-max's codes [R, g], scale and zero [R] -> the "mse"
-    codes, scale, zero (same shapes and dtypes): per group, whichever has the smaller error."""
+    codes, scale, zero (same shapes and dtypes): per group, whichever has the smaller error.
+
+    Only elementwise ops, min/max and ``_tree_sum``: the compiled function (with
+    ``emulate_precision_casts``) returns exactly what the eager one does."""
     x = w.to(torch.float32)
-    mean = x.mean(-1, keepdim=True)
+    g = x.shape[-1]
+    # importance of each weight: its magnitude plus the group's mean magnitude (as llama.cpp's
+    # k-quants weight the error, with the mean instead of their RMS: sqrt rounds differently eager
+    # and compiled): the error of a large weight costs more.
+    h = x.abs() + _tree_sum(x.abs()) / g
+    sum_h = torch.clamp(_tree_sum(h), min=1e-30)  # 0 only for an all-zero group
+    mean = _tree_sum(h * x) / sum_h
     xc = x - mean
     low, high = xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True)
     span = torch.clamp(high - low, min=1e-30)  # a constant group: every candidate's codes agree, gain 0
     best = [torch.full_like(low, -1.0), torch.zeros_like(low), torch.zeros_like(low)]
     for d in MSE_CANDIDATES:
         a = (15 + d) / span
-        _fit(xc, a, -low * a, best)
+        _fit(xc, h, sum_h, a, -low * a, best)
     for _ in range(MSE_REFINEMENTS):  # xc ~ s * (q - qbar): nearest codes q = round(xc / s + qbar)
         s = best[1]
-        _fit(xc, 1 / torch.where(s > 0, s, 1.0), best[2], best)
+        _fit(xc, h, sum_h, 1 / torch.where(s > 0, s, 1.0), best[2], best)
     # stored: w ~ (q - 8) * scale + zero, zero = mean + scale * (8 - qbar), refit to the rounded scale
     scale = torch.clamp(best[1].to(w.dtype), min=1e-6)
     scale32 = scale.to(torch.float32)
     zero = (mean + scale32 * (8 - best[2])).to(w.dtype)
     q = torch.clamp(torch.round((x - zero.to(torch.float32)) / scale32 + 8), 0, 15).to(torch.uint8)
     scale, zero = scale.squeeze(-1), zero.squeeze(-1)
-    # Keep the new choice only where it is better by a margin that rounding differences between
-    # this (possibly compiled) error and the eager one cannot overcome.
-    keep = _error(x, q, scale, zero) < _error(x, old_q, old_scale, old_zero) * (1 - 1e-5)
+    # The importance weighting can cost plain squared error; per group keep the new choice only
+    # where that error is smaller (by a margin that a float64 sum in another order cannot overcome).
+    keep = _error(x, q, scale, zero) < _error(x, old_q, old_scale, old_zero) * (1 - 1e-9)
     return (
         torch.where(keep.unsqueeze(-1), q, old_q),
         torch.where(keep, scale, old_scale),
@@ -131,7 +153,9 @@ def _chunk_fn(w: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor
         _eager_numel += w.numel()
         return _mse_chunk
     if _compiled is None:  # static shapes (chunks are padded to one size): vectorized by inductor
-        _compiled = torch.compile(_mse_chunk, dynamic=False)
+        # emulate_precision_casts: round to the weight's dtype where the eager code does (inductor
+        # would otherwise keep a bf16 scale in fp32 inside the fused loop, and its codes would differ)
+        _compiled = torch.compile(_mse_chunk, dynamic=False, options={"emulate_precision_casts": True})
     return _compiled
 
 
