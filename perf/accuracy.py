@@ -63,8 +63,8 @@ class Row:
     linears: int = 0
     quantize_s: float = 0.0
     perplexity: float = float("nan")
-    # per quantized layer name: (relative squared weight error, output SQNR dB)
-    layers: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # per quantized layer name: (relative squared weight error, output SQNR dB, int4 group size or 0)
+    layers: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
 
 def variants(group_sizes: list[int], algorithms: list[str]) -> list[Row]:
@@ -104,10 +104,11 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def layer_errors(
     reference: nn.Module, quantized: nn.Module, inputs: dict[str, torch.Tensor]
-) -> dict[str, tuple[float, float]]:
-    """Per quantized linear: (||W_q - W||^2 / ||W||^2, output SQNR of x @ W_q^T against x @ W^T), in fp32."""
+) -> dict[str, tuple[float, float, int]]:
+    """Per quantized linear: (||W_q - W||^2 / ||W||^2, output SQNR of x @ W_q^T against x @ W^T, group
+    size), in fp32; the group size is the int4 weight's (0 for other formats)."""
     weights = {name: m.weight for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, tuple[float, float, int]] = {}
     for name, module in quantized.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(module, nn.Linear) or not isinstance(weight, QuantizedWeight):
@@ -115,7 +116,8 @@ def layer_errors(
         w = weights[name].detach().float()
         deq = weight.to(torch.float32).dequantize()
         x = inputs[name].float()
-        out[name] = (((deq - w).square().sum() / w.square().sum()).item(), sqnr_db(F.linear(x, w), F.linear(x, deq)))
+        out[name] = (((deq - w).square().sum() / w.square().sum()).item(), sqnr_db(F.linear(x, w), F.linear(x, deq)),
+                     getattr(weight, "group_size", 0))
     return out
 
 
@@ -150,16 +152,19 @@ def measure(
 
 
 def versus_min_max(row: Row, rows: list[Row]) -> str:
-    """Per-layer comparison against min-max at the same group size, as table cells."""
+    """Per-layer comparison against min-max at the same group size, as table cells; only the layers
+    quantized at the row's group size (a layer it does not divide falls back to 32: not counted)."""
     base = next((r for r in rows if r.group_size == row.group_size and r.algorithm == "tinygemm"), None)
     if row.group_size is None or base is None or base is row or not row.layers:
         return "| - | - |"
-    names = [n for n in row.layers if n in base.layers]
+    names = [n for n in row.layers if n in base.layers and row.layers[n][2] == row.group_size]
+    if not names:
+        return "| - | - |"
     weight = [row.layers[n][0] / base.layers[n][0] for n in names]
     output = [row.layers[n][1] - base.layers[n][1] for n in names]
     better_w = sum(r < 1 for r in weight) / len(names)
     better_o = sum(d > 0 for d in output) / len(names)
-    return (f"| {100 * better_w:.0f} % (median x{statistics.median(weight):.2f}) "
+    return (f"| {100 * better_w:.0f} % of {len(names)} (median x{statistics.median(weight):.2f}) "
             f"| {100 * better_o:.0f} % (median {statistics.median(output):+.2f} dB) |")
 
 
@@ -186,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the text's first N tokens")
     parser.add_argument("--layer-tokens", type=int, default=256, help="tokens whose activations score each layer")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write every row's per-layer numbers to this file")
     return parser.parse_args(argv)
 
 
@@ -201,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(model, ids, variants(args.group_sizes, args.algorithms), perplexity,
                    layer_tokens=args.layer_tokens, progress=lambda line: print(line, flush=True))
     print(format_table(rows))
+    if args.json:
+        import dataclasses
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([{k: v for k, v in dataclasses.asdict(r).items() if k != "config"} for r in rows], f, indent=1)
     return 0
 
 

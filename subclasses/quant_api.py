@@ -6,7 +6,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -172,6 +172,7 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     *,
     strict: bool = False,
+    calibration: Iterable[Any] | None = None,
 ) -> nn.Module:
     """Replace, in place, the ``weight`` of every module ``filter_fn(module, fqn)`` accepts
     (default: every ``nn.Linear`` and ``nn.Embedding``) by a quantized weight built by ``config``.
@@ -184,8 +185,15 @@ def quantize_(
     ValueError when ``strict=True`` (which also refuses int4 group-size fallbacks). Already-quantized
     weights are left as is. What was done is ``model.quantize_summary`` (a ``QuantizeSummary``),
     logged once at INFO by the ``subclasses`` logger. Returns ``model``.
+
+    ``calibration``: a few batches of model inputs (each a tensor ``model(batch)``, tuple or dict) for
+    data-aware quantization (GPTQ) of the accepted ``nn.Linear`` weights; see ``subclasses.calibration``.
     """
     accept = filter_fn or _is_linear_or_embedding
+    if calibration is not None:
+        from .calibration import calibrated
+
+        config = calibrated(model, config, calibration, accept)
     summary = QuantizeSummary(config=repr(config), bytes_before=model_bytes(model))
     users: dict[int, list[tuple[nn.Module, str, bool]]] = {}
     seen: set[tuple[int, str]] = set()
@@ -228,7 +236,7 @@ def quantize_(
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
     if summary.quantized:
-        _mark_transformers_model(model, config)
+        _mark_transformers_model(model, getattr(config, "base", config))
     model.quantize_summary = summary  # type: ignore[assignment]
     logger.info("%s", summary)
     return model
