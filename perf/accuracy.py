@@ -59,6 +59,7 @@ class Row:
     config: object | None  # None: the bf16 model itself
     group_size: int | None = None
     algorithm: str | None = None
+    calibrated: bool = False  # quantize_(..., calibration=...): GPTQ
     quantized: int = 0
     linears: int = 0
     quantize_s: float = 0.0
@@ -67,17 +68,24 @@ class Row:
     layers: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
 
+ALGORITHMS = (*QPARAMS_ALGORITHMS, "hqq", "gptq")
+
+
 def variants(group_sizes: list[int], algorithms: list[str]) -> list[Row]:
-    """The table's rows: bf16, int8 weight-only, w8a8, then int4 per group size and algorithm."""
-    rows = [
-        Row("bf16", None),
-        Row("int8 weight-only", Int8WeightOnlyConfig()),
-        Row("int8 w8a8 (dynamic act)", Int8DynamicActivationInt8WeightConfig()),
-    ]
+    """The table's rows: bf16, int8 weight-only (and with GPTQ), w8a8, then int4 per group size and
+    algorithm ("hqq": torchao's; "gptq": "mse" with ``quantize_(..., calibration=...)``)."""
+    rows = [Row("bf16", None), Row("int8 weight-only", Int8WeightOnlyConfig())]
+    if "gptq" in algorithms:
+        rows.append(Row("int8 weight-only + GPTQ", Int8WeightOnlyConfig(), calibrated=True))
+    rows.append(Row("int8 w8a8 (dynamic act)", Int8DynamicActivationInt8WeightConfig()))
     for g in group_sizes:
         for algorithm in algorithms:
-            config = TorchaoHQQConfig(g) if algorithm == "hqq" else Int4WeightOnlyConfig(g, qparams_algorithm=algorithm)
-            rows.append(Row(f"int4 g{g} {algorithm}", config, g, algorithm))
+            if algorithm == "hqq":
+                config: object = TorchaoHQQConfig(g)
+            else:
+                config = Int4WeightOnlyConfig(g, qparams_algorithm="mse" if algorithm == "gptq" else algorithm)
+            label = f"int4 g{g} mse + GPTQ" if algorithm == "gptq" else f"int4 g{g} {algorithm}"
+            rows.append(Row(label, config, g, algorithm, calibrated=algorithm == "gptq"))
     return rows
 
 
@@ -128,9 +136,11 @@ def measure(
     perplexity: Callable[[nn.Module, torch.Tensor], float],
     *,
     layer_tokens: int = 256,
+    calibration: list[torch.Tensor] | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> list[Row]:
-    """Fill in ``rows`` (see ``variants``): each quantized on a copy of the bf16 ``model``."""
+    """Fill in ``rows`` (see ``variants``): each quantized on a copy of the bf16 ``model``; the
+    calibrated rows with ``calibration`` (batches of token ids, not the evaluated text)."""
     inputs = capture_inputs(model, ids[:, :layer_tokens])
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     for row in rows:
@@ -140,7 +150,7 @@ def measure(
             start = time.perf_counter()
             with warnings.catch_warnings():  # the weights left in bf16 are counted below
                 warnings.simplefilter("ignore")
-                quantize_(candidate, row.config)
+                quantize_(candidate, row.config, calibration=calibration if row.calibrated else None)
             row.quantize_s = time.perf_counter() - start
             row.layers = layer_errors(model, candidate, inputs)
         row.linears = linears
@@ -186,8 +196,8 @@ def format_table(rows: list[Row]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m perf.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--algorithms", nargs="+", default=[*QPARAMS_ALGORITHMS, "hqq"],
-                        choices=[*QPARAMS_ALGORITHMS, "hqq"], help="hqq: torchao's, for comparison (needs torchao)")
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+                        help="hqq: torchao's, for comparison (needs torchao); gptq: mse + GPTQ on perf/data/calibration_text.txt")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the text's first N tokens")
     parser.add_argument("--layer-tokens", type=int, default=256, help="tokens whose activations score each layer")
     parser.add_argument("--threads", type=int, default=2)
@@ -196,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .real_model import eval_token_ids, load_smollm2, perplexity
+    from .real_model import calibration_batches, eval_token_ids, load_smollm2, perplexity
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -204,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = eval_token_ids(tokenizer)[:, : args.max_tokens]
     print(f"SmolLM2-135M, {ids.shape[1]} tokens of perf/data/eval_text.txt, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    rows = measure(model, ids, variants(args.group_sizes, args.algorithms), perplexity,
-                   layer_tokens=args.layer_tokens, progress=lambda line: print(line, flush=True))
+    rows = measure(model, ids, variants(args.group_sizes, args.algorithms), perplexity, layer_tokens=args.layer_tokens,
+                   calibration=calibration_batches(tokenizer), progress=lambda line: print(line, flush=True))
     print(format_table(rows))
     if args.json:
         import dataclasses
