@@ -67,3 +67,16 @@ def test_hqq_row_needs_and_uses_torchao():
 def test_bad_arguments_are_rejected():
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--algorithms", "minmax"])
+
+
+def test_report_quality_line_has_the_other_algorithms(monkeypatch):
+    from perf import real_model, report
+
+    monkeypatch.setattr(real_model, "calibration_batches", lambda tokenizer: [torch.randint(0, 256, (1, 16))])
+    model, ids = tiny_llama(), torch.randint(0, 256, (1, 24))
+    int4 = report.other_algorithms(model, "int4", None, ids)
+    assert list(int4) == ["int4 min-max (tinygemm)", "int4 + GPTQ"] and all(v > 1 for v in int4.values())
+    assert list(report.other_algorithms(model, "int8", None, ids)) == ["int8 + GPTQ"]
+    from subclasses.base import QuantizedWeight
+
+    assert not any(isinstance(p, QuantizedWeight) for p in model.parameters())  # the bf16 model untouched
