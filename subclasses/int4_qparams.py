@@ -74,18 +74,25 @@ def _error(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Te
     return _tree_sum((deq.double() - x.double()).square()).squeeze(-1)
 
 
-def _fit(
-    xc: torch.Tensor, h: torch.Tensor, sum_h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, best: list[torch.Tensor]
-) -> None:
-    """Codes ``q = clamp(round(xc * a + b), 0, 15)`` for groups xc [R, g] centred on their
-    h-weighted mean; the weighted least-squares fit ``xc ~ s * (q - qbar)`` (``qbar`` the weighted
-    mean code) reduces the h-weighted squared error by ``gain = cov(xc, q)**2 / var(q)``.
-    Updates ``best = [gain, s, qbar]`` (each [R, 1]) in place where the gain is larger."""
-    q = torch.clamp(torch.round(xc * a + b), 0, 15)
-    hq = h * q
-    sum_hq = _tree_sum(hq)
-    var_q = _tree_sum(hq * q) - sum_hq * sum_hq / sum_h  # 0 when all codes agree
-    cov = _tree_sum(hq * xc)  # xc has weighted mean 0, so this is the covariance
+# The search runs on each group's weights as integers: u = round(w * FIXED / max|w|), |u| <= FIXED.
+# Then every sum below is a sum of integers under 2^53 in float64, exact in any order: a native
+# reduction gives the same bits eager and compiled (a tree of adds does too, but inductor makes slow
+# code of it). The rounding of w to 13 bits only steers the search; the final codes use w itself.
+FIXED = 4096.0
+
+
+def _fit(u: torch.Tensor, h: torch.Tensor, sums: tuple[torch.Tensor, ...], a: torch.Tensor, b: torch.Tensor,
+         best: list[torch.Tensor]) -> None:
+    """Codes ``q = clamp(round(u * a + b), 0, 15)`` for integer groups u [R, g] with integer weights h;
+    the weighted least-squares line ``u ~ s * q + m`` reduces the weighted squared error by
+    ``gain = cov(u, q)**2 / var(q)``. ``sums = (sum h, sum h*u)``. Updates ``best = [gain, s, qbar]``
+    (each [R, 1], float64; ``qbar`` the weighted mean code) in place where the gain is larger."""
+    sum_h, sum_hu = sums
+    q = torch.clamp(torch.round(u * a + b), 0, 15)
+    hq = (h * q).double()  # integers: h < 2^21, q < 16
+    sum_hq = hq.sum(-1, keepdim=True)
+    var_q = (hq * q).sum(-1, keepdim=True) - sum_hq * sum_hq / sum_h  # 0 when all codes agree
+    cov = (hq * u).sum(-1, keepdim=True) - sum_hq * sum_hu / sum_h
     ok = var_q > 0
     var_q = torch.where(ok, var_q, 1.0)
     gain = torch.where(ok, cov * cov / var_q, 0.0)
@@ -101,30 +108,33 @@ def _mse_chunk(
     """Groups w [R, g] (weight dtype) and min-max's codes [R, g], scale and zero [R] -> the "mse"
     codes, scale, zero (same shapes and dtypes): per group, whichever has the smaller error.
 
-    Only elementwise ops, min/max and ``_tree_sum``: the compiled function (with
-    ``emulate_precision_casts``) returns exactly what the eager one does."""
+    Only elementwise ops, min/max, exact sums (see ``FIXED``) and ``_tree_sum``: the compiled function
+    (with ``emulate_precision_casts``) returns exactly what the eager one does."""
     x = w.to(torch.float32)
     g = x.shape[-1]
-    # importance of each weight: its magnitude plus the group's mean magnitude (as llama.cpp's
-    # k-quants weight the error, with the mean instead of their RMS: sqrt rounds differently eager
-    # and compiled): the error of a large weight costs more.
-    h = x.abs() + _tree_sum(x.abs()) / g
-    sum_h = torch.clamp(_tree_sum(h), min=1e-30)  # 0 only for an all-zero group
-    mean = _tree_sum(h * x) / sum_h
-    xc = x - mean
-    low, high = xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True)
-    span = torch.clamp(high - low, min=1e-30)  # a constant group: every candidate's codes agree, gain 0
-    best = [torch.full_like(low, -1.0), torch.zeros_like(low), torch.zeros_like(low)]
+    amax = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30)
+    u = torch.round(x * (FIXED / amax))  # integers in [-FIXED, FIXED]
+    # importance of each weight: its magnitude plus the group's mean magnitude (times g, an integer;
+    # llama.cpp's k-quants weight the error so, with the RMS): the error of a large weight costs more
+    h = g * u.abs() + u.abs().sum(-1, keepdim=True)
+    sum_h = torch.clamp(h.double().sum(-1, keepdim=True), min=1.0)  # 0 only for an all-zero group
+    sum_hu = (h.double() * u).sum(-1, keepdim=True)
+    low, high = u.amin(-1, keepdim=True), u.amax(-1, keepdim=True)
+    span = torch.clamp(high - low, min=1.0)  # a constant group: every candidate's codes agree, gain 0
+    best = [torch.full_like(sum_h, -1.0), torch.zeros_like(sum_h), torch.zeros_like(sum_h)]
     for d in MSE_CANDIDATES:
         a = (15 + d) / span
-        _fit(xc, h, sum_h, a, -low * a, best)
-    for _ in range(MSE_REFINEMENTS):  # xc ~ s * (q - qbar): nearest codes q = round(xc / s + qbar)
+        _fit(u, h, (sum_h, sum_hu), a, -low * a, best)
+    for _ in range(MSE_REFINEMENTS):  # u ~ s * (q - qbar) + ubar: nearest codes
         s = best[1]
-        _fit(xc, h, sum_h, 1 / torch.where(s > 0, s, 1.0), best[2], best)
-    # stored: w ~ (q - 8) * scale + zero, zero = mean + scale * (8 - qbar), refit to the rounded scale
-    scale = torch.clamp(best[1].to(w.dtype), min=1e-6)
+        inv = 1 / torch.where(s > 0, s, 1.0)
+        _fit(u, h, (sum_h, sum_hu), inv, best[2] - sum_hu / sum_h * inv, best)
+    # stored: w ~ (q - 8) * scale + zero; in w's units scale = s * amax / FIXED, and the zero is refit
+    # to the rounded scale: zero = wbar + scale * (8 - qbar), wbar the weighted mean weight
+    unit = amax.double() / FIXED
+    scale = torch.clamp((best[1] * unit).to(w.dtype), min=1e-6)
     scale32 = scale.to(torch.float32)
-    zero = (mean + scale32 * (8 - best[2])).to(w.dtype)
+    zero = (sum_hu / sum_h * unit + scale32.double() * (8 - best[2])).to(w.dtype)
     q = torch.clamp(torch.round((x - zero.to(torch.float32)) / scale32 + 8), 0, 15).to(torch.uint8)
     scale, zero = scale.squeeze(-1), zero.squeeze(-1)
     # The importance weighting can cost plain squared error; per group keep the new choice only
