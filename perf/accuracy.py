@@ -59,25 +59,33 @@ class Row:
     config: object | None  # None: the bf16 model itself
     group_size: int | None = None
     algorithm: str | None = None
+    calibrated: bool = False  # quantize_(..., calibration=...): GPTQ
     quantized: int = 0
     linears: int = 0
     quantize_s: float = 0.0
     perplexity: float = float("nan")
-    # per quantized layer name: (relative squared weight error, output SQNR dB)
-    layers: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # per quantized layer name: (relative squared weight error, output SQNR dB, int4 group size or 0)
+    layers: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+
+
+ALGORITHMS = (*QPARAMS_ALGORITHMS, "hqq", "gptq")
 
 
 def variants(group_sizes: list[int], algorithms: list[str]) -> list[Row]:
-    """The table's rows: bf16, int8 weight-only, w8a8, then int4 per group size and algorithm."""
-    rows = [
-        Row("bf16", None),
-        Row("int8 weight-only", Int8WeightOnlyConfig()),
-        Row("int8 w8a8 (dynamic act)", Int8DynamicActivationInt8WeightConfig()),
-    ]
+    """The table's rows: bf16, int8 weight-only (and with GPTQ), w8a8, then int4 per group size and
+    algorithm ("hqq": torchao's; "gptq": "mse" with ``quantize_(..., calibration=...)``)."""
+    rows = [Row("bf16", None), Row("int8 weight-only", Int8WeightOnlyConfig())]
+    if "gptq" in algorithms:
+        rows.append(Row("int8 weight-only + GPTQ", Int8WeightOnlyConfig(), calibrated=True))
+    rows.append(Row("int8 w8a8 (dynamic act)", Int8DynamicActivationInt8WeightConfig()))
     for g in group_sizes:
         for algorithm in algorithms:
-            config = TorchaoHQQConfig(g) if algorithm == "hqq" else Int4WeightOnlyConfig(g, qparams_algorithm=algorithm)
-            rows.append(Row(f"int4 g{g} {algorithm}", config, g, algorithm))
+            if algorithm == "hqq":
+                config: object = TorchaoHQQConfig(g)
+            else:
+                config = Int4WeightOnlyConfig(g, qparams_algorithm="mse" if algorithm == "gptq" else algorithm)
+            label = f"int4 g{g} mse + GPTQ" if algorithm == "gptq" else f"int4 g{g} {algorithm}"
+            rows.append(Row(label, config, g, algorithm, calibrated=algorithm == "gptq"))
     return rows
 
 
@@ -104,10 +112,11 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def layer_errors(
     reference: nn.Module, quantized: nn.Module, inputs: dict[str, torch.Tensor]
-) -> dict[str, tuple[float, float]]:
-    """Per quantized linear: (||W_q - W||^2 / ||W||^2, output SQNR of x @ W_q^T against x @ W^T), in fp32."""
+) -> dict[str, tuple[float, float, int]]:
+    """Per quantized linear: (||W_q - W||^2 / ||W||^2, output SQNR of x @ W_q^T against x @ W^T, group
+    size), in fp32; the group size is the int4 weight's (0 for other formats)."""
     weights = {name: m.weight for name, m in reference.named_modules() if isinstance(m, nn.Linear)}
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, tuple[float, float, int]] = {}
     for name, module in quantized.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(module, nn.Linear) or not isinstance(weight, QuantizedWeight):
@@ -115,7 +124,8 @@ def layer_errors(
         w = weights[name].detach().float()
         deq = weight.to(torch.float32).dequantize()
         x = inputs[name].float()
-        out[name] = (((deq - w).square().sum() / w.square().sum()).item(), sqnr_db(F.linear(x, w), F.linear(x, deq)))
+        out[name] = (((deq - w).square().sum() / w.square().sum()).item(), sqnr_db(F.linear(x, w), F.linear(x, deq)),
+                     getattr(weight, "group_size", 0))
     return out
 
 
@@ -126,9 +136,11 @@ def measure(
     perplexity: Callable[[nn.Module, torch.Tensor], float],
     *,
     layer_tokens: int = 256,
+    calibration: list[torch.Tensor] | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> list[Row]:
-    """Fill in ``rows`` (see ``variants``): each quantized on a copy of the bf16 ``model``."""
+    """Fill in ``rows`` (see ``variants``): each quantized on a copy of the bf16 ``model``; the
+    calibrated rows with ``calibration`` (batches of token ids, not the evaluated text)."""
     inputs = capture_inputs(model, ids[:, :layer_tokens])
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     for row in rows:
@@ -138,7 +150,7 @@ def measure(
             start = time.perf_counter()
             with warnings.catch_warnings():  # the weights left in bf16 are counted below
                 warnings.simplefilter("ignore")
-                quantize_(candidate, row.config)
+                quantize_(candidate, row.config, calibration=calibration if row.calibrated else None)
             row.quantize_s = time.perf_counter() - start
             row.layers = layer_errors(model, candidate, inputs)
         row.linears = linears
@@ -150,16 +162,19 @@ def measure(
 
 
 def versus_min_max(row: Row, rows: list[Row]) -> str:
-    """Per-layer comparison against min-max at the same group size, as table cells."""
+    """Per-layer comparison against min-max at the same group size, as table cells; only the layers
+    quantized at the row's group size (a layer it does not divide falls back to 32: not counted)."""
     base = next((r for r in rows if r.group_size == row.group_size and r.algorithm == "tinygemm"), None)
     if row.group_size is None or base is None or base is row or not row.layers:
         return "| - | - |"
-    names = [n for n in row.layers if n in base.layers]
+    names = [n for n in row.layers if n in base.layers and row.layers[n][2] == row.group_size]
+    if not names:
+        return "| - | - |"
     weight = [row.layers[n][0] / base.layers[n][0] for n in names]
     output = [row.layers[n][1] - base.layers[n][1] for n in names]
     better_w = sum(r < 1 for r in weight) / len(names)
     better_o = sum(d > 0 for d in output) / len(names)
-    return (f"| {100 * better_w:.0f} % (median x{statistics.median(weight):.2f}) "
+    return (f"| {100 * better_w:.0f} % of {len(names)} (median x{statistics.median(weight):.2f}) "
             f"| {100 * better_o:.0f} % (median {statistics.median(output):+.2f} dB) |")
 
 
@@ -181,16 +196,17 @@ def format_table(rows: list[Row]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m perf.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--algorithms", nargs="+", default=[*QPARAMS_ALGORITHMS, "hqq"],
-                        choices=[*QPARAMS_ALGORITHMS, "hqq"], help="hqq: torchao's, for comparison (needs torchao)")
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+                        help="hqq: torchao's, for comparison (needs torchao); gptq: mse + GPTQ on perf/data/calibration_text.txt")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the text's first N tokens")
     parser.add_argument("--layer-tokens", type=int, default=256, help="tokens whose activations score each layer")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write every row's per-layer numbers to this file")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .real_model import eval_token_ids, load_smollm2, perplexity
+    from .real_model import calibration_batches, eval_token_ids, load_smollm2, perplexity
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -198,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     ids = eval_token_ids(tokenizer)[:, : args.max_tokens]
     print(f"SmolLM2-135M, {ids.shape[1]} tokens of perf/data/eval_text.txt, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
-    rows = measure(model, ids, variants(args.group_sizes, args.algorithms), perplexity,
-                   layer_tokens=args.layer_tokens, progress=lambda line: print(line, flush=True))
+    rows = measure(model, ids, variants(args.group_sizes, args.algorithms), perplexity, layer_tokens=args.layer_tokens,
+                   calibration=calibration_batches(tokenizer), progress=lambda line: print(line, flush=True))
     print(format_table(rows))
+    if args.json:
+        import dataclasses
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([{k: v for k, v in dataclasses.asdict(r).items() if k != "config"} for r in rows], f, indent=1)
     return 0
 
 

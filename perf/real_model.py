@@ -18,6 +18,8 @@ from torch import nn
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Original English prose written for this repository (same license); ~3.4k SmolLM2 tokens.
 EVAL_TEXT_PATH = os.path.join(os.path.dirname(__file__), "data", "eval_text.txt")
+# Another original text (same license), ~600 tokens, for calibration (GPTQ): never the evaluated text.
+CALIBRATION_TEXT_PATH = os.path.join(os.path.dirname(__file__), "data", "calibration_text.txt")
 
 
 def smollm2_dir() -> str | None:
@@ -63,6 +65,13 @@ def eval_token_ids(tokenizer: object) -> torch.Tensor:
     with open(EVAL_TEXT_PATH, encoding="utf-8") as f:
         text = f.read()
     return tokenizer(text, return_tensors="pt").input_ids  # type: ignore[operator]
+
+
+def calibration_batches(tokenizer: object, length: int = 128) -> list[torch.Tensor]:
+    """The shipped calibration text as token-id batches [1, length] (the last partial one dropped)."""
+    with open(CALIBRATION_TEXT_PATH, encoding="utf-8") as f:
+        ids = tokenizer(f.read(), return_tensors="pt").input_ids  # type: ignore[operator]
+    return [ids[:, start : start + length] for start in range(0, ids.shape[1] - length + 1, length)]
 
 
 @torch.inference_mode()

@@ -294,12 +294,39 @@ def quality_notes(bf16: torch.nn.Module, quantized: torch.nn.Module, fmt: str, t
         cache["bf16"] = measure(bf16)
     cache[fmt] = measure(quantized)
     (ppl_ref, bytes_ref, text_ref), (ppl, size, text) = cache["bf16"], cache[fmt]
+    others = ", ".join(f"{label} {value:.2f} ({value / ppl_ref - 1:+.1%})"
+                       for label, value in other_algorithms(bf16, fmt, tokenizer, ids).items())
     return [
         f"perplexity on perf/data/eval_text.txt ({ids.shape[1]} tokens, 512-token windows): bf16 {ppl_ref:.2f}, "
-        f"{fmt} {ppl:.2f} ({ppl / ppl_ref - 1:+.1%})",
+        f"{fmt} {ppl:.2f} ({ppl / ppl_ref - 1:+.1%})" + (f"; other algorithms: {others}" if others else ""),
         f"weight bytes: bf16 {bytes_ref / 2**20:.1f} MiB, {fmt} {size / 2**20:.1f} MiB ({size / bytes_ref:.2f}x)",
         f"greedy {SAMPLE_PROMPT!r} -> bf16: {text_ref!r}; {fmt}: {text!r}",
     ]
+
+
+def other_algorithms(bf16: torch.nn.Module, fmt: str, tokenizer: object, ids: torch.Tensor) -> dict[str, float]:
+    """Perplexity of ``fmt`` quantized the other ways (the default config is the row itself): int4
+    with min-max ("tinygemm") qparams, and with GPTQ on perf/data/calibration_text.txt; int8 with GPTQ."""
+    import copy
+
+    from subclasses import quantize_
+
+    from .real_model import calibration_batches, perplexity
+
+    calibration = calibration_batches(tokenizer)
+    config = DEFAULT_CONFIGS[fmt]
+    ways = {f"{fmt} + GPTQ": (config(), calibration)}
+    if fmt == "int4":
+        ways = {"int4 min-max (tinygemm)": (config(qparams_algorithm="tinygemm"), None), **ways}
+    out = {}
+    for label, (way, batches) in ways.items():
+        model = copy.deepcopy(bf16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(model, way, calibration=batches)
+        out[label] = perplexity(model, ids)
+        del model
+    return out
 
 
 def interleaved_min_ms_per_token(decoders: dict, *, rounds: int, tokens: int, warmup: int = 3) -> dict:

@@ -2,21 +2,24 @@
 
 ``"tinygemm"``: torchao's min-max math (``int4_tensor.quantize_int4``), bit-identical to torchao.
 
-``"mse"``: per row and group, search the (scale, zero) that minimise the weight's squared error
-``sum((w - ((q - 8) * scale + zero))**2)``, calibration-free:
+``"mse"`` (the default): per row and group, search the (scale, zero) that minimise the weight's
+importance-weighted squared error ``sum(h * (w - ((q - 8) * scale + zero))**2)``, ``h = |w| + mean|w|``
+over the group (large weights count more, as in llama.cpp's k-quants), calibration-free:
 
 1. candidate grids: step ``range / (15 + d)`` anchored at the group's minimum, for each ``d`` in
    ``MSE_CANDIDATES`` (d < 0: a coarser grid than min-max; d > 0: finer, clipping the largest weights);
    codes ``q`` = nearest grid point;
-2. for each candidate's codes, the least-squares (scale, zero) (closed form: a line fit of ``w`` on
-   ``q``), scored by the error it leaves; keep the best per group;
+2. for each candidate's codes, the weighted least-squares (scale, zero) (closed form: a line fit of
+   ``w`` on ``q``), scored by the weighted error it leaves; keep the best per group;
 3. ``MSE_REFINEMENTS`` rounds of: codes nearest to the best grid, least-squares refit (Lloyd);
 4. scale and zero rounded to the weight's dtype (the zero refit to the rounded scale), codes nearest to
    the stored grid;
-5. per group, keep whichever of this and min-max has the smaller error *as the kernel dequantizes it*
+5. per group, keep whichever of this and min-max has the smaller plain squared error *as the kernel dequantizes it*
    (stored scale and zero, fp32 arithmetic): so "mse" never does worse than "tinygemm" on any group.
 
 Work is in fp32 on chunks of 2^18 elements, each one fused loop (``torch.compile``) for large weights.
+Deterministic: only elementwise ops, min/max and sums as a fixed tree of adds (``_tree_sum``), so
+the compiled loop returns exactly the eager result (tested), whatever the chunking or thread count.
 """
 
 from __future__ import annotations
@@ -30,10 +33,9 @@ from torch._subclasses.fake_tensor import is_fake
 from .int4_packing import EPS
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse")
-# "tinygemm" until the "mse" search is deterministic: its compiled path (taken once a process has
-# searched 2^23 elements eagerly) and its eager path can round differently, so quantizing the same
-# weight twice in one process could give different codes (found by tests/subclasses/test_hf.py).
-DEFAULT_QPARAMS_ALGORITHM = "tinygemm"
+# "mse": the most accurate; deterministic (its eager and compiled paths give the same bits), so
+# quantizing a weight twice gives the same codes whatever ran before in the process.
+DEFAULT_QPARAMS_ALGORITHM = "mse"
 # Chosen on 28 of SmolLM2-135M's real weight matrices: squared weight error relative to min-max at g64,
 # 4 candidates + 2 refinements 0.70, 11 + 2: 0.695, 6 + 4: 0.70, 1 + 2: 0.80 (g128: 0.78, 0.775, 0.77, 0.87).
 MSE_CANDIDATES = (-0.5, 0.0, 0.5, 1.0)
@@ -57,57 +59,89 @@ def group_squared_error(
     return _error(groups, codes, scale.reshape(-1), zero.reshape(-1)).view(n, -1)
 
 
+def _tree_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension (a power of two) [R, g] -> [R, 1] as one fixed binary tree of
+    elementwise adds. A reduction's order is the kernel's choice (eager and inductor differ in the
+    last bits); elementwise adds are not, so eager and compiled results are bit-identical."""
+    while t.shape[-1] > 1:
+        half = t.shape[-1] // 2
+        t = t[..., :half] + t[..., half:]
+    return t
+
+
 def _error(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """Per-group squared error of groups x [R, g] for codes q [R, g], scale and zero [R], float64."""
     # same ops and order as Int4WeightTensor.dequantize on an fp32 weight
     deq = (q.to(torch.float32) - 8) * scale.to(torch.float32).unsqueeze(-1) + zero.to(torch.float32).unsqueeze(-1)
-    return (deq.double() - x.double()).square().sum(-1)
+    return _tree_sum((deq.double() - x.double()).square()).squeeze(-1)
 
 
-def _fit(xc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, best: list[torch.Tensor]) -> None:
-    """Codes ``q = clamp(round(xc * a + b), 0, 15)`` for centred groups xc [R, g]; the least-squares
-    fit ``xc ~ s * (q - mean(q))`` reduces the squared error by ``gain = cov(xc, q)**2 / var(q)``.
-    Updates ``best = [gain, s, mean(q)]`` (each [R, 1]) in place where the gain is larger."""
-    g = xc.shape[-1]
-    q = torch.clamp(torch.round(xc * a + b), 0, 15)
-    sum_q = q.sum(-1, keepdim=True)
-    var_q = (q * q).sum(-1, keepdim=True) - sum_q * sum_q / g  # times g; 0 when all codes agree
-    cov = (xc * q).sum(-1, keepdim=True)  # xc has mean 0, so this is the covariance (times g)
+# The search runs on each group's weights as integers: u = round(w * FIXED / max|w|), |u| <= FIXED.
+# Then every sum below is a sum of integers under 2^53 in float64, exact in any order: a native
+# reduction gives the same bits eager and compiled (a tree of adds does too, but inductor makes slow
+# code of it). The rounding of w to 13 bits only steers the search; the final codes use w itself.
+FIXED = 4096.0
+
+
+def _fit(u: torch.Tensor, h: torch.Tensor, sums: tuple[torch.Tensor, ...], a: torch.Tensor, b: torch.Tensor,
+         best: list[torch.Tensor]) -> None:
+    """Codes ``q = clamp(round(u * a + b), 0, 15)`` for integer groups u [R, g] with integer weights h;
+    the weighted least-squares line ``u ~ s * q + m`` reduces the weighted squared error by
+    ``gain = cov(u, q)**2 / var(q)``. ``sums = (sum h, sum h*u)``. Updates ``best = [gain, s, qbar]``
+    (each [R, 1], float64; ``qbar`` the weighted mean code) in place where the gain is larger."""
+    sum_h, sum_hu = sums
+    q = torch.clamp(torch.round(u * a + b), 0, 15)
+    hq = (h * q).double()  # integers: h < 2^21, q < 16
+    sum_hq = hq.sum(-1, keepdim=True)
+    var_q = (hq * q).sum(-1, keepdim=True) - sum_hq * sum_hq / sum_h  # 0 when all codes agree
+    cov = (hq * u).sum(-1, keepdim=True) - sum_hq * sum_hu / sum_h
     ok = var_q > 0
     var_q = torch.where(ok, var_q, 1.0)
     gain = torch.where(ok, cov * cov / var_q, 0.0)
     better = gain > best[0]
     best[0] = torch.where(better, gain, best[0])
     best[1] = torch.where(better, cov / var_q, best[1])
-    best[2] = torch.where(better, sum_q / g, best[2])
+    best[2] = torch.where(better, sum_hq / sum_h, best[2])
 
 
 def _mse_chunk(
     w: torch.Tensor, old_q: torch.Tensor, old_scale: torch.Tensor, old_zero: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups w [R, g] (weight dtype) and min-max's codes [R, g], scale and zero [R] -> the "mse"
-    codes, scale, zero (same shapes and dtypes): per group, whichever has the smaller error."""
+    codes, scale, zero (same shapes and dtypes): per group, whichever has the smaller error.
+
+    Only elementwise ops, min/max, exact sums (see ``FIXED``) and ``_tree_sum``: the compiled function
+    (with ``emulate_precision_casts``) returns exactly what the eager one does."""
     x = w.to(torch.float32)
-    mean = x.mean(-1, keepdim=True)
-    xc = x - mean
-    low, high = xc.amin(-1, keepdim=True), xc.amax(-1, keepdim=True)
-    span = torch.clamp(high - low, min=1e-30)  # a constant group: every candidate's codes agree, gain 0
-    best = [torch.full_like(low, -1.0), torch.zeros_like(low), torch.zeros_like(low)]
+    g = x.shape[-1]
+    amax = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30)
+    u = torch.round(x * (FIXED / amax))  # integers in [-FIXED, FIXED]
+    # importance of each weight: its magnitude plus the group's mean magnitude (times g, an integer;
+    # llama.cpp's k-quants weight the error so, with the RMS): the error of a large weight costs more
+    h = g * u.abs() + u.abs().sum(-1, keepdim=True)
+    sum_h = torch.clamp(h.double().sum(-1, keepdim=True), min=1.0)  # 0 only for an all-zero group
+    sum_hu = (h.double() * u).sum(-1, keepdim=True)
+    low, high = u.amin(-1, keepdim=True), u.amax(-1, keepdim=True)
+    span = torch.clamp(high - low, min=1.0)  # a constant group: every candidate's codes agree, gain 0
+    best = [torch.full_like(sum_h, -1.0), torch.zeros_like(sum_h), torch.zeros_like(sum_h)]
     for d in MSE_CANDIDATES:
         a = (15 + d) / span
-        _fit(xc, a, -low * a, best)
-    for _ in range(MSE_REFINEMENTS):  # xc ~ s * (q - qbar): nearest codes q = round(xc / s + qbar)
+        _fit(u, h, (sum_h, sum_hu), a, -low * a, best)
+    for _ in range(MSE_REFINEMENTS):  # u ~ s * (q - qbar) + ubar: nearest codes
         s = best[1]
-        _fit(xc, 1 / torch.where(s > 0, s, 1.0), best[2], best)
-    # stored: w ~ (q - 8) * scale + zero, zero = mean + scale * (8 - qbar), refit to the rounded scale
-    scale = torch.clamp(best[1].to(w.dtype), min=EPS)
+        inv = 1 / torch.where(s > 0, s, 1.0)
+        _fit(u, h, (sum_h, sum_hu), inv, best[2] - sum_hu / sum_h * inv, best)
+    # stored: w ~ (q - 8) * scale + zero; in w's units scale = s * amax / FIXED, and the zero is refit
+    # to the rounded scale: zero = wbar + scale * (8 - qbar), wbar the weighted mean weight
+    unit = amax.double() / FIXED
+    scale = torch.clamp((best[1] * unit).to(w.dtype), min=EPS)
     scale32 = scale.to(torch.float32)
-    zero = (mean + scale32 * (8 - best[2])).to(w.dtype)
+    zero = (sum_hu / sum_h * unit + scale32.double() * (8 - best[2])).to(w.dtype)
     q = torch.clamp(torch.round((x - zero.to(torch.float32)) / scale32 + 8), 0, 15).to(torch.uint8)
     scale, zero = scale.squeeze(-1), zero.squeeze(-1)
-    # Keep the new choice only where it is better by a margin that rounding differences between
-    # this (possibly compiled) error and the eager one cannot overcome.
-    keep = _error(x, q, scale, zero) < _error(x, old_q, old_scale, old_zero) * (1 - 1e-5)
+    # The importance weighting can cost plain squared error; per group keep the new choice only
+    # where that error is smaller (by a margin that a float64 sum in another order cannot overcome).
+    keep = _error(x, q, scale, zero) < _error(x, old_q, old_scale, old_zero) * (1 - 1e-9)
     return (
         torch.where(keep.unsqueeze(-1), q, old_q),
         torch.where(keep, scale, old_scale),
@@ -133,7 +167,9 @@ def _chunk_fn(w: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor
         _eager_numel += w.numel()
         return _mse_chunk
     if _compiled is None:  # static shapes (chunks are padded to one size): vectorized by inductor
-        _compiled = torch.compile(_mse_chunk, dynamic=False)
+        # emulate_precision_casts: round to the weight's dtype where the eager code does (inductor
+        # would otherwise keep a bf16 scale in fp32 inside the fused loop, and its codes would differ)
+        _compiled = torch.compile(_mse_chunk, dynamic=False, options={"emulate_precision_casts": True})
     return _compiled
 
 

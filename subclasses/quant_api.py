@@ -6,7 +6,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, cast
+from typing import Any, Callable, Iterable, Protocol, cast
 
 import torch
 from torch import nn
@@ -34,8 +34,9 @@ FALLBACK_GROUP_SIZE = 32
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig:
     """Int4 weight-only, group-wise asymmetric; see ``Int4WeightTensor``. ``qparams_algorithm``
-    chooses scales and zeros: "tinygemm" (default: torchao's min-max math, bit-identical) or "mse"
-    (least squared weight error, never worse than min-max per group); see ``int4_qparams``.
+    chooses scales and zeros: "mse" (default: least importance-weighted squared weight error, never
+    worse than min-max per group, deterministic) or "tinygemm" (torchao's min-max math, bit-identical);
+    see ``int4_qparams``.
 
     The default group size is 32, not torchao's 128: on a real model (SmolLM2-135M, README "Real
     models") every layer then quantizes (its 576-input projections take neither 128 nor, without a
@@ -167,6 +168,7 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     *,
     strict: bool = False,
+    calibration: Iterable[Any] | None = None,
 ) -> nn.Module:
     """Replace, in place, the ``weight`` of every module ``filter_fn(module, fqn)`` accepts
     (default: every ``nn.Linear`` and ``nn.Embedding``) by a quantized weight built by ``config``.
@@ -179,8 +181,15 @@ def quantize_(
     ValueError when ``strict=True`` (which also refuses int4 group-size fallbacks). Already-quantized
     weights are left as is. What was done is ``model.quantize_summary`` (a ``QuantizeSummary``),
     logged once at INFO by the ``subclasses`` logger. Returns ``model``.
+
+    ``calibration``: a few batches of model inputs (each a tensor ``model(batch)``, tuple or dict) for
+    data-aware quantization (GPTQ) of the accepted ``nn.Linear`` weights; see ``subclasses.calibration``.
     """
     accept = filter_fn or _is_linear_or_embedding
+    if calibration is not None:
+        from .calibration import calibrated
+
+        config = calibrated(model, config, calibration, accept)
     summary = QuantizeSummary(config=repr(config), bytes_before=model_bytes(model))
     users: dict[int, list[tuple[nn.Module, str, bool]]] = {}
     seen: set[tuple[int, str]] = set()
@@ -223,7 +232,7 @@ def quantize_(
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
     if summary.quantized:
-        _mark_transformers_model(model, config)
+        _mark_transformers_model(model, getattr(config, "base", config))
     model.quantize_summary = summary  # type: ignore[assignment]
     logger.info("%s", summary)
     return model

@@ -39,7 +39,19 @@ def test_accuracy_table_on_a_tiny_model():
     mse, minmax = by_label["int4 g32 mse"].layers, by_label["int4 g32 tinygemm"].layers
     assert all(mse[name][0] <= minmax[name][0] for name in mse)  # never a worse weight
     table = accuracy.format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "| int4 g32 mse |" in table and "% (median x" in table
+    assert table.count("\n") == len(rows) + 1 and "| int4 g32 mse |" in table and "% of 2 (median x" in table  # the 2 down_proj at g128 (the rest falls back to 32)
+
+
+def test_gptq_rows_use_the_calibration():
+    model = tiny_llama()
+    calibration = [torch.randint(0, 256, (1, 16)) for _ in range(2)]
+    rows = accuracy.measure(model, torch.randint(0, 256, (1, 24)), accuracy.variants([32], ["tinygemm", "gptq"]),
+                            lambda m, i: perplexity(m, i, window=12), layer_tokens=12, calibration=calibration)
+    by_label = {row.label: row for row in rows}
+    assert by_label["int4 g32 mse + GPTQ"].quantized == 15 == by_label["int8 weight-only + GPTQ"].quantized
+    gptq, minmax = by_label["int4 g32 mse + GPTQ"].layers, by_label["int4 g32 tinygemm"].layers
+    assert gptq.keys() == minmax.keys() and any(gptq[n][0] != minmax[n][0] for n in gptq)
+    assert "| int4 g32 mse + GPTQ |" in accuracy.format_table(rows)
 
 
 def test_hqq_row_needs_and_uses_torchao():
@@ -49,9 +61,22 @@ def test_hqq_row_needs_and_uses_torchao():
                             lambda m, i: perplexity(m, i, window=12), layer_tokens=12)
     hqq = rows[-1]
     assert hqq.label == "int4 g32 hqq" and hqq.quantized == 15
-    assert all(err < 0.1 and out > 10 for err, out in hqq.layers.values())
+    assert all(err < 0.1 and out > 10 and g == 32 for err, out, g in hqq.layers.values())
 
 
 def test_bad_arguments_are_rejected():
     with pytest.raises(SystemExit):
         accuracy.parse_args(["--algorithms", "minmax"])
+
+
+def test_report_quality_line_has_the_other_algorithms(monkeypatch):
+    from perf import real_model, report
+
+    monkeypatch.setattr(real_model, "calibration_batches", lambda tokenizer: [torch.randint(0, 256, (1, 16))])
+    model, ids = tiny_llama(), torch.randint(0, 256, (1, 24))
+    int4 = report.other_algorithms(model, "int4", None, ids)
+    assert list(int4) == ["int4 min-max (tinygemm)", "int4 + GPTQ"] and all(v > 1 for v in int4.values())
+    assert list(report.other_algorithms(model, "int8", None, ids)) == ["int8 + GPTQ"]
+    from subclasses.base import QuantizedWeight
+
+    assert not any(isinstance(p, QuantizedWeight) for p in model.parameters())  # the bf16 model untouched
