@@ -14,8 +14,8 @@ import copy
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,9 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tenso
     """Each ``nn.Linear``'s input (flattened to [tokens, in_features]) when ``model`` runs ``ids``."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
-        module.register_forward_hook(lambda m, args, out, name=name: inputs.__setitem__(name, args[0].reshape(-1, args[0].shape[-1])))
+        module.register_forward_hook(
+            lambda m, args, out, name=name: inputs.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
+        )
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
     ]
@@ -124,8 +126,11 @@ def layer_errors(
         w = weights[name].detach().float()
         deq = weight.to(torch.float32).dequantize()
         x = inputs[name].float()
-        out[name] = (((deq - w).square().sum() / w.square().sum()).item(), sqnr_db(F.linear(x, w), F.linear(x, deq)),
-                     getattr(weight, "group_size", 0))
+        out[name] = (
+            ((deq - w).square().sum() / w.square().sum()).item(),
+            sqnr_db(F.linear(x, w), F.linear(x, deq)),
+            getattr(weight, "group_size", 0),
+        )
     return out
 
 
@@ -156,8 +161,10 @@ def measure(
         row.linears = linears
         row.quantized = len(row.layers)
         row.perplexity = perplexity(candidate, ids)
-        progress(f"{row.label}: perplexity {row.perplexity:.3f}, {row.quantized}/{linears} linears, "
-                 f"quantize {row.quantize_s:.1f} s")
+        progress(
+            f"{row.label}: perplexity {row.perplexity:.3f}, {row.quantized}/{linears} linears, "
+            f"quantize {row.quantize_s:.1f} s"
+        )
     return rows
 
 
@@ -174,8 +181,10 @@ def versus_min_max(row: Row, rows: list[Row]) -> str:
     output = [row.layers[n][1] - base.layers[n][1] for n in names]
     better_w = sum(r < 1 for r in weight) / len(names)
     better_o = sum(d > 0 for d in output) / len(names)
-    return (f"| {100 * better_w:.0f} % of {len(names)} (median x{statistics.median(weight):.2f}) "
-            f"| {100 * better_o:.0f} % (median {statistics.median(output):+.2f} dB) |")
+    return (
+        f"| {100 * better_w:.0f} % of {len(names)} (median x{statistics.median(weight):.2f}) "
+        f"| {100 * better_o:.0f} % (median {statistics.median(output):+.2f} dB) |"
+    )
 
 
 def format_table(rows: list[Row]) -> str:
@@ -188,16 +197,23 @@ def format_table(rows: list[Row]) -> str:
     for row in rows:
         quantized = "-" if row.config is None else f"{row.quantized}/{row.linears}"
         seconds = "-" if row.config is None else f"{row.quantize_s:.1f}"
-        lines.append(f"| {row.label} | {row.perplexity:.2f} | {row.perplexity - bf16:+.2f} | {quantized} "
-                     f"| {seconds} {versus_min_max(row, rows)}")
+        lines.append(
+            f"| {row.label} | {row.perplexity:.2f} | {row.perplexity - bf16:+.2f} | {quantized} "
+            f"| {seconds} {versus_min_max(row, rows)}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m perf.accuracy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
-                        help="hqq: torchao's, for comparison (needs torchao); gptq: mse + GPTQ on perf/data/calibration_text.txt")
+    parser.add_argument(
+        "--algorithms",
+        nargs="+",
+        default=list(ALGORITHMS),
+        choices=ALGORITHMS,
+        help="hqq: torchao's, for comparison (needs torchao); gptq: mse + GPTQ on perf/data/calibration_text.txt",
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the text's first N tokens")
     parser.add_argument("--layer-tokens", type=int, default=256, help="tokens whose activations score each layer")
     parser.add_argument("--threads", type=int, default=2)
@@ -212,10 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2(torch.bfloat16)
     ids = eval_token_ids(tokenizer)[:, : args.max_tokens]
-    print(f"SmolLM2-135M, {ids.shape[1]} tokens of perf/data/eval_text.txt, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    rows = measure(model, ids, variants(args.group_sizes, args.algorithms), perplexity, layer_tokens=args.layer_tokens,
-                   calibration=calibration_batches(tokenizer), progress=lambda line: print(line, flush=True))
+    print(
+        f"SmolLM2-135M, {ids.shape[1]} tokens of perf/data/eval_text.txt, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
+    rows = measure(
+        model,
+        ids,
+        variants(args.group_sizes, args.algorithms),
+        perplexity,
+        layer_tokens=args.layer_tokens,
+        calibration=calibration_batches(tokenizer),
+        progress=lambda line: print(line, flush=True),
+    )
     print(format_table(rows))
     if args.json:
         import dataclasses

@@ -9,14 +9,14 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
 from subclasses import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
-from .modes import MODE_TITLES, MODES, VARIANTS, kernel_chain, prepare, torchao_available, torchao_model
+from .modes import MODE_TITLES, MODES, kernel_chain, prepare, torchao_available, torchao_model
 from .real_model import load_smollm2
 from .timing import compile_counting_guards
 from .workloads import WORKLOADS, build_variants
@@ -88,7 +88,9 @@ def no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def interleaved_min_us(fns: dict[str, Callable[[], object]], *, repeats: int, number: int, warmup: int = 10) -> dict[str, float]:
+def interleaved_min_us(
+    fns: dict[str, Callable[[], object]], *, repeats: int, number: int, warmup: int = 10
+) -> dict[str, float]:
     """Per callable, the minimum over ``repeats`` rounds of the mean of ``number`` calls (us).
     Rounds visit every callable in turn, so a burst of load on a shared machine hits them alike."""
     with no_gc():
@@ -105,7 +107,9 @@ def interleaved_min_us(fns: dict[str, Callable[[], object]], *, repeats: int, nu
     return best
 
 
-def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: bool, progress: Callable[[str], None]) -> Block:
+def measure_workload(
+    workload: str, fmt: str, modes: tuple[str, ...], *, quick: bool, progress: Callable[[str], None]
+) -> Block:
     """Time every variant of ``workload`` in every mode (us per forward, batch 1): prepare (compile)
     everything first, then time it all interleaved, so load on a shared machine hits all alike."""
     models, x = build_variants(workload, fmt)
@@ -150,8 +154,9 @@ def measure_workload(workload: str, fmt: str, modes: tuple[str, ...], *, quick: 
 PREFILL_TOKENS: dict[str, int] = {"Qwen2 0.5B": 512, "SmolLM2 135M": 512}
 
 
-def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[str], None],
-                prefill_tokens: int | None = None) -> list[Block]:
+def measure_llm(
+    name: str, fmts: list[str], *, quick: bool, progress: Callable[[str], None], prefill_tokens: int | None = None
+) -> list[Block]:
     """Next-token ms/token of a transformers LLM (a Qwen2 with random weights, or SmolLM2 with its
     real weights and then also perplexity, weight bytes and a greedy sample; greedy, static KV cache), eager and compiled,
     for bf16 and, per format, the floor and ours (wrapped: eager only; unwrapped: both). All
@@ -200,7 +205,9 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
         length = dict(max_len=prefill_tokens, prompt_len=prefill_tokens)
         out = {(variant, "eager"): Decoder(model, **length)}
         if compiled_too:
-            out[(variant, "compiled")] = Decoder(model, prefill=compile_counting_guards(fresh_caller(model))[0], **length)
+            out[(variant, "compiled")] = Decoder(
+                model, prefill=compile_counting_guards(fresh_caller(model))[0], **length
+            )
         return out
 
     guard_counts: dict[str, list[int]] = {}
@@ -223,8 +230,10 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
             progress(f"{name} {fmt}: perplexity and a greedy sample, bf16 and {fmt}")
             block.notes.extend(quality_notes(bf16, variants["ours wrapped"], fmt, tokenizer, cache=quality_cache))
         if prefill_tokens:
-            block.notes.append("TTFT compiled is not measured for the floor (its prefill runs the kernel at every "
-                               "M, as in eager) nor for ours wrapped (as its decode)")
+            block.notes.append(
+                "TTFT compiled is not measured for the floor (its prefill runs the kernel at every "
+                "M, as in eager) nor for ours wrapped (as its decode)"
+            )
         all_decoders, all_prefills = dict(bf16_decoders), dict(bf16_prefills)
         for variant, model in variants.items():
             block.rows.append(Row(variant))
@@ -237,8 +246,9 @@ def measure_llm(name: str, fmts: list[str], *, quick: bool, progress: Callable[[
         ttft: dict = {}
         if all_prefills:
             progress(f"{name} {fmt}: timing {len(all_prefills)} prefills of {prefill_tokens} tokens, interleaved")
-            prefill_us = interleaved_min_us({key: d.reset for key, d in all_prefills.items()},
-                                            repeats=prefill_rounds, number=1, warmup=0)
+            prefill_us = interleaved_min_us(
+                {key: d.reset for key, d in all_prefills.items()}, repeats=prefill_rounds, number=1, warmup=0
+            )
             ttft = {key: us / 1e3 for key, us in prefill_us.items()}
         for row in block.rows:
             row.times.update({mode: best[(row.variant, mode)] for mode in block.modes if (row.variant, mode) in best})
@@ -269,12 +279,20 @@ def decode_decoder(model: torch.nn.Module):
     decoder = Decoder(gqa, compile_decode_step(gqa))
     decoder.next()
     return decoder
+
+
 DEFAULT_CONFIGS = {"int4": Int4WeightOnlyConfig, "int8": Int8WeightOnlyConfig}
 SAMPLE_PROMPT = "The capital of France is"
 
 
-def quality_notes(bf16: torch.nn.Module, quantized: torch.nn.Module, fmt: str, tokenizer: object,
-                  *, cache: dict[str, tuple[float, int, str]]) -> list[str]:
+def quality_notes(
+    bf16: torch.nn.Module,
+    quantized: torch.nn.Module,
+    fmt: str,
+    tokenizer: object,
+    *,
+    cache: dict[str, tuple[float, int, str]],
+) -> list[str]:
     """Perplexity on the shipped text, weight bytes and 12 greedy tokens, bf16 beside ``fmt`` (the
     floor and ours unwrapped hold the same weights as ours wrapped: same numbers)."""
     from subclasses.quant_api import model_bytes
@@ -287,15 +305,17 @@ def quality_notes(bf16: torch.nn.Module, quantized: torch.nn.Module, fmt: str, t
     def measure(model: torch.nn.Module) -> tuple[float, int, str]:
         with torch.inference_mode():
             sample = model.generate(prompt, max_new_tokens=12, do_sample=False)
-        text = tokenizer.decode(sample[0, prompt.shape[1]:], skip_special_tokens=True)  # type: ignore[attr-defined]
+        text = tokenizer.decode(sample[0, prompt.shape[1] :], skip_special_tokens=True)  # type: ignore[attr-defined]
         return perplexity(model, ids), model_bytes(model), text
 
     if "bf16" not in cache:
         cache["bf16"] = measure(bf16)
     cache[fmt] = measure(quantized)
     (ppl_ref, bytes_ref, text_ref), (ppl, size, text) = cache["bf16"], cache[fmt]
-    others = ", ".join(f"{label} {value:.2f} ({value / ppl_ref - 1:+.1%})"
-                       for label, value in other_algorithms(bf16, fmt, tokenizer, ids).items())
+    others = ", ".join(
+        f"{label} {value:.2f} ({value / ppl_ref - 1:+.1%})"
+        for label, value in other_algorithms(bf16, fmt, tokenizer, ids).items()
+    )
     return [
         f"perplexity on perf/data/eval_text.txt ({ids.shape[1]} tokens, 512-token windows): bf16 {ppl_ref:.2f}, "
         f"{fmt} {ppl:.2f} ({ppl / ppl_ref - 1:+.1%})" + (f"; other algorithms: {others}" if others else ""),
@@ -306,7 +326,8 @@ def quality_notes(bf16: torch.nn.Module, quantized: torch.nn.Module, fmt: str, t
 
 def other_algorithms(bf16: torch.nn.Module, fmt: str, tokenizer: object, ids: torch.Tensor) -> dict[str, float]:
     """Perplexity of ``fmt`` quantized the other ways (the default config is the row itself): int4
-    with min-max ("tinygemm") qparams, and with GPTQ on perf/data/calibration_text.txt; int8 with GPTQ."""
+    with the qparams algorithm that is not the default ("mse" or min-max "tinygemm"), and with GPTQ
+    on perf/data/calibration_text.txt; int8 with GPTQ."""
     import copy
 
     from subclasses import quantize_
@@ -317,7 +338,8 @@ def other_algorithms(bf16: torch.nn.Module, fmt: str, tokenizer: object, ids: to
     config = DEFAULT_CONFIGS[fmt]
     ways = {f"{fmt} + GPTQ": (config(), calibration)}
     if fmt == "int4":
-        ways = {"int4 min-max (tinygemm)": (config(qparams_algorithm="tinygemm"), None), **ways}
+        other = "mse" if config().qparams_algorithm == "tinygemm" else "tinygemm"
+        ways = {f"int4 {other}": (config(qparams_algorithm=other), None), **ways}
     out = {}
     for label, (way, batches) in ways.items():
         model = copy.deepcopy(bf16)
@@ -371,10 +393,21 @@ def format_block(block: Block) -> str:
     floor, bf16 = block.row("floor"), block.row("bf16")
     # compile_for_decode prefills in eager: its time to first token is the eager column's
     ttft_modes = tuple(m for m in block.modes if m != "decode") if block.prefill_tokens else ()
-    head = ["variant", *(MODE_TITLES[m] for m in block.modes), *(f"TTFT {MODE_TITLES[m]}" for m in ttft_modes),
-            "guards", "kernel", "overhead", "best/bf16", "best/floor"]
-    ttft_title = (f"; TTFT: ms to the first token of a {block.prefill_tokens}-token prompt, in brackets: ratio to bf16"
-                  if ttft_modes else "")
+    head = [
+        "variant",
+        *(MODE_TITLES[m] for m in block.modes),
+        *(f"TTFT {MODE_TITLES[m]}" for m in ttft_modes),
+        "guards",
+        "kernel",
+        "overhead",
+        "best/bf16",
+        "best/floor",
+    ]
+    ttft_title = (
+        f"; TTFT: ms to the first token of a {block.prefill_tokens}-token prompt, in brackets: ratio to bf16"
+        if ttft_modes
+        else ""
+    )
     lines = [
         f"### {block.workload}, {block.format} ({block.unit}; in brackets: ratio to the floor in the same mode{ttft_title})",
         "",
@@ -391,8 +424,13 @@ def format_block(block: Block) -> str:
         kernel = _num(row.kernel) if row.kernel is not None else "-"
         guards = str(row.guards) if row.guards is not None else "-"
         best_t = best[1] if best else None
-        lines.append("| " + " | ".join([row.variant, *cells, guards, kernel, overhead,
-                                         _ratio(best_t, bf16_best), _ratio(best_t, floor_best)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [row.variant, *cells, guards, kernel, overhead, _ratio(best_t, bf16_best), _ratio(best_t, floor_best)]
+            )
+            + " |"
+        )
     fastest = block.fastest()
     if fastest:
         row, mode, t = fastest
@@ -405,8 +443,10 @@ def format_block(block: Block) -> str:
 
 def format_report(blocks: list[Block], meta: dict) -> str:
     """The whole report: a header line with the setup, then one table per block."""
-    header = (f"unwrap overhead report: torch {meta['torch']}, {meta['threads']} thread(s), batch 1, "
-              f"minimum of repeated timings")
+    header = (
+        f"unwrap overhead report: torch {meta['torch']}, {meta['threads']} thread(s), batch 1, "
+        f"minimum of repeated timings"
+    )
     return "\n\n".join([header, *(format_block(b) for b in blocks)]) + "\n"
 
 
@@ -419,11 +459,20 @@ def to_json(blocks: list[Block], meta: dict) -> dict:
             best = row.best()
             rows.append({**asdict(row), "best_mode": best[0] if best else None, "best": best[1] if best else None})
         fastest = block.fastest()
-        out.append({
-            "workload": block.workload, "format": block.format, "unit": block.unit, "modes": list(block.modes),
-            "rows": rows, "notes": block.notes, "prefill_tokens": block.prefill_tokens,
-            "fastest": None if not fastest else {"variant": fastest[0].variant, "mode": fastest[1], "time": fastest[2]},
-        })
+        out.append(
+            {
+                "workload": block.workload,
+                "format": block.format,
+                "unit": block.unit,
+                "modes": list(block.modes),
+                "rows": rows,
+                "notes": block.notes,
+                "prefill_tokens": block.prefill_tokens,
+                "fastest": None
+                if not fastest
+                else {"variant": fastest[0].variant, "mode": fastest[1], "time": fastest[2]},
+            }
+        )
     return {"meta": meta, "blocks": out}
 
 
@@ -458,8 +507,9 @@ def write_plot(path: str, blocks: list[Block]) -> None:
     fig.savefig(path)
 
 
-def run_report(fmts: list[str], *, quick: bool, llm: list[str], progress: Callable[[str], None],
-               workloads: list[str] | None = None) -> list[Block]:
+def run_report(
+    fmts: list[str], *, quick: bool, llm: list[str], progress: Callable[[str], None], workloads: list[str] | None = None
+) -> list[Block]:
     """Measure the built-in workloads (W2, W1; default all) in every mode, then the LLMs, per format."""
     blocks = []
     with warnings.catch_warnings():

@@ -17,8 +17,9 @@ Every layer sees the float model's activations (one forward pass per batch, all 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ GPTQ_BLOCK = 128  # columns updated lazily together (the original paper's block)
 def _run(model: nn.Module, batch: Any, index: int) -> None:
     """Run ``model`` on one calibration batch: a tensor ``model(batch)``, a tuple/list ``model(*batch)``,
     a dict ``model(**batch)``; a failure names the batch."""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     if isinstance(batch, torch.Tensor):
         args, kwargs, shown = (batch,), {}, f"shape {tuple(batch.shape)}, dtype {batch.dtype}"
     elif isinstance(batch, (tuple, list)):
@@ -41,8 +44,10 @@ def _run(model: nn.Module, batch: Any, index: int) -> None:
     elif isinstance(batch, dict):
         args, kwargs, shown = (), batch, f"a dict with keys {sorted(batch)}"
     else:
-        raise TypeError(f"calibration batch {index} must be a tensor, a tuple/list or a dict of model "
-                        f"inputs, got {type(batch).__name__}")
+        raise TypeError(
+            f"calibration batch {index} must be a tensor, a tuple/list or a dict of model "
+            f"inputs, got {type(batch).__name__}"
+        )
     try:
         model(*args, **kwargs)
     except Exception as error:
@@ -56,15 +61,19 @@ def collect_hessians(
     keyed by ``id`` of its weight Parameter (a weight shared by several linears sums their inputs),
     over ``model``'s forward on each calibration batch. Errors name the batch and the rule broken."""
     if isinstance(calibration, torch.Tensor) or not isinstance(calibration, Iterable):
-        raise TypeError(f"calibration must be a list (or other iterable) of batches, got {type(calibration).__name__}"
-                        " (one batch of token ids: pass [ids])")
+        raise TypeError(
+            f"calibration must be a list (or other iterable) of batches, got {type(calibration).__name__}"
+            " (one batch of token ids: pass [ids])"
+        )
     hessians: dict[int, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple, fqn: str) -> None:
         x = args[0]
         if x.dtype != module.weight.dtype:
-            raise ValueError(f"{fqn}'s calibration input has dtype {x.dtype}, its weight {module.weight.dtype}: "
-                             "calibrate with inputs of the model's dtype")
+            raise ValueError(
+                f"{fqn}'s calibration input has dtype {x.dtype}, its weight {module.weight.dtype}: "
+                "calibrate with inputs of the model's dtype"
+            )
         x = x.detach().reshape(-1, x.shape[-1]).float()
         key = id(module.weight)
         hessians[key] = hessians.get(key, 0) + x.T @ x
@@ -104,9 +113,9 @@ def gptq(
     weight: torch.Tensor,
     h: torch.Tensor,
     group_size: int,
-    choose: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    code: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    choose: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    code: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
     """GPTQ of ``weight`` [N, K] with input second moments ``h`` [K, K]. Every ``group_size`` columns
     ``choose(W[:, group])`` (the error-updated fp32 columns) returns the group's quantization
     parameters (each [N]); ``code(column, *params)`` returns (codes, dequantized column). Returns the
@@ -115,7 +124,7 @@ def gptq(
     n, k = w.shape
     hinv = _inverse_cholesky(h.float(), w)
     codes = torch.empty(n, k, dtype=torch.int16)
-    params: list[torch.Tensor] = []
+    params: list[tuple[torch.Tensor, ...]] = []
     block = max(GPTQ_BLOCK, group_size)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

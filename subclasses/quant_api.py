@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -34,9 +35,9 @@ FALLBACK_GROUP_SIZE = 32
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig:
     """Int4 weight-only, group-wise asymmetric; see ``Int4WeightTensor``. ``qparams_algorithm``
-    chooses scales and zeros: "mse" (default: least importance-weighted squared weight error, never
-    worse than min-max per group, deterministic) or "tinygemm" (torchao's min-max math, bit-identical);
-    see ``int4_qparams``.
+    chooses scales and zeros: "tinygemm" (default: torchao's min-max math, bit-identical) or "mse"
+    (least importance-weighted squared weight error, never worse than min-max per group,
+    deterministic; ~10x slower to quantize); see ``int4_qparams``.
 
     The default group size is 32, not torchao's 128: on a real model (SmolLM2-135M, README "Real
     models") every layer then quantizes (its 576-input projections take neither 128 nor, without a
@@ -125,11 +126,15 @@ class QuantizeSummary:
 
     def __str__(self) -> str:
         count = sum(len(names) for names in self.quantized.values())
-        lines = [f"quantize_ with {self.config}: {count} weight(s) quantized, {len(self.skipped)} left in high precision"]
+        lines = [
+            f"quantize_ with {self.config}: {count} weight(s) quantized, {len(self.skipped)} left in high precision"
+        ]
         lines += [f"  {label}: {len(names)}" for label, names in self.quantized.items()]
         lines += [f"  high precision: {name} ({why})" for name, why in self.skipped.items()]
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
-        lines.append(f"  weight bytes: {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)")
+        lines.append(
+            f"  weight bytes: {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)"
+        )
         return "\n".join(lines)
 
 

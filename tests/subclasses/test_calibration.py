@@ -31,13 +31,23 @@ def _inputs(batches: int, seed: int) -> list[torch.Tensor]:
     scales = torch.exp(torch.randn(256, generator=generator))
     basis = torch.randn(32, 256, generator=generator) / 32**0.5
     data = torch.Generator().manual_seed(seed)
-    return [((torch.randn(32, 32, generator=data) @ basis + 0.1 * torch.randn(32, 256, generator=data)) * scales)
-            .to(torch.bfloat16) for _ in range(batches)]
+    return [
+        ((torch.randn(32, 32, generator=data) @ basis + 0.1 * torch.randn(32, 256, generator=data)) * scales).to(
+            torch.bfloat16
+        )
+        for _ in range(batches)
+    ]
 
 
 @pytest.mark.parametrize(
-    "config", [Int4WeightOnlyConfig(32), Int4WeightOnlyConfig(64, qparams_algorithm="tinygemm"),
-               Int8WeightOnlyConfig(), Int8DynamicActivationInt8WeightConfig()], ids=repr,
+    "config",
+    [
+        Int4WeightOnlyConfig(32),
+        Int4WeightOnlyConfig(64, qparams_algorithm="tinygemm"),
+        Int8WeightOnlyConfig(),
+        Int8DynamicActivationInt8WeightConfig(),
+    ],
+    ids=repr,
 )
 def test_gptq_is_closer_on_held_out_data(config):
     calibration, held_out = _inputs(4, seed=1), torch.cat(_inputs(2, seed=2))
@@ -87,8 +97,14 @@ def test_bad_calibration_is_refused_with_the_value_named():
         quantize_(_model(), config, calibration=torch.randn(4, 256))
     with pytest.raises(ValueError, match="calibration is empty"):
         quantize_(_model(), config, calibration=[])
-    with pytest.raises(ValueError, match=r"calibration batch 1 \(shape \(4, 100\), dtype torch.bfloat16\) cannot run the model"):
-        quantize_(_model(), config, calibration=[torch.randn(4, 256, dtype=torch.bfloat16), torch.randn(4, 100, dtype=torch.bfloat16)])
+    with pytest.raises(
+        ValueError, match=r"calibration batch 1 \(shape \(4, 100\), dtype torch.bfloat16\) cannot run the model"
+    ):
+        quantize_(
+            _model(),
+            config,
+            calibration=[torch.randn(4, 256, dtype=torch.bfloat16), torch.randn(4, 100, dtype=torch.bfloat16)],
+        )
     with pytest.raises(ValueError, match="calibration batch 0 .*dtype torch.float32"):
         quantize_(_model(), config, calibration=[torch.randn(4, 256)])
     with pytest.raises(TypeError, match="calibration batch 0 must be a tensor, a tuple/list or a dict .* got str"):
