@@ -36,6 +36,7 @@ MODES: dict[str, str] = {
 }
 MATMULS = (
     "aten::_weight_int4pack_mm_for_cpu",
+    "unwrap_cpu::int4_gemv",  # our int4 M = 1 kernel (subclasses/int4_gemv.py)
     "aten::_weight_int8pack_mm",
     "aten::mm",
     "aten::addmm",

@@ -83,7 +83,9 @@ def _no_empty_like(func, args, kwargs):
     )
 
 
-for _cls in FORMATS.values():
+# On the base (a format defined later copies its table) and on every format defined already, so the
+# order of imports does not matter.
+for _cls in (QuantizedWeight, *FORMATS.values()):
     _cls.dispatch_table.update(
         {
             aten.slice.Tensor: _slice,
