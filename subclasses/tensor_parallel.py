@@ -85,7 +85,8 @@ def _no_empty_like(func, args, kwargs):
 
 # On the base (a format defined later copies its table) and on every format defined already, so the
 # order of imports does not matter.
-for _cls in (QuantizedWeight, *FORMATS.values()):
+_FORMATS: list[type[QuantizedWeight]] = [QuantizedWeight, *FORMATS.values()]
+for _cls in _FORMATS:
     _cls.dispatch_table.update(
         {
             aten.slice.Tensor: _slice,
