@@ -79,32 +79,20 @@ class Int8FloorLinearND(Int8FloorLinear):
         return out if self.bias is None else out + self.bias
 
 
-class CudaInt4FloorLinear(nn.Module):
+class CudaInt4FloorLinear(Int4FloorLinear):
     """gpt-fast's int4 linear: plain buffers, 2-D bf16 input, the tinygemm kernel's C binding."""
 
-    takes_bias: ClassVar[bool] = False
-
     def __init__(self, weight: Int4WeightTensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
         if weight.packing != "cuda_tinygemm":
             raise ValueError(f"the CUDA int4 floor needs a weight packed for CUDA, got packing={weight.packing!r}")
-        self.register_buffer("packed", weight.packed)
-        self.register_buffer("scale_and_zero", weight.scale_and_zero)
-        self.group_size = weight.group_size
+        super().__init__(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm(x, self.packed, self.group_size, self.scale_and_zero)
 
 
-class CudaInt8FloorLinear(nn.Module):
+class CudaInt8FloorLinear(Int8FloorLinear):
     """gpt-fast's int8 linear: ``F.linear(x, q.to(x.dtype)) * scale`` on plain buffers."""
-
-    takes_bias: ClassVar[bool] = False
-
-    def __init__(self, weight: Int8WeightTensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.register_buffer("qdata", weight.qdata)
-        self.register_buffer("scale", weight.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.qdata.to(x.dtype)) * self.scale
