@@ -31,16 +31,22 @@ ROUNDS = 20  # interleaved rounds behind ratio_to_floor (minimum of each)
 
 
 @functools.cache
-def prepared(workload: str, fmt: str, variant: str, mode: str) -> tuple[Callable[[], object], int | None]:
-    """A warm no-argument runner of ``variant`` in ``mode`` and its guard count (cached: the floor
-    is shared by every case of its group; each compiled variant has its own code object)."""
-    models, x = _variants(workload, fmt)
-    return prepare(models[variant], (x,), mode)
+def _variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
+    return build_variants(workload, fmt)
+
+
+Variants = Callable[[str, str], tuple[dict, torch.Tensor]]
 
 
 @functools.cache
-def _variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
-    return build_variants(workload, fmt)
+def prepared(
+    workload: str, fmt: str, variant: str, mode: str, variants: Variants = _variants
+) -> tuple[Callable[[], object], int | None]:
+    """A warm no-argument runner of ``variant`` in ``mode`` and its guard count (cached: the floor
+    is shared by every case of its group; each compiled variant has its own code object).
+    ``variants(workload, fmt)``: the cached models and input (bench_torchao passes its own)."""
+    models, x = variants(workload, fmt)
+    return prepare(models[variant], (x,), mode)
 
 
 def run_case(
@@ -52,12 +58,14 @@ def run_case(
     *,
     rounds: int = ROUNDS,
     number: int = 200,
+    variants: Variants = _variants,
 ) -> dict[str, object]:
     """The body of every case: time ``variant`` with ``benchmark``, then against the floor
     interleaved; returns (and stores in ``benchmark.extra_info``) the numbers named above."""
     with torch.inference_mode():
-        ours, floor = prepared(workload, fmt, variant, mode), prepared(workload, fmt, "floor", mode)
-    layers = sum(1 for _ in _variants(workload, fmt)[0]["floor"].children())
+        ours = prepared(workload, fmt, variant, mode, variants)
+        floor = prepared(workload, fmt, "floor", mode, variants)
+    layers = sum(1 for _ in variants(workload, fmt)[0]["floor"].children())
     return time_against_floor(benchmark, ours, floor, layers, rounds=rounds, number=number)
 
 

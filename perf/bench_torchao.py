@@ -21,8 +21,8 @@ import pytest
 import torch
 from torch import nn
 
-from perf.bench_overhead import time_against_floor
-from perf.modes import prepare, torchao_available, torchao_model
+from perf import bench_overhead
+from perf.modes import torchao_available, torchao_model
 from perf.workloads import CONFIGS, WORKLOADS, floor_model
 
 VARIANTS = ("floor", "ours unwrapped", "torchao", "torchao unwrapped", "torchao converted")
@@ -59,12 +59,6 @@ def cached_variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
     return torchao_variants(workload, fmt)
 
 
-@functools.cache
-def prepared(workload: str, fmt: str, variant: str, mode: str) -> tuple[Callable[[], object], int | None]:
-    models, x = cached_variants(workload, fmt)
-    return prepare(models[variant], (x,), mode)
-
-
 def run_case(
     benchmark: Callable[..., object],
     workload: str,
@@ -75,14 +69,13 @@ def run_case(
     rounds: int = ROUNDS,
     number: int = 200,
 ) -> dict[str, object]:
-    """Time ``variant`` with ``benchmark``, then against the floor interleaved (as bench_overhead)."""
+    """``bench_overhead.run_case`` on this module's variants."""
     # Built outside inference_mode, as a user builds a model: inference tensors have no version
     # counter, so the lean int8 linear (subclasses/torchao_linear.py) could not keep its scale.
     cached_variants(workload, fmt)
-    with torch.inference_mode():
-        ours, floor = prepared(workload, fmt, variant, mode), prepared(workload, fmt, "floor", mode)
-    layers = sum(1 for _ in cached_variants(workload, fmt)[0]["floor"].children())
-    return time_against_floor(benchmark, ours, floor, layers, rounds=rounds, number=number)
+    return bench_overhead.run_case(
+        benchmark, workload, fmt, variant, mode, rounds=rounds, number=number, variants=cached_variants
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -86,4 +86,4 @@ def test_every_torchao_benchmark_body_runs_once_in_eager():
             benchmark = OnceBenchmark()
             info = bench_torchao.run_case(benchmark, workload, fmt, variant, "eager", rounds=1, number=1)
             assert benchmark.calls == 1 and info["ratio_to_floor"] > 0 and info["guards"] is None
-    bench_torchao.prepared.cache_clear()  # the runners; the models stay cached for the guard test
+    bench_overhead.prepared.cache_clear()  # the runners (bench_torchao shares them); the models stay cached
