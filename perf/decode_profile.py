@@ -191,7 +191,9 @@ def measure(
         decoders[mode].next()  # compiles now
     progress(f"timing {len(decoders)} modes interleaved, {rounds} rounds of {tokens} tokens")
     best = interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens)
-    cpu = interleaved_min_cpu_ms_per_token(decoders, rounds=rounds, tokens=tokens)
+    # CPU time (all threads): on a busy machine wall time mostly measures the other jobs; with one
+    # thread, CPU time is what the token costs (with several it also counts threads spinning at barriers).
+    cpu = interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens, warmup=0, clock=time.process_time)
     progress(f"profiling {len(decoders)} modes interleaved, {profile_rounds} rounds")
     profiled: dict[str, tuple[float, dict[str, float]]] = {}
     with no_gc():
@@ -211,25 +213,6 @@ def measure(
         )
         for mode in decoders
     ]
-
-
-def interleaved_min_cpu_ms_per_token(decoders: dict, *, rounds: int, tokens: int) -> dict:
-    """As ``perf.report.interleaved_min_ms_per_token`` in this process's CPU time (all threads): on a
-    busy machine wall time mostly measures the other jobs; with one thread, CPU time is what the token
-    costs (with several, it also counts threads spinning at barriers)."""
-    from .report import no_gc
-
-    best = dict.fromkeys(decoders, float("inf"))
-    with no_gc():
-        for _ in range(rounds):
-            for key, decoder in decoders.items():
-                if decoder.position + tokens > decoder.max_len:
-                    decoder.reset()
-                start = time.process_time()
-                for _ in range(tokens):
-                    decoder.next()
-                best[key] = min(best[key], (time.process_time() - start) / tokens * 1e3)
-    return best
 
 
 def format_table(title: str, rows: list[Breakdown]) -> str:
