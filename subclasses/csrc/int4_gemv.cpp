@@ -35,33 +35,22 @@ AVX512 inline void dpbusd(__m512i& acc, __m512i u, __m512i s) { asm("vpdpbusd %2
 
 template <typename T> float to_float(T v) { return static_cast<float>(v); }
 
+// 16 consecutive values of T as one fp32 vector.
+template <typename T> AVX512 inline __m512 load16(const T* p);
+template <> AVX512 inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> AVX512 inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+template <> AVX512 inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // 16 consecutive (scale, zero) pairs as two fp32 vectors.
-template <typename T> AVX512 inline void load_pairs(const T* p, __m512& s, __m512& z);
-
-template <> AVX512 inline void load_pairs<float>(const float* p, __m512& s, __m512& z) {
+template <typename T> AVX512 inline void load_pairs(const T* p, __m512& s, __m512& z) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
-  s = _mm512_permutex2var_ps(a, even, b);
-  z = _mm512_permutex2var_ps(a, odd, b);
-}
-
-template <> AVX512 inline void load_pairs<c10::BFloat16>(const c10::BFloat16* p, __m512& s, __m512& z) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  __m512i raw = _mm512_loadu_si512(p);
-  __m512 a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(raw)), 16));
-  __m512 b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(raw, 1)), 16));
-  s = _mm512_permutex2var_ps(a, even, b);
-  z = _mm512_permutex2var_ps(a, odd, b);
-}
-
-template <> AVX512 inline void load_pairs<c10::Half>(const c10::Half* p, __m512& s, __m512& z) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  __m512i raw = _mm512_loadu_si512(p);
-  __m512 a = _mm512_cvtph_ps(_mm512_castsi512_si256(raw));
-  __m512 b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(raw, 1));
+  __m512 a = load16(p), b = load16(p + 16);
   s = _mm512_permutex2var_ps(a, even, b);
   z = _mm512_permutex2var_ps(a, odd, b);
 }
@@ -161,16 +150,6 @@ void partial_block(const uint8_t* packed, const T* sz, const float* x, int64_t s
 
 // x as 15-bit integers per 32-block, split into two int8 halves: x16 = 256 * xh + xl.
 constexpr float kX16Max = 127 * 256 + 127;  // so that xh = (x16 - xl) / 256 stays in int8
-
-template <typename T> AVX512 inline __m512 load16(const T* p);
-template <> AVX512 inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <> AVX512 inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-template <> AVX512 inline __m512 load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // xf = x in fp32; per 32-block b: xscale[b], and xh, xl; per weight group: xsum.
 template <typename T>
