@@ -26,7 +26,9 @@ from perf.modes import torchao_available, torchao_model
 from perf.workloads import CONFIGS, WORKLOADS, floor_model
 
 VARIANTS = ("floor", "ours unwrapped", "torchao", "torchao unwrapped", "torchao converted")
-MODES = ("eager", "compiled")
+# "frozen": compiled with Inductor's freezing, which folds the per-call fp32 -> bf16 cast of torchao's
+# int8 scale (unwrapped torchao int8 then runs the floor's graph); the floor is compiled the same way.
+MODES = ("eager", "compiled", "frozen")
 DEFAULT_THREADS = 1
 ROUNDS = 20
 

@@ -21,12 +21,20 @@ from .timing import compile_counting_guards
 # The names every report, benchmark and table uses: what is measured, and how it is run.
 VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
 MODES = ("eager", "compiled", "cpp_wrapper", "aoti")
+# Inductor options per compiled mode; "frozen" (freezing: parameters become constants, so work on
+# them alone is folded at compile time) is offered to benchmarks, not run by the report.
+COMPILE_OPTIONS: dict[str, dict[str, bool]] = {
+    "compiled": {},
+    "cpp_wrapper": {"cpp_wrapper": True},
+    "frozen": {"freezing": True},
+}
 CUDA_MODES = ("eager", "compiled", "reduce-overhead")  # "reduce-overhead": CUDA graphs
 MODE_TITLES = {
     "eager": "eager",
     "compiled": "compiled",
     "cpp_wrapper": "cpp_wrapper",
     "aoti": "AOTInductor",
+    "frozen": "compiled, freezing",
     "decode": "compile_for_decode",
     "llama.cpp": "llama.cpp",
 }  # LLM decode columns
@@ -45,14 +53,15 @@ def _package_dir() -> str:
 def prepare(model: nn.Module, args: tuple, mode: str) -> tuple[Callable[[], object], int | None]:
     """A no-argument callable running ``model(*args)`` in ``mode``, already compiled and warm,
     and the guard count of the compiled frames (None for eager and AOTInductor, which has none)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in MODES and mode not in COMPILE_OPTIONS:
+        raise ValueError(f"mode must be one of {MODES} or {tuple(COMPILE_OPTIONS)}, got {mode!r}")
     if mode == "eager":
         return (lambda: model(*args)), None
-    if mode in ("compiled", "cpp_wrapper"):
-        options = {"cpp_wrapper": True} if mode == "cpp_wrapper" else {}
-        compiled, counts = compile_counting_guards(fresh_caller(model), options=options)
-        with torch.inference_mode():
+    if mode in COMPILE_OPTIONS:
+        compiled, counts = compile_counting_guards(fresh_caller(model))
+        # Patched around the first call (which compiles), not passed as options=: Dynamo reads
+        # ``freezing`` itself (torch._dynamo.utils.is_parameter_freezing) to treat parameters as constants.
+        with torch.inference_mode(), torch._inductor.config.patch(COMPILE_OPTIONS[mode]):
             compiled(*args)
         return (lambda: compiled(*args)), sum(counts)
     # AOTInductor: export (which unwraps subclass parameters itself), compile to a .pt2, load.
@@ -146,6 +155,7 @@ def torchao_model(bf16: nn.Module, fmt: str) -> nn.Module:
 __all__ = [
     "VARIANTS",
     "MODES",
+    "COMPILE_OPTIONS",
     "CUDA_MODES",
     "MODE_TITLES",
     "prepare",

@@ -63,19 +63,25 @@ def test_compiled_guards_within_the_floor_plus_one_per_layer(workload, fmt, aten
     layers = len(models["floor"])
     reference = run(models["torchao unwrapped"], x)  # eager: torchao's int4 bit for bit; int8, see above
     guards, calls = {}, {}
-    for variant in ("floor", "torchao unwrapped", "torchao converted"):
+    runs = [("floor", {}), ("torchao unwrapped", {}), ("torchao converted", {}), ("frozen", {"freezing": True})]
+    for name, options in runs:
+        variant = "torchao unwrapped" if name == "frozen" else name
         compiled, counts = compile_counting_guards(fresh_caller(models[variant]))
-        with torch.inference_mode():
+        with torch.inference_mode(), torch._inductor.config.patch(options):  # Dynamo reads freezing too
             out, code = run_and_get_code(compiled, x)
-        calls[variant] = Counter(re.findall(KERNEL_CALL, "\n".join(code)))
-        guards[variant] = sum(counts)
+        calls[name] = Counter(re.findall(KERNEL_CALL, "\n".join(code)))
+        guards[name] = sum(counts)
         if variant != "floor":
-            assert torch.equal(out, reference), variant  # the same kernels on the same bytes
+            assert torch.equal(out, reference), name  # the same kernels on the same bytes
     assert calls["torchao converted"] == calls["floor"], calls  # the floor's graph: its kernels, nothing else
     # unwrapped int8: the floor's kernels, and one fused fp32 -> bf16 conversion of each layer's scale
-    # (torchao keeps it in fp32; the kernel takes the activation dtype)
+    # (torchao keeps it in fp32; the kernel takes the activation dtype) ...
     kernels = {k: v for k, v in calls["torchao unwrapped"].items() if fmt == "int4" or not k.startswith("cpp_fused")}
     assert kernels == calls["floor"], calls
-    for variant in ("torchao unwrapped", "torchao converted"):
+    if fmt == "int8":
+        assert sum(v for k, v in calls["torchao unwrapped"].items() if k.startswith("cpp_fused")) == layers, calls
+    # ... which freezing folds at compile time: then the floor's graph exactly
+    assert calls["frozen"] == calls["floor"], calls
+    for variant in ("torchao unwrapped", "torchao converted", "frozen"):
         # unwrapped int8: no guard on torchao's all-zero zero_point, which the linear never reads
         assert guards[variant] <= guards["floor"] + layers + GLOBAL_GUARDS, guards
