@@ -38,10 +38,9 @@ from torch._subclasses.fake_tensor import is_fake
 from .int4_packing import EPS
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse")
-# "mse" is the most accurate and deterministic now (its eager and compiled paths give the same bits),
-# but it quantizes ~10x slower than min-max (~70 s for Qwen2-0.5B's shapes on 2 cores, measured
-# under load; the bar is ~30 s): the default stays "tinygemm" until the search is faster.
-DEFAULT_QPARAMS_ALGORITHM = "tinygemm"
+# "mse": the most accurate, deterministic, and ~2x min-max's quantize time (~8 s for the whole Qwen2-0.5B
+# shapes at group 32 on 2 cores; the bar is ~30 s). Int4WeightTensor.from_float keeps "tinygemm".
+DEFAULT_QPARAMS_ALGORITHM = "mse"
 # Chosen on 28 of SmolLM2-135M's real weight matrices: squared weight error relative to min-max at g64,
 # 4 candidates + 2 refinements 0.70, 11 + 2: 0.695, 6 + 4: 0.70, 1 + 2: 0.80 (g128: 0.78, 0.775, 0.77, 0.87).
 MSE_CANDIDATES = (-0.5, 0.0, 0.5, 1.0)

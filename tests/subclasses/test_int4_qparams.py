@@ -168,7 +168,7 @@ def test_a_failing_build_warns_and_the_eager_search_runs(monkeypatch, tmp_path):
 
 
 def test_config_default_and_bad_algorithm():
-    assert Int4WeightOnlyConfig().qparams_algorithm == "tinygemm"  # "mse" is opt-in until it quantizes faster
+    assert Int4WeightOnlyConfig().qparams_algorithm == "mse"
     assert Int4WeightOnlyConfig(qparams_algorithm="tinygemm").qparams_algorithm == "tinygemm"
     with pytest.raises(ValueError, match="qparams_algorithm must be one of .*got 'hqq'"):
         Int4WeightOnlyConfig(qparams_algorithm="hqq")
