@@ -66,8 +66,8 @@ def group_squared_error(
 
 def _tree_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dimension (a power of two) [R, g] -> [R, 1] as one fixed binary tree of
-    elementwise adds. A reduction's order is the kernel's choice (eager and inductor differ in the
-    last bits); elementwise adds are not, so eager and compiled results are bit-identical."""
+    elementwise adds. A reduction's order is the kernel's choice (and may depend on the number of
+    threads); elementwise adds are not, and the C++ op sums in this same order."""
     while t.shape[-1] > 1:
         half = t.shape[-1] // 2
         t = t[..., :half] + t[..., half:]
@@ -83,8 +83,8 @@ def _error(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 
 # The search runs on each group's weights as integers: u = round(w * FIXED / max|w|), |u| <= FIXED.
 # Then every sum below is a sum of integers under 2^53 in float64, exact in any order: a native
-# reduction gives the same bits eager and compiled (a tree of adds does too, but inductor makes slow
-# code of it). The rounding of w to 13 bits only steers the search; the final codes use w itself.
+# reduction, and the C++ op's per-lane sums, give the same bits. The rounding of w to 13 bits only
+# steers the search; the final codes use w itself.
 FIXED = 4096.0
 
 
@@ -121,8 +121,8 @@ def _mse_chunk(
     """Groups w [R, g] (weight dtype) and min-max's codes [R, g], scale and zero [R] -> the "mse"
     codes, scale, zero (same shapes and dtypes): per group, whichever has the smaller error.
 
-    Only elementwise ops, min/max, exact sums (see ``FIXED``) and ``_tree_sum``: the compiled function
-    (with ``emulate_precision_casts``) returns exactly what the eager one does."""
+    The definition of the search: the C++ op (csrc/int4_qparams.cpp) repeats these ops in this order
+    and precision. Only elementwise ops, min/max, exact sums (see ``FIXED``) and ``_tree_sum``."""
     x = w.to(torch.float32)
     g = x.shape[-1]
     amax = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30)
