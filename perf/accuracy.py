@@ -2,9 +2,10 @@
 bf16 model, on SmolLM2-135M's real weights (``perf.real_model``).
 
 Prints one markdown table: perplexity on the shipped text, quantize time, how many linears were
-quantized, and per quantized layer against min-max ("tinygemm") at the same group size: the share of
-layers whose weight reconstruction error is lower and whose output SQNR (on the text's first
-``--layer-tokens`` tokens, captured from the bf16 model) is higher, with the medians.
+quantized, and per quantized layer against min-max ("tinygemm") at the same group size (and against
+torchao's HQQ when its rows are measured): the share of layers whose weight reconstruction error is
+lower and whose output SQNR (on the text's first ``--layer-tokens`` tokens, captured from the bf16
+model) is higher, with the medians.
 """
 
 from __future__ import annotations
@@ -40,17 +41,18 @@ class TorchaoHQQConfig:
     group_size: int
 
     def unsupported_reason(self, weight: torch.Tensor) -> str | None:
-        return Int4WeightTensor.unsupported_reason(weight, self.group_size)
+        return Int4WeightOnlyConfig(self.group_size).unsupported_reason(weight)
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
 
         n, k = weight.shape
+        g = Int4WeightOnlyConfig(self.group_size).group_size_for(k)  # our fallback to 32: the same layers
         q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
-            weight.detach(), nbits=4, group_size=self.group_size, axis=1, compute_dtype=weight.dtype, device="cpu"
+            weight.detach(), nbits=4, group_size=g, axis=1, compute_dtype=weight.dtype, device="cpu"
         )
         scale_and_zero = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1).contiguous()
-        return Int4WeightTensor.from_codes(q.view(n, k), scale_and_zero, self.group_size, weight.dtype)
+        return Int4WeightTensor.from_codes(q.view(n, k), scale_and_zero, g, weight.dtype)
 
 
 @dataclass
@@ -168,13 +170,14 @@ def measure(
     return rows
 
 
-def versus_min_max(row: Row, rows: list[Row]) -> str:
-    """Per-layer comparison against min-max at the same group size, as table cells; only the layers
-    quantized at the row's group size (a layer it does not divide falls back to 32: not counted)."""
-    base = next((r for r in rows if r.group_size == row.group_size and r.algorithm == "tinygemm"), None)
+def versus(row: Row, rows: list[Row], algorithm: str = "tinygemm") -> str:
+    """Per-layer comparison against ``algorithm`` (min-max by default) at the same group size, as two
+    table cells; only the layers quantized at the row's group size (a layer it does not divide falls
+    back to 32: not counted)."""
+    base = next((r for r in rows if r.group_size == row.group_size and r.algorithm == algorithm), None)
     if row.group_size is None or base is None or base is row or not row.layers:
         return "| - | - |"
-    names = [n for n in row.layers if n in base.layers and row.layers[n][2] == row.group_size]
+    names = [n for n in row.layers if n in base.layers and row.layers[n][2] == base.layers[n][2] == row.group_size]
     if not names:
         return "| - | - |"
     weight = [row.layers[n][0] / base.layers[n][0] for n in names]
@@ -188,18 +191,22 @@ def versus_min_max(row: Row, rows: list[Row]) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
+    """The markdown table; with HQQ rows, two more columns compare each layer with HQQ's."""
     bf16 = next(r.perplexity for r in rows if r.config is None)
-    lines = [
+    hqq = any(r.algorithm == "hqq" for r in rows)
+    header = (
         "| variant | perplexity | vs bf16 | linears quantized | quantize s "
-        "| layers with lower weight error than min-max | layers with higher output SQNR than min-max |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        "| layers with lower weight error than min-max | layers with higher output SQNR than min-max |"
+    )
+    if hqq:
+        header += " lower weight error than HQQ | higher output SQNR than HQQ |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in rows:
         quantized = "-" if row.config is None else f"{row.quantized}/{row.linears}"
         seconds = "-" if row.config is None else f"{row.quantize_s:.1f}"
+        cells = versus(row, rows) + (versus(row, rows, "hqq")[1:] if hqq else "")
         lines.append(
-            f"| {row.label} | {row.perplexity:.2f} | {row.perplexity - bf16:+.2f} | {quantized} "
-            f"| {seconds} {versus_min_max(row, rows)}"
+            f"| {row.label} | {row.perplexity:.2f} | {row.perplexity - bf16:+.2f} | {quantized} | {seconds} {cells}"
         )
     return "\n".join(lines)
 

@@ -17,15 +17,20 @@ over the group (large weights count more, as in llama.cpp's k-quants), calibrati
 5. per group, keep whichever of this and min-max has the smaller plain squared error *as the kernel dequantizes it*
    (stored scale and zero, fp32 arithmetic): so "mse" never does worse than "tinygemm" on any group.
 
-Work is in fp32 on chunks of 2^18 elements, each one fused loop (``torch.compile``) for large weights.
-Deterministic: only elementwise ops, min/max and sums as a fixed tree of adds (``_tree_sum``), so
-the compiled loop returns exactly the eager result (tested), whatever the chunking or thread count.
+The search runs on each group's weights rounded to 13-bit integers (``FIXED``), so its sums are exact
+in any order; the two plain errors of step 5 are summed as a fixed tree of adds (``_tree_sum``).
+A small C++ op (``csrc/int4_qparams.cpp``, built at first use) does the work, 16 groups per vector;
+it returns exactly what the eager PyTorch code (``_mse_chunk``, the fallback without a compiler)
+returns, whatever the number of threads (tested): deterministic everywhere. Time: ~2x min-max's,
+the whole ``quantize_`` of Qwen2-0.5B's shapes ~8 s at group 32 on 2 cores (``python -m perf.qparams_time``).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -33,10 +38,9 @@ from torch._subclasses.fake_tensor import is_fake
 from .int4_packing import EPS
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse")
-# "mse" is the most accurate and deterministic now (its eager and compiled paths give the same bits),
-# but it quantizes ~10x slower than min-max (~70 s for Qwen2-0.5B's shapes on 2 cores, measured
-# under load; the issue's bar is ~30 s): the default stays "tinygemm" until the search is faster.
-DEFAULT_QPARAMS_ALGORITHM = "tinygemm"
+# "mse": the most accurate, deterministic, and ~2x min-max's quantize time (~8 s for the whole Qwen2-0.5B
+# shapes at group 32 on 2 cores; the issue's bar is ~30 s). Int4WeightTensor.from_float keeps "tinygemm".
+DEFAULT_QPARAMS_ALGORITHM = "mse"
 # Chosen on 28 of SmolLM2-135M's real weight matrices: squared weight error relative to min-max at g64,
 # 4 candidates + 2 refinements 0.70, 11 + 2: 0.695, 6 + 4: 0.70, 1 + 2: 0.80 (g128: 0.78, 0.775, 0.77, 0.87).
 MSE_CANDIDATES = (-0.5, 0.0, 0.5, 1.0)
@@ -62,8 +66,8 @@ def group_squared_error(
 
 def _tree_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over the last dimension (a power of two) [R, g] -> [R, 1] as one fixed binary tree of
-    elementwise adds. A reduction's order is the kernel's choice (eager and inductor differ in the
-    last bits); elementwise adds are not, so eager and compiled results are bit-identical."""
+    elementwise adds. A reduction's order is the kernel's choice (and may depend on the number of
+    threads); elementwise adds are not, and the C++ op sums in this same order."""
     while t.shape[-1] > 1:
         half = t.shape[-1] // 2
         t = t[..., :half] + t[..., half:]
@@ -79,8 +83,8 @@ def _error(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Te
 
 # The search runs on each group's weights as integers: u = round(w * FIXED / max|w|), |u| <= FIXED.
 # Then every sum below is a sum of integers under 2^53 in float64, exact in any order: a native
-# reduction gives the same bits eager and compiled (a tree of adds does too, but inductor makes slow
-# code of it). The rounding of w to 13 bits only steers the search; the final codes use w itself.
+# reduction, and the C++ op's per-lane sums, give the same bits. The rounding of w to 13 bits only
+# steers the search; the final codes use w itself.
 FIXED = 4096.0
 
 
@@ -117,8 +121,8 @@ def _mse_chunk(
     """Groups w [R, g] (weight dtype) and min-max's codes [R, g], scale and zero [R] -> the "mse"
     codes, scale, zero (same shapes and dtypes): per group, whichever has the smaller error.
 
-    Only elementwise ops, min/max, exact sums (see ``FIXED``) and ``_tree_sum``: the compiled function
-    (with ``emulate_precision_casts``) returns exactly what the eager one does."""
+    The definition of the search: the C++ op (csrc/int4_qparams.cpp) repeats these ops in this order
+    and precision. Only elementwise ops, min/max, exact sums (see ``FIXED``) and ``_tree_sum``."""
     x = w.to(torch.float32)
     g = x.shape[-1]
     amax = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30)
@@ -156,28 +160,55 @@ def _mse_chunk(
     )
 
 
-# The compiled search (one fused loop per chunk) is ~10x faster than eager but costs a compile of
-# ~5-40 s per group size and dtype (once per process; inductor's disk cache makes repeats cheaper).
-# So a small weight runs eagerly (~0.1 s per 2^18 elements) until the process has searched
-# EAGER_BUDGET_NUMEL elements eagerly: a model's worth of weights compiles, a test's does not.
-COMPILE_MIN_NUMEL = 1 << 20
-EAGER_BUDGET_NUMEL = 1 << 23
-_eager_numel = 0
-_compiled: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+# The search runs in a small C++ op (csrc/int4_qparams.cpp: one group at a time, ~50x faster than the
+# eager code and free of torch.compile's compile time), built at first use with
+# ``torch.utils.cpp_extension.load`` (~20-30 s, cached under TORCH_EXTENSIONS_DIR). It returns
+# exactly what ``_mse_chunk`` returns (tested): where it cannot be built (no compiler;
+# ``UNWRAP_INT4_QPARAMS_KERNEL=0``), or for fake, meta and non-CPU weights, ``_mse_chunk`` runs instead.
+SOURCE = Path(__file__).parent / "csrc" / "int4_qparams.cpp"
+ENV_SWITCH = "UNWRAP_INT4_QPARAMS_KERNEL"  # "0": never build or use the C++ op
 
 
-def _chunk_fn(w: torch.Tensor) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    global _compiled, _eager_numel
-    if is_fake(w) or w.device.type == "meta":  # no data: the compiled kernel would read garbage
-        return _mse_chunk
-    if w.numel() < COMPILE_MIN_NUMEL and _eager_numel < EAGER_BUDGET_NUMEL:
-        _eager_numel += w.numel()
-        return _mse_chunk
-    if _compiled is None:  # static shapes (chunks are padded to one size): vectorized by inductor
-        # emulate_precision_casts: round to the weight's dtype where the eager code does (inductor
-        # would otherwise keep a bf16 scale in fp32 inside the fused loop, and its codes would differ)
-        _compiled = torch.compile(_mse_chunk, dynamic=False, options={"emulate_precision_casts": True})
-    return _compiled
+def _loaded() -> bool:
+    return hasattr(torch.ops.unwrap_qparams, "int4_mse")
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Whether ``unwrap_qparams::int4_mse`` is loaded (built on the first call). A failed build
+    warns once and answers False from then on."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    if _loaded():  # by another copy of this module
+        return True
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="unwrap_int4_qparams",
+            sources=[str(SOURCE)],
+            # -ffp-contract=off: no fused multiply-adds, the eager code's roundings exactly
+            extra_cflags=[
+                "-O3",
+                "-march=native",
+                "-ffp-contract=off",
+                "-fno-trapping-math",
+                "-mprefer-vector-width=512",
+                "-fopenmp",
+            ],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no headers: the eager search gives the same result, slower
+        warnings.warn(f"building the int4 mse search failed ({error!r}); running it in PyTorch (slower)", stacklevel=2)
+        return False
+    return True
+
+
+def _use_kernel(w: torch.Tensor) -> bool:
+    # a fake or meta tensor has no data (only its shape matters); other devices run the eager code
+    return w.device.type == "cpu" and not is_fake(w) and kernel_available()
 
 
 def mse_qparams(
@@ -186,29 +217,19 @@ def mse_qparams(
     """The "mse" choice for w [N, K], given min-max's codes q [N, K] and scale, zero [N, K/g]: the
     same shapes and dtypes back, per group whichever of the two has the smaller squared error.
 
-    Chunks of ``_CHUNK_ELEMENTS`` go through ``_mse_chunk``, compiled once per group size and dtype
-    (the last chunk padded to full size) or eagerly for small weights (see ``COMPILE_MIN_NUMEL``).
-    If compiling fails (no C++ compiler), warns once and runs eagerly from then on."""
-    global _compiled
+    The C++ op where it is available, else ``_mse_chunk`` on chunks of ``_CHUNK_ELEMENTS``: the same bits."""
     n, k = w.shape
     groups, codes = w.reshape(-1, group_size), q.reshape(-1, group_size)
     scale, zero = scale.reshape(-1), zero.reshape(-1)
-    rows = max(1, _CHUNK_ELEMENTS // group_size)
-    fn = _chunk_fn(w)
-    outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for start in range(0, groups.shape[0], rows):
-        args = [t[start : start + rows] for t in (groups, codes, scale, zero)]
-        size = args[0].shape[0]
-        if fn is not _mse_chunk:  # one static shape: the compiled function never recompiles
-            args = [torch.cat([t, t.new_zeros((rows - size, *t.shape[1:]))]) for t in args]
-        try:
-            out = fn(*args)
-        except Exception as error:  # a backend failure: keep working, slower
-            if fn is _mse_chunk:
-                raise
-            warnings.warn(f"compiling the int4 mse search failed ({error!r}); running it eagerly", stacklevel=2)
-            _compiled = fn = _mse_chunk
-            out = fn(*args)
-        outs.append(tuple(t[:size] for t in out))  # type: ignore[arg-type]
-    new_q, new_scale, new_zero = (torch.cat(parts) for parts in zip(*outs))
+    if _use_kernel(w):
+        new_q, new_scale, new_zero = torch.ops.unwrap_qparams.int4_mse.default(
+            groups, codes, scale, zero, list(MSE_CANDIDATES), MSE_REFINEMENTS
+        )
+    else:
+        rows = max(1, _CHUNK_ELEMENTS // group_size)
+        chunks = [
+            _mse_chunk(*(t[start : start + rows] for t in (groups, codes, scale, zero)))
+            for start in range(0, groups.shape[0], rows)
+        ]
+        new_q, new_scale, new_zero = (torch.cat(parts) for parts in zip(*chunks))
     return new_q.view(n, k), new_scale.view(n, -1), new_zero.view(n, -1)

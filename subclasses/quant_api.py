@@ -35,9 +35,9 @@ FALLBACK_GROUP_SIZE = 32
 @dataclass(frozen=True)
 class Int4WeightOnlyConfig:
     """Int4 weight-only, group-wise asymmetric; see ``Int4WeightTensor``. ``qparams_algorithm``
-    chooses scales and zeros: "tinygemm" (default: torchao's min-max math, bit-identical) or "mse"
-    (least importance-weighted squared weight error, never worse than min-max per group,
-    deterministic; ~10x slower to quantize); see ``int4_qparams``.
+    chooses scales and zeros: "mse" (default: least importance-weighted squared weight error, never
+    worse than min-max per group, deterministic; ~2x min-max's quantize time) or "tinygemm" (torchao's
+    min-max math, bit-identical); see ``int4_qparams``.
 
     The default group size is 32, not torchao's 128: on a real model (SmolLM2-135M, README "Real
     models") every layer then quantizes (its 576-input projections take neither 128 nor, without a

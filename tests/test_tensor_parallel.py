@@ -181,10 +181,15 @@ def _qwen2_checks(mesh, checkpoint_dir: str) -> dict:
     out["bytes"] = local_weight_bytes(tp2) - vocab
     with torch.inference_mode():
         logits2 = tp2(prompt).logits
+    # argmax where it is decided: random weights give bf16 logits with exact ties, and TP's other order
+    # of the partial sums may break a tie or a near-tie the other way
+    top2 = logits1.float().topk(2, dim=-1).values
+    decided = top2[..., 0] - top2[..., 1] > 2 * (logits1.float() - logits2.float()).abs().amax(-1)
     out.update(
         tokens2=Decoder(tp2).generate(TOKENS),
         sqnr=sqnr(logits1, logits2),
-        argmax_same=torch.equal(logits1.argmax(-1), logits2.argmax(-1)),
+        argmax_same=torch.equal(logits1.argmax(-1)[decided], logits2.argmax(-1)[decided]),
+        argmax_decided=int(decided.sum()),
     )
     keys = list(tp2.state_dict())
     dcp.save(tp2.state_dict(), checkpoint_id=checkpoint_dir)
@@ -251,7 +256,7 @@ def test_qwen2_tp2_generates_the_tp1_tokens_eager_and_compiled(ranks):
         q = rank["qwen2"]
         assert q["tokens2"] == q["tokens1"]
         assert q["tokens2_compiled"] == q["tokens1"]
-        assert q["argmax_same"] and q["sqnr"] > 30, q["sqnr"]
+        assert q["argmax_same"] and q["argmax_decided"] >= 16 and q["sqnr"] > 30, (q["argmax_decided"], q["sqnr"])
     assert ranks[0]["qwen2"]["tokens2"] == ranks[1]["qwen2"]["tokens2"]
 
 

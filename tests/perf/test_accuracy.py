@@ -78,13 +78,18 @@ def test_hqq_row_needs_and_uses_torchao():
     rows = accuracy.measure(
         model,
         torch.randint(0, 256, (1, 24)),
-        accuracy.variants([32], ["tinygemm", "hqq"]),
+        accuracy.variants([32, 128], ["tinygemm", "mse", "hqq"]),
         lambda m, i: perplexity(m, i, window=12),
         layer_tokens=12,
     )
-    hqq = rows[-1]
-    assert hqq.label == "int4 g32 hqq" and hqq.quantized == 15
+    by_label = {row.label: row for row in rows}
+    hqq = by_label["int4 g32 hqq"]
+    assert hqq.quantized == 15 == by_label["int4 g128 hqq"].quantized  # like ours: group 32 where 128 does not fit
     assert all(err < 0.1 and out > 10 and g == 32 for err, out, g in hqq.layers.values())
+    table = accuracy.format_table(rows).splitlines()
+    assert table[0].endswith("| lower weight error than HQQ | higher output SQNR than HQQ |")
+    mse_row = next(line for line in table if line.startswith("| int4 g32 mse |"))
+    assert mse_row.count("|") == table[0].count("|") and "% of 15 (median x" in mse_row.split("|")[-3]
 
 
 def test_bad_arguments_are_rejected():
@@ -98,7 +103,7 @@ def test_report_quality_line_has_the_other_algorithms(monkeypatch):
     monkeypatch.setattr(real_model, "calibration_batches", lambda tokenizer: [torch.randint(0, 256, (1, 16))])
     model, ids = tiny_llama(), torch.randint(0, 256, (1, 24))
     int4 = report.other_algorithms(model, "int4", None, ids)
-    assert list(int4) == ["int4 mse", "int4 + GPTQ"] and all(v > 1 for v in int4.values())
+    assert list(int4) == ["int4 tinygemm", "int4 + GPTQ"] and all(v > 1 for v in int4.values())  # "mse" is the default
     assert list(report.other_algorithms(model, "int8", None, ids)) == ["int8 + GPTQ"]
     from subclasses.base import QuantizedWeight
 
