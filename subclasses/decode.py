@@ -58,7 +58,7 @@ def gqa_sdpa_attention(
     )
     if not shortcut:  # no mask: transformers uses enable_gqa, compiled or not
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if _decode_kernel_applies(query, key, value, attention_mask, dropout):  # the filled slots only
+    if attention_mask is not None and _decode_kernel_applies(query, key, value, attention_mask, dropout):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         return torch.ops.unwrap_cpu.decode_attention.default(query, key, value, attention_mask, scale), None
     out = nn.functional.scaled_dot_product_attention(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention")
 MLP_CLASSES = ("LlamaMLP", "Qwen2MLP")
 
 
-def _fusable(x2d: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+def _fusable(x2d: torch.Tensor, weights: Sequence[Any]) -> bool:
     first = weights[0]
     return (
         x2d.dtype != torch.float32  # fp32 keeps aten's kernel (int4_gemv.py: its precision)
@@ -47,17 +48,16 @@ def _fusable(x2d: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     )
 
 
-def project(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]:
+def project(x: torch.Tensor, linears: Sequence[Any]) -> list[torch.Tensor]:
     """``[linear(x) for linear in linears]``; for one row of int4 weights in the CPU packing, one
     ``int4_gemv_cat`` call (each output equal to its own GEMV's), biases added after."""
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.shape[0] != 1 or not x2d.is_contiguous():
         return [linear(x) for linear in linears]
-    weights = [linear.weight for linear in linears]
+    weights: list[Any] = [linear.weight for linear in linears]
     if not _fusable(x2d, weights):
         return [linear(x) for linear in linears]
-    group_size = weights[0].group_size  # type: ignore[attr-defined]  # an Int4WeightTensor: checked above
-    fused = int4_gemv_cat(x2d, [w.packed for w in weights], group_size, [w.scale_and_zero for w in weights])
+    fused = int4_gemv_cat(x2d, [w.packed for w in weights], weights[0].group_size, [w.scale_and_zero for w in weights])
     outputs = fused.split([w.shape[0] for w in weights], dim=-1)
     return [
         (out if linear.bias is None else out + linear.bias).view(*x.shape[:-1], -1)
@@ -65,18 +65,18 @@ def project(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]
     ]
 
 
-def mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     """transformers' ``LlamaMLP.forward`` with gate and up projected together."""
     gate, up = project(x, (self.gate_proj, self.up_proj))
     return self.down_proj(self.act_fn(gate) * up)
 
 
 def attention_forward(
-    self: nn.Module,
+    self: Any,
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None = None,
-    cache: object | None = None,
+    cache: Any = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' ``LlamaAttention.forward`` / ``Qwen2Attention.forward`` (5.x) with q, k and v
@@ -92,7 +92,7 @@ def attention_forward(
     )
     value_states = v.view(hidden_shape).transpose(1, 2)
     if cache is not None:
-        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)  # type: ignore[attr-defined]
+        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
     attention = family.ALL_ATTENTION_FUNCTIONS.get_interface(
         self.config._attn_implementation, family.eager_attention_forward
     )

@@ -24,27 +24,49 @@ using unwrap_cpu::load16;
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kParallelWork = 1 << 16;  // below ~this many multiply-adds one thread is faster
 
-// One query head: q (fp32, pre-scaled) over the slots in `slots` of one K/V head.
+// e^x for x <= 0 (scores minus their maximum), fp32 to ~2 ulp (Cephes expf): x = n ln2 + r, 2^n p(r).
+AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One query head: q (fp32, pre-scaled) over the slots in `slots` of one K/V head. `scores` has
+// room for the slots rounded up to 16.
 template <typename T>
 AVX512 void attend(const float* q, const T* k, const T* v, int64_t slot_stride, const std::vector<int64_t>& slots,
                    const std::vector<float>& bias, int64_t d, float* scores, T* out) {
+  const int64_t count = static_cast<int64_t>(slots.size());
   float top = -std::numeric_limits<float>::infinity();
-  for (size_t i = 0; i < slots.size(); ++i) {
+  for (int64_t i = 0; i < count; ++i) {
     const T* key = k + slots[i] * slot_stride;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < d; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), load16(key + c), acc);
     scores[i] = _mm512_reduce_add_ps(acc) + bias[i];
     top = std::max(top, scores[i]);
   }
+  // p = e^(s - top), 16 at a time (the padding past `count` is computed and ignored).
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 live = count - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - i)) - 1);
+    const __m512 p = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + i), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(scores + i, p);
+    sum = _mm512_mask_add_ps(sum, live, sum, p);
+  }
+  const float total = _mm512_reduce_add_ps(sum);
   __m512 acc[kMaxHeadDim / 16];
   for (int64_t c = 0; c < d / 16; ++c) acc[c] = _mm512_setzero_ps();
-  float total = 0;
-  for (size_t i = 0; i < slots.size(); ++i) {
-    const float p = std::exp(scores[i] - top);
-    total += p;
-    const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t i = 0; i < count; ++i) {
+    const __m512 p = _mm512_set1_ps(scores[i]);
     const T* value = v + slots[i] * slot_stride;
-    for (int64_t c = 0; c < d / 16; ++c) acc[c] = _mm512_fmadd_ps(pv, load16(value + 16 * c), acc[c]);
+    for (int64_t c = 0; c < d / 16; ++c) acc[c] = _mm512_fmadd_ps(p, load16(value + 16 * c), acc[c]);
   }
   const float inv = total > 0 ? 1.f / total : 0.f;  // no slot allowed: zeros
   alignas(64) float row[kMaxHeadDim];
@@ -59,19 +81,21 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   // The allowed slots and their additive bias (0 for a bool mask).
   std::vector<int64_t> slots;
   std::vector<float> bias;
-  const at::Tensor m = mask.reshape({length}).contiguous();  // [1, 1, 1, L]: one row for every head
+  slots.reserve(length), bias.reserve(length);
+  const int64_t step = mask.stride(-1);  // [.., L] with one row: every other size is 1
   for (int64_t j = 0; j < length; ++j) {
-    if (m.scalar_type() == at::kBool) {
-      if (m.const_data_ptr<bool>()[j]) slots.push_back(j), bias.push_back(0.f);
+    if (mask.scalar_type() == at::kBool) {
+      if (mask.const_data_ptr<bool>()[j * step]) slots.push_back(j), bias.push_back(0.f);
     } else {
-      const float b = m.scalar_type() == at::kFloat ? m.const_data_ptr<float>()[j] : static_cast<float>(m.const_data_ptr<T>()[j]);
+      const float b = mask.scalar_type() == at::kFloat ? mask.const_data_ptr<float>()[j * step]
+                                                       : static_cast<float>(mask.const_data_ptr<T>()[j * step]);
       if (b != -std::numeric_limits<float>::infinity()) slots.push_back(j), bias.push_back(b);
     }
   }
   const int64_t grain = heads * static_cast<int64_t>(slots.size()) * d < kParallelWork ? heads : 1;
   at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float qf[kMaxHeadDim];
-    std::vector<float> scores(slots.size());
+    std::vector<float> scores(slots.size() + 16, 0.f);
     for (int64_t h = begin; h < end; ++h) {
       const T* qh = q.const_data_ptr<T>() + h * q.stride(1);
       for (int64_t c = 0; c < d; ++c) qf[c] = static_cast<float>(qh[c]) * static_cast<float>(scale);
