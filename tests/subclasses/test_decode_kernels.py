@@ -85,14 +85,17 @@ def test_decode_attention_matches_reference_and_reads_only_allowed_slots(dtype, 
         assert sqnr(expected, out) > sqnr(expected, theirs) - 1.0
 
 
-def test_decode_attention_takes_additive_masks():
+@pytest.mark.parametrize("length, filled", [(64, 40), (128, 120)])  # the kernel's own loop; aten's flash
+def test_decode_attention_takes_additive_masks(length, filled):
     """A float mask: -inf slots skipped, finite values added to the scores (as SDPA does)."""
     require_kernel()
-    q, k, v, mask = cache_case(torch.bfloat16, 9, 3, 64, 40)
-    bias = torch.zeros(1, 1, 1, 64).masked_fill(~mask, float("-inf"))
+    q, k, v, mask = cache_case(torch.bfloat16, 9, 3, length, filled)
+    bias = torch.zeros(1, 1, 1, length).masked_fill(~mask, float("-inf"))
     bias[..., 3] = -2.0
+    bias[..., 5] = float("-inf")  # a hole: skipped by the loop, masked in flash
     ours = torch.ops.unwrap_cpu.decode_attention(q, k, v, bias, 0.125)
-    finite = slice(0, 40)
+    assert not ours.isnan().any()  # nothing after the last allowed slot is read
+    finite = slice(0, filled)
     theirs = F.scaled_dot_product_attention(
         q.double(),
         k[:, :, finite].double().repeat_interleave(3, 1),
