@@ -30,13 +30,15 @@ from subclasses import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 MODES: dict[str, str] = {
     "eager": "eager forward, transformers' SDPA",
     "compiled": "torch.compile(forward), transformers' SDPA (K/V expanded to every head)",
-    "compiled+gqa": "torch.compile(forward, fullgraph), grouped-KV decode attention",
-    "decode": "compile_for_decode: grouped-KV attention, fullgraph, module guards skipped (recommended)",
+    "compiled+gqa": "torch.compile(forward, fullgraph), the decode attention of use_gqa_decode_attention",
+    "decode": "compile_for_decode: fused q/k/v and gate/up GEMVs, decode attention over the filled slots, fullgraph, "
+    "module guards skipped (recommended)",
     "decode+cpp_wrapper": "the same with Inductor's cpp_wrapper",
 }
 MATMULS = (
     "aten::_weight_int4pack_mm_for_cpu",
     "unwrap_cpu::int4_gemv",  # our int4 M = 1 kernel (subclasses/int4_gemv.py)
+    "unwrap_cpu::int4_gemv_cat",  # the same for fused q/k/v and gate/up (subclasses/decode_fusion.py)
     "aten::_weight_int8pack_mm",
     "aten::mm",
     "aten::addmm",
@@ -47,6 +49,7 @@ ATTENTION_OPS = (
     "aten::scaled_dot_product_attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_attention_math",
+    "unwrap_cpu::decode_attention",  # one token over the filled cache slots (subclasses/decode.py)
 )
 GUARDS = "TorchDynamo Cache Lookup"
 CATEGORIES = ("GEMVs", "lm_head", "attention", "guards")
@@ -112,6 +115,7 @@ def make_step(model: nn.Module, mode: str, counts: list[int]) -> tuple[nn.Module
     """(the model the mode runs, its one-token step; None: the model itself). Modes with the grouped-KV
     attention get a copy of ``model`` switched to it (the attention implementation is per model)."""
     from subclasses.decode import compile_decode_step, frozen_model_guards, use_gqa_decode_attention
+    from subclasses.decode_fusion import fuse_decode_projections
 
     from .modes import fresh_caller
 
@@ -122,6 +126,8 @@ def make_step(model: nn.Module, mode: str, counts: list[int]) -> tuple[nn.Module
     if mode == "compiled":
         return model, torch.compile(fresh_caller(model), options={"guard_filter_fn": _counting(None, counts)})
     gqa = use_gqa_decode_attention(copy.deepcopy(model))
+    if mode.startswith("decode"):  # as compile_for_decode: fused q/k/v and gate/up projections
+        fuse_decode_projections(gqa)
     guard_filter = None if mode == "compiled+gqa" else frozen_model_guards
     options = {"guard_filter_fn": _counting(guard_filter, counts)}
     if mode == "decode+cpp_wrapper":

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .decode_fusion import fuse_decode_projections
+
 ATTENTION = "unwrap_sdpa"
 
 
@@ -56,6 +58,9 @@ def gqa_sdpa_attention(
     )
     if not shortcut:  # no mask: transformers uses enable_gqa, compiled or not
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    if attention_mask is not None and _decode_kernel_applies(query, key, value, attention_mask, dropout):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return torch.ops.unwrap_cpu.decode_attention.default(query, key, value, attention_mask, scale), None
     out = nn.functional.scaled_dot_product_attention(
         pack_gqa(query, groups),
         key,
@@ -67,6 +72,29 @@ def gqa_sdpa_attention(
     )
     out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
     return out, None
+
+
+def _decode_kernel_applies(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, dropout: float
+) -> bool:
+    """Whether ``unwrap_cpu::decode_attention`` takes this one-token call: CPU, batch 1, one mask row
+    for every head, a head_dim it vectorizes, no dropout, the kernel built."""
+    from .int4_gemv import traced_kernel_available
+
+    return (
+        query.device.type == "cpu"
+        and query.shape[0] == 1
+        and dropout == 0.0
+        and query.shape[-1] % 16 == 0
+        and query.shape[-1] <= 256
+        and query.dtype == key.dtype == value.dtype
+        and mask.numel() == key.shape[2]
+        and (mask.dtype in (torch.bool, torch.float32) or mask.dtype == query.dtype)
+        and key.stride(-1) == 1
+        and value.stride(-1) == 1
+        and query.stride(-1) == 1
+        and traced_kernel_available()
+    )
 
 
 def use_gqa_decode_attention(model: nn.Module) -> nn.Module:
@@ -161,6 +189,7 @@ def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) ->
     slots (prompt + new tokens: attention reads every slot) whose one-token step is compiled with
     the model's guards skipped. ``decoder.generate(ids, max_new_tokens)``; the first call compiles."""
     use_gqa_decode_attention(model)
+    fuse_decode_projections(model)
     return GreedyDecoder(model, max_len, compile_decode_step(model, **compile_kwargs))
 
 

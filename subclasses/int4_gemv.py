@@ -24,7 +24,7 @@ import torch
 
 from .int4_packing import pack_cpu
 
-SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int4_gemv.cpp", "decode_attention.cpp")]
 ENV_SWITCH = "UNWRAP_INT4_GEMV"  # "0": never build or use the C++ op
 
 
@@ -44,7 +44,7 @@ def kernel_available() -> bool:
 
         cpp_extension.load(
             name="unwrap_int4_gemv",
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -111,8 +111,25 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_
     return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
 
 
+def int4_gemv_cat(
+    x: torch.Tensor, packed: list[torch.Tensor], group_size: int, scale_and_zero: list[torch.Tensor]
+) -> torch.Tensor:
+    """``x @ [W_0; W_1; ...]^T`` [1, sum N_i] for int4 weights of the same K, group size and dtype
+    (a fused q/k/v or gate/up projection): one call, one activation quantization, the result of
+    each weight's rows equal to ``int4_gemv``'s. Callers check ``kernel_available()`` first."""
+    return torch.ops.unwrap_cpu.int4_gemv_cat.default(x, packed, group_size, scale_and_zero)
+
+
 def _register_fake() -> None:
-    # The op's schema comes with the library; its shape function is declared here once loaded.
+    # The ops' schemas come with the library; their shape functions are declared here once loaded.
     @torch.library.register_fake("unwrap_cpu::int4_gemv")
     def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], packed.shape[0])
+
+    @torch.library.register_fake("unwrap_cpu::int4_gemv_cat")
+    def _(x: torch.Tensor, packed: list[torch.Tensor], group_size: int, scale_and_zero: list) -> torch.Tensor:
+        return x.new_empty(x.shape[0], sum(p.shape[0] for p in packed))
+
+    @torch.library.register_fake("unwrap_cpu::decode_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        return q.new_empty(1, 1, q.shape[1], q.shape[3])

@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import sqnr
 from tests.optional import import_or_fail_in_ci
+from tests.subclasses.test_int4_gemv import require_kernel
 
 import_or_fail_in_ci("transformers", "hf")
 
@@ -42,24 +43,37 @@ def qkv(q_len: int, length: int = 40, seed: int = 0) -> tuple[torch.Tensor, ...]
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("q_len", [1, 5])
-def test_attention_is_transformers_sdpa_in_eager(q_len):
+def test_prompt_attention_is_transformers_sdpa_in_eager():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    q, k, v, mask = qkv(q_len)
+    q, k, v, mask = qkv(5)
     ours, _ = gqa_sdpa_attention(Heads(), q, k, v, mask, scaling=0.125)
     theirs, _ = sdpa_attention_forward(Heads(), q, k, v, mask, scaling=0.125)
-    assert ours.shape == (1, q_len, 9, 64)
+    assert ours.shape == (1, 5, 9, 64)
     assert torch.equal(ours, theirs)
 
 
+def test_one_token_attention_reads_only_the_filled_slots():
+    """A one-token query runs unwrap_cpu::decode_attention: the cache's unfilled slots (NaN here)
+    are never read, and the result is transformers' SDPA over the filled ones to bf16 rounding."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    require_kernel()
+    q, k, v, mask = qkv(1)  # 18 of 40 slots visible
+    theirs, _ = sdpa_attention_forward(Heads(), q, k, v, mask, scaling=0.125)
+    k[:, :, 18:], v[:, :, 18:] = float("nan"), float("nan")
+    ours, _ = gqa_sdpa_attention(Heads(), q, k, v, mask, scaling=0.125)
+    assert ours.shape == (1, 1, 9, 64) and not ours.isnan().any()
+    assert sqnr(theirs, ours) > 45
+
+
 def test_attention_compiled_keeps_the_shortcut_and_its_numbers():
-    """Compiled, transformers' SDPA expands K/V to every head; ours keeps eager's grouped form: its
-    graph has no expansion, and Inductor's result equals eager's."""
+    """Compiled, transformers' SDPA expands K/V to every head; ours keeps eager's grouped form (or
+    the decode kernel): its graph has no expansion, and Inductor's result equals our eager one's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q, k, v, mask = qkv(1)
-    eager, _ = sdpa_attention_forward(Heads(), q, k, v, mask, scaling=0.125)
+    eager, _ = gqa_sdpa_attention(Heads(), q, k, v, mask, scaling=0.125)
     codes = {}
 
     def capture(name):
@@ -191,3 +205,39 @@ def test_build_model_rejects_unknown_names():
         build_model("llama", "int4")
     with pytest.raises(ValueError, match="format must be one of .* got 'int3'"):
         build_model("qwen2-tiny", "int3")
+
+
+def test_fused_projections_change_nothing_but_the_calls(tiny):
+    """q/k/v and gate/up as one int4 GEMV each at one token: logits equal the separate linears'
+    exactly (Qwen2 has q/k/v biases), prefill unchanged, state_dict unchanged, 2 fused calls per layer."""
+    from torch.profiler import profile
+    from transformers import StaticCache
+
+    from subclasses.decode_fusion import fuse_decode_projections
+
+    require_kernel()
+    fused = copy.deepcopy(tiny)
+    assert fuse_decode_projections(fused) == 2 * tiny.config.num_hidden_layers
+    assert fused.state_dict().keys() == tiny.state_dict().keys()  # nothing added (a fused copy would be)
+
+    def run(model, ids, start):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        logits = []
+        with torch.inference_mode():
+            for chunk in (ids[:, :start], *ids[:, start:].split(1, dim=1)):
+                position = torch.arange(
+                    sum(x.shape[1] for x in logits), sum(x.shape[1] for x in logits) + chunk.shape[1]
+                )
+                logits.append(model(chunk, past_key_values=cache, cache_position=position).logits)
+        return torch.cat(logits, dim=1)
+
+    ids = torch.tensor([[5, 17, 99, 3, 250, 8, 1]])
+    assert torch.equal(run(fused, ids, 4), run(tiny, ids, 4))
+    with profile() as prof, torch.inference_mode():
+        fused(
+            ids[:, :1],
+            past_key_values=StaticCache(config=fused.config, max_cache_len=4),
+            cache_position=torch.tensor([0]),
+        )
+    calls = [e.name for e in prof.events()]
+    assert calls.count("unwrap_cpu::int4_gemv_cat") == 2 * tiny.config.num_hidden_layers

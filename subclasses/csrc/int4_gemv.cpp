@@ -10,9 +10,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -20,31 +17,21 @@
 #include <cstdint>
 #include <vector>
 
+#include "avx512_load.h"
+
 namespace {
+
+using unwrap_cpu::load16;
+using unwrap_cpu::to_float;
 
 constexpr int64_t kBlock = 64;
 // Software prefetch distance in the weight stream, bytes: on the project's 2-core Xeon the
 // hardware prefetcher alone left cold GEMVs ~10-15 % slower (measured 1024 and 2048; 2048 won).
 constexpr int64_t kPrefetch = 2048;
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,f16c")))
-
 // acc += dot4(u, s) per 32-bit lane, in place. gcc 12 compiles _mm512_dpbusd_epi32 in a loop into
 // copies of every accumulator and spills to the stack (~2x slower); this asm keeps them in registers.
 AVX512 inline void dpbusd(__m512i& acc, __m512i u, __m512i s) { asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s)); }
-
-template <typename T> float to_float(T v) { return static_cast<float>(v); }
-
-// 16 consecutive values of T as one fp32 vector.
-template <typename T> AVX512 inline __m512 load16(const T* p);
-template <> AVX512 inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <> AVX512 inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-template <> AVX512 inline __m512 load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // 16 consecutive (scale, zero) pairs as two fp32 vectors.
 template <typename T> AVX512 inline void load_pairs(const T* p, __m512& s, __m512& z) {
@@ -175,48 +162,100 @@ AVX512 void quantize_activation(const T* x, int64_t k, int64_t group, float* xf,
   }
 }
 
+// One weight of a (possibly fused) GEMV: its bytes, its scales, its rows, where its rows start in y.
+template <typename T> struct Weight {
+  const uint8_t* packed;
+  const T* scale_and_zero;
+  int64_t n, offset;
+};
+
+// y = x @ [W_0; W_1; ...]^T: the activation is quantized once, and the full 64-row blocks of
+// every weight are one parallel loop, so a fused q/k/v or gate/up projection is a single call.
 template <typename T>
-void gemv(const at::Tensor& x, const at::Tensor& packed, int64_t group, const at::Tensor& scale_and_zero, at::Tensor& out) {
-  const int64_t k = x.size(1), n = packed.size(0);
+void gemv(const at::Tensor& x, const std::vector<Weight<T>>& weights, int64_t group, at::Tensor& out) {
+  const int64_t k = x.size(1), n = out.size(1);
   std::vector<float> xf(k), xsum(k / group), xscale(k / 32), yf(n);
   std::vector<int8_t> xh(k), xl(k);
   quantize_activation<T>(x.const_data_ptr<T>(), k, group, xf.data(), xh.data(), xl.data(), xscale.data(), xsum.data());
-  const uint8_t* pk = packed.const_data_ptr<uint8_t>();
-  const T* sz = scale_and_zero.const_data_ptr<T>();
-  const int64_t blocks = n / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      full_block<T>(pk, sz, xh.data(), xl.data(), xscale.data(), xsum.data(), b, n, k, group, yf.data());
+  std::vector<int64_t> first_block{0};  // the global index of each weight's first full block
+  for (const auto& w : weights) first_block.push_back(first_block.back() + w.n / kBlock);
+  at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
+      const Weight<T>& w = weights[i];
+      full_block<T>(w.packed, w.scale_and_zero, xh.data(), xl.data(), xscale.data(), xsum.data(), b - first_block[i],
+                    w.n, k, group, yf.data() + w.offset);
+    }
   });
-  if (n % kBlock) partial_block<T>(pk, sz, xf.data(), blocks * kBlock, n, k, group, yf.data());
+  for (const auto& w : weights) {
+    if (w.n % kBlock)
+      partial_block<T>(w.packed, w.scale_and_zero, xf.data(), w.n / kBlock * kBlock, w.n, k, group, yf.data() + w.offset);
+  }
   T* o = out.data_ptr<T>();
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(yf[i]);
 }
 
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed_in, int64_t group_size, const at::Tensor& scale_and_zero_in) {
-  const at::Tensor packed = packed_in.contiguous(), scale_and_zero = scale_and_zero_in.contiguous();  // no-ops as stored
+void check_x(const at::Tensor& x) {
   TORCH_CHECK(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
                   __builtin_cpu_supports("avx512vbmi"),
               "unwrap_cpu::int4_gemv needs an AVX512 BW/VNNI/VBMI CPU");
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(), "int4_gemv: x must be a contiguous [1, K], got ",
               x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "int4_gemv: x dtype must be float32, bfloat16 or float16, got ", x.scalar_type());
+}
+
+void check_weight(const at::Tensor& x, const at::Tensor& packed, int64_t group_size, const at::Tensor& scale_and_zero) {
   const int64_t k = x.size(1), n = packed.size(0);
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) * 2 == k,
-              "int4_gemv: packed must be a uint8 [N, K/2] with K = ", k, ", got ", packed.sizes());
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(1) * 2 == k && packed.is_contiguous(),
+              "int4_gemv: packed must be a contiguous uint8 [N, K/2] with K = ", k, ", got ", packed.sizes());
   TORCH_CHECK(group_size > 0 && k % group_size == 0, "int4_gemv: group_size=", group_size, " must divide K=", k);
   TORCH_CHECK(n % 16 == 0, "int4_gemv: N=", n, " must be a multiple of 16");
-  TORCH_CHECK(scale_and_zero.scalar_type() == x.scalar_type() && scale_and_zero.dim() == 3 && scale_and_zero.size(0) == k / group_size && scale_and_zero.size(1) == n &&
-                  scale_and_zero.size(2) == 2,
-              "int4_gemv: scale_and_zero must be [K/g, N, 2] in x's dtype, got ", scale_and_zero.sizes(),
+  TORCH_CHECK(scale_and_zero.scalar_type() == x.scalar_type() && scale_and_zero.dim() == 3 &&
+                  scale_and_zero.size(0) == k / group_size && scale_and_zero.size(1) == n &&
+                  scale_and_zero.size(2) == 2 && scale_and_zero.is_contiguous(),
+              "int4_gemv: scale_and_zero must be a contiguous [K/g, N, 2] in x's dtype, got ", scale_and_zero.sizes(),
               " ", scale_and_zero.scalar_type());
+}
+
+template <typename T>
+void run(const at::Tensor& x, const std::vector<at::Tensor>& packed, int64_t group_size,
+         const std::vector<at::Tensor>& scale_and_zero, at::Tensor& out) {
+  std::vector<Weight<T>> weights;
+  int64_t offset = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    weights.push_back({packed[i].const_data_ptr<uint8_t>(), scale_and_zero[i].const_data_ptr<T>(), packed[i].size(0), offset});
+    offset += packed[i].size(0);
+  }
+  gemv<T>(x, weights, group_size, out);
+}
+
+// y [1, sum N_i] = x @ [W_0; W_1; ...]^T for weights of the same K and group size.
+at::Tensor int4_gemv_cat(const at::Tensor& x, at::TensorList packed_in, int64_t group_size,
+                         at::TensorList scale_and_zero_in) {
+  check_x(x);
+  TORCH_CHECK(!packed_in.empty() && packed_in.size() == scale_and_zero_in.size(),
+              "int4_gemv_cat: one scale_and_zero per packed weight (at least one), got ", packed_in.size(), " and ",
+              scale_and_zero_in.size());
+  std::vector<at::Tensor> packed, scale_and_zero;
+  int64_t n = 0;
+  for (size_t i = 0; i < packed_in.size(); ++i) {
+    packed.push_back(packed_in[i].contiguous());  // no-ops as stored
+    scale_and_zero.push_back(scale_and_zero_in[i].contiguous());
+    check_weight(x, packed[i], group_size, scale_and_zero[i]);
+    n += packed[i].size(0);
+  }
   at::Tensor out = at::empty({1, n}, x.options());
   switch (x.scalar_type()) {
-    case at::kFloat: gemv<float>(x, packed, group_size, scale_and_zero, out); break;
-    case at::kBFloat16: gemv<c10::BFloat16>(x, packed, group_size, scale_and_zero, out); break;
-    case at::kHalf: gemv<c10::Half>(x, packed, group_size, scale_and_zero, out); break;
-    default: TORCH_CHECK(false, "int4_gemv: x dtype must be float32, bfloat16 or float16, got ", x.scalar_type());
+    case at::kFloat: run<float>(x, packed, group_size, scale_and_zero, out); break;
+    case at::kBFloat16: run<c10::BFloat16>(x, packed, group_size, scale_and_zero, out); break;
+    default: run<c10::Half>(x, packed, group_size, scale_and_zero, out); break;
   }
   return out;
+}
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, int64_t group_size, const at::Tensor& scale_and_zero) {
+  return int4_gemv_cat(x, {packed}, group_size, {scale_and_zero});
 }
 
 // For perf/bench_gemv.py: read every byte of ``buffer`` (contiguous, a multiple of 64 bytes) as
@@ -246,10 +285,12 @@ int64_t read_bytes(const at::Tensor& buffer) {
 
 TORCH_LIBRARY(unwrap_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scale_and_zero) -> Tensor");
+  m.def("int4_gemv_cat(Tensor x, Tensor[] packed, int group_size, Tensor[] scale_and_zero) -> Tensor");
   m.def("read_bytes(Tensor buffer) -> int");
 }
 
 TORCH_LIBRARY_IMPL(unwrap_cpu, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
+  m.impl("int4_gemv_cat", &int4_gemv_cat);
   m.impl("read_bytes", &read_bytes);
 }

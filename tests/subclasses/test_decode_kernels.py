@@ -1,0 +1,126 @@
+"""The decode-step C++ ops beside the int4 GEMV: ``unwrap_cpu::int4_gemv_cat`` (several int4
+weights of one input in one call) and ``unwrap_cpu::decode_attention`` (one query token over the
+allowed slots of a K/V cache), against their references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from subclasses.int4_gemv import int4_gemv_cat
+from tests.conftest import sqnr
+from tests.subclasses.test_int4_gemv import DTYPES, MIN_SQNR, reference, require_kernel, weight_of
+
+# (N of each weight, K): SmolLM2's q/k/v and gate/up, a partial 64-row block inside the list.
+CAT_CASES = [((576, 192, 192), 576), ((1536, 1536), 576), ((64, 80, 128), 256)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ns, k", CAT_CASES)
+def test_gemv_cat_equals_separate_gemvs(ns, k, dtype):
+    """Each weight's rows of the fused call are exactly its own GEMV's, and near the reference."""
+    require_kernel()
+    weights = [weight_of(n, k, 32, dtype) for n in ns]
+    x = torch.randn(1, k, dtype=dtype)
+    fused = int4_gemv_cat(x, [w.packed for w in weights], 32, [w.scale_and_zero for w in weights])
+    separate = [torch.ops.unwrap_cpu.int4_gemv(x, w.packed, 32, w.scale_and_zero) for w in weights]
+    assert fused.shape == (1, sum(ns)) and fused.dtype == dtype
+    assert torch.equal(fused, torch.cat(separate, dim=1))
+    for out, w in zip(fused.split(list(ns), dim=1), weights, strict=True):
+        assert sqnr(reference(x, w), out) > MIN_SQNR[dtype]
+
+
+def test_gemv_cat_rejects_bad_input_and_traces():
+    require_kernel()
+    a, b = weight_of(64, 256, 64, torch.bfloat16), weight_of(64, 128, 64, torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"packed must be a contiguous uint8 \[N, K/2\] with K = 256"):
+        int4_gemv_cat(x, [a.packed, b.packed], 64, [a.scale_and_zero, b.scale_and_zero])
+    with pytest.raises(RuntimeError, match="one scale_and_zero per packed weight"):
+        int4_gemv_cat(x, [a.packed], 64, [])
+    torch.library.opcheck(
+        torch.ops.unwrap_cpu.int4_gemv_cat.default,
+        (x, [a.packed, a.packed], 64, [a.scale_and_zero, a.scale_and_zero]),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def cache_case(dtype: torch.dtype, heads: int, kv_heads: int, length: int, filled: int, d: int = 64, seed: int = 0):
+    """q [1, heads, 1, d]; k, v [1, kv_heads, length, d] whose slots from ``filled`` on hold NaN
+    (an unfilled cache slot must never be read); the bool mask of the first ``filled`` slots."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, 1, d, generator=g).to(dtype)
+    k, v = (torch.randn(1, kv_heads, length, d, generator=g).to(dtype) for _ in range(2))
+    k[:, :, filled:], v[:, :, filled:] = float("nan"), float("nan")
+    mask = (torch.arange(length) < filled).view(1, 1, 1, length)
+    return q, k, v, mask
+
+
+def attention_reference(q, k, v, mask, scale):
+    """fp64 softmax attention over the mask's slots, as [1, 1, heads, d]."""
+    groups = q.shape[1] // k.shape[1]
+    keep = mask.reshape(-1)
+    k, v = (t[:, :, keep].double().repeat_interleave(groups, dim=1) for t in (k, v))
+    out = F.scaled_dot_product_attention(q.double(), k, v, scale=scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "heads, kv_heads, length, filled", [(9, 3, 256, 1), (9, 3, 256, 37), (14, 2, 64, 64), (4, 4, 300, 290)]
+)
+def test_decode_attention_matches_reference_and_reads_only_allowed_slots(dtype, heads, kv_heads, length, filled):
+    require_kernel()
+    q, k, v, mask = cache_case(dtype, heads, kv_heads, length, filled)
+    out = torch.ops.unwrap_cpu.decode_attention(q, k, v, mask, 0.125)
+    assert out.shape == (1, 1, heads, 64) and out.dtype == dtype and out.is_contiguous()
+    assert not out.isnan().any()  # the NaN slots past ``filled`` were skipped
+    expected = attention_reference(q, k, v, mask, 0.125)
+    assert sqnr(expected, out) > MIN_SQNR[dtype]
+    if filled > 1 and dtype != torch.float32:  # SDPA on the same (finite) slots, same dtype: no better
+        theirs = F.scaled_dot_product_attention(
+            q, k[:, :, :filled], v[:, :, :filled], scale=0.125, enable_gqa=True
+        ).transpose(1, 2)
+        assert sqnr(expected, out) > sqnr(expected, theirs) - 1.0
+
+
+@pytest.mark.parametrize("length, filled", [(64, 40), (128, 120)])  # the kernel's own loop; aten's flash
+def test_decode_attention_takes_additive_masks(length, filled):
+    """A float mask: -inf slots skipped, finite values added to the scores (as SDPA does)."""
+    require_kernel()
+    q, k, v, mask = cache_case(torch.bfloat16, 9, 3, length, filled)
+    bias = torch.zeros(1, 1, 1, length).masked_fill(~mask, float("-inf"))
+    bias[..., 3] = -2.0
+    bias[..., 5] = float("-inf")  # a hole: skipped by the loop, masked in flash
+    ours = torch.ops.unwrap_cpu.decode_attention(q, k, v, bias, 0.125)
+    assert not ours.isnan().any()  # nothing after the last allowed slot is read
+    finite = slice(0, filled)
+    theirs = F.scaled_dot_product_attention(
+        q.double(),
+        k[:, :, finite].double().repeat_interleave(3, 1),
+        v[:, :, finite].double().repeat_interleave(3, 1),
+        attn_mask=bias[..., finite].double(),
+        scale=0.125,
+    ).transpose(1, 2)
+    assert sqnr(theirs, ours) > MIN_SQNR[torch.bfloat16]
+    assert torch.equal(ours, torch.ops.unwrap_cpu.decode_attention(q, k, v, bias.bfloat16(), 0.125))
+
+
+def test_decode_attention_rejects_bad_input_and_traces():
+    require_kernel()
+    q, k, v, mask = cache_case(torch.bfloat16, 9, 3, 32, 8)
+    with pytest.raises(RuntimeError, match=r"q must be \[1, H, 1, D\]"):
+        torch.ops.unwrap_cpu.decode_attention(q.expand(1, 9, 2, 64), k, v, mask, 0.125)
+    with pytest.raises(RuntimeError, match="with H_kv dividing H=9"):
+        torch.ops.unwrap_cpu.decode_attention(q, k[:, :2], v[:, :2], mask, 0.125)
+    with pytest.raises(RuntimeError, match="mask must be one row of L=32"):
+        torch.ops.unwrap_cpu.decode_attention(q, k, v, mask.expand(1, 9, 1, 32), 0.125)
+    with pytest.raises(RuntimeError, match="head_dim=40 must be a multiple of 16"):
+        torch.ops.unwrap_cpu.decode_attention(q[..., :40], k[..., :40], v[..., :40], mask, 0.125)
+    k, v = k.nan_to_num(), v.nan_to_num()  # opcheck compares against itself
+    torch.library.opcheck(
+        torch.ops.unwrap_cpu.decode_attention.default,
+        (q, k, v, mask, 0.125),
+        test_utils=("test_schema", "test_faketensor"),
+    )
