@@ -13,7 +13,9 @@ SmolLM2-135M, see README "Decode"):
   modules' attributes and parameters; for a frozen inference model they can be skipped
   (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``).
 
-``compile_for_decode(model, max_len)`` does all three and returns a ``GreedyDecoder``. Needs transformers
+``compile_for_decode(model, max_len)`` does all three and returns a ``GreedyDecoder``; it also fuses
+the int4 q/k/v and gate/up projections (``decode_fusion``), and a one-token query of ``ATTENTION`` runs
+``unwrap_cpu::decode_attention``, which attends only the slots the mask allows (when the kernel is built). Needs transformers
 (the ``hf`` extra); importing this module does not import it.
 """
 

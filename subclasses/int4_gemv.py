@@ -7,6 +7,10 @@ The op reads the same packed bytes (the AVX512 CPU packing, unchanged: checkpoin
 path are untouched); activations are rounded to 15 bits per 32 features (VNNI integer dot
 products), the rest is fp32: bf16/fp16 outputs match aten's kernel to their rounding.
 
+The same library holds the decode step's other ops: ``unwrap_cpu::int4_gemv_cat`` (several weights of
+one input in one call, ``int4_gemv_cat`` below; used by ``decode_fusion``) and
+``unwrap_cpu::decode_attention`` (csrc/decode_attention.cpp; used by ``decode.gqa_sdpa_attention``).
+
 It is compiled at first use with ``torch.utils.cpp_extension.load`` (~30 s, cached under
 ``TORCH_EXTENSIONS_DIR``, ~/.cache/torch_extensions by default). Where it cannot be used (a CPU
 without AVX512 VNNI/VBMI, whose packing may differ; no compiler; ``UNWRAP_INT4_GEMV=0``)
