@@ -8,7 +8,7 @@ inner tensors and nothing else; whatever they do not cover goes to torchao's own
 
 | torchao class | kernel | outputs |
 |---|---|---|
-| ``Int4OpaqueTensor`` (A16W4, tinygemm) | ``_weight_int4pack_mm_for_cpu``, as torchao calls it | bit-identical to torchao's |
+| ``Int4OpaqueTensor`` (A16W4, tinygemm) | ``_weight_int4pack_mm_for_cpu``, as torchao calls it; one row: ``int4_gemv``, the M = 1 kernel of ours and the floor | bit-identical to torchao's; one row: within the GEMV's rounding (bit-identical with ``UNWRAP_INT4_GEMV=0``) |
 | ``Int8Tensor``, weight-only, per row or per tensor | ``_weight_int8pack_mm`` with the scale in the activation dtype | bit-identical to ``torch.compile`` of torchao's model (Inductor rewrites torchao's ``mm(x, q.to(dtype).T) * scale`` to this kernel); within bf16 rounding of torchao's eager |
 
 Falls back to torchao's linear: DA8W4 / dynamic-activation / ``act_pre_scale`` weights, group-wise
@@ -26,9 +26,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn import functional as F
 
 from unwrap.linear import register_linear
+
+from .int4_gemv import int4_gemv
 
 INT4_OPAQUE = "torchao.prototype.quantization.int4.Int4OpaqueTensor"
 INT8 = "torchao.quantization.Int8Tensor"
@@ -78,10 +81,14 @@ def int4_opaque_linear(input: torch.Tensor, weight: Any, bias: torch.Tensor | No
     group_size = _planned(weight, _int4_group_size)
     if group_size is None or not input.is_cpu:
         return torchao_linear(input, weight, bias)
-    if input.dim() == 2 and bias is None and input.is_contiguous():  # decode: nothing but the kernel
-        return torch._weight_int4pack_mm_for_cpu(input, weight.qdata, group_size, weight.scale_and_zero)
+    # one row: the M = 1 kernel ours and the floor use (int4_gemv: the C++ GEMV where it is built,
+    # else this same aten kernel); it takes N in multiples of 16. guard_or_false: a dynamic M goes on.
+    gemv = weight.qdata.shape[0] % 16 == 0
+    if input.dim() == 2 and bias is None and input.is_contiguous() and gemv and guard_or_false(input.shape[0] == 1):
+        return int4_gemv(input, weight.qdata, group_size, weight.scale_and_zero)
     x2d = input.reshape(-1, input.shape[-1]).contiguous()
-    out = torch._weight_int4pack_mm_for_cpu(x2d, weight.qdata, group_size, weight.scale_and_zero)
+    kernel = int4_gemv if gemv and guard_or_false(x2d.shape[0] == 1) else torch._weight_int4pack_mm_for_cpu
+    out = kernel(x2d, weight.qdata, group_size, weight.scale_and_zero)
     out = out.reshape(*input.shape[:-1], out.shape[-1])
     if bias is not None:
         out += bias  # as torchao adds it: in place, in the activation dtype

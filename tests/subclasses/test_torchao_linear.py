@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from subclasses.int4_gemv import int4_gemv
 from subclasses.torchao_linear import _int8_unread, int4_opaque_linear, int8_linear
 from tests.conftest import sqnr
 from tests.optional import import_or_fail_in_ci
@@ -49,12 +50,25 @@ def test_torchaos_classes_declare_the_lean_linears():
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", list(INPUTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_is_bit_identical_to_torchaos_linear(dtype, shape, bias):
+def test_int4_is_bit_identical_to_torchaos_linear(dtype, shape, bias, aten_int4_decode):
     w = torchao_weight(PrototypeInt4WeightOnlyConfig(group_size=128), dtype=dtype)
     x = INPUTS[shape](dtype)
     b = torch.randn(64, dtype=dtype) if bias else None
     with torch.inference_mode():
         assert torch.equal(int4_opaque_linear(x, w, b), torchaos_linear(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_one_row_runs_the_m1_kernel_of_ours_and_the_floor(dtype):
+    """One row: int4_gemv (the C++ GEMV where built; fp32 keeps aten's kernel), as our int4 linear
+    and the floor do; close to torchao's aten kernel, not bit-identical (the test above is, without it)."""
+    w = torchao_weight(PrototypeInt4WeightOnlyConfig(group_size=128), dtype=dtype)
+    x = INPUTS["decode"](dtype)
+    with torch.inference_mode():
+        out = int4_opaque_linear(x, w)
+        assert torch.equal(out, int4_gemv(x, w.qdata, 128, w.scale_and_zero))
+        assert torch.equal(int4_opaque_linear(x.view(1, 1, 256), w).view(1, 64), out)  # 3-D, one row
+        assert sqnr(torchaos_linear(x, w), out) > 35
 
 
 def test_int4_with_an_act_pre_scale_is_torchaos_linear():

@@ -50,10 +50,9 @@ def test_unwrapped_torchao_calls_the_kernel_without_torch_function(fmt, monkeypa
     assert torch.nn.functional.linear in seen  # the counter does see torchao's own path
     monkeypatch.undo()
     assert cls.__dict__.get("__torch_function__", None) is original
-    if fmt == "int4":  # the same kernel on the same bytes
-        assert torch.equal(out, reference)
-    else:  # the int8pack kernel (torchao's compiled linear; tests/subclasses/test_torchao_linear.py)
-        assert sqnr(reference, out) > 40
+    # int4, one row: our M = 1 GEMV; int8: the int8pack kernel (torchao's compiled linear); both
+    # close to torchao's eager, not bit-identical (tests/subclasses/test_torchao_linear.py)
+    assert sqnr(reference, out) > (30 if fmt == "int4" else 40)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])

