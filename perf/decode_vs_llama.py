@@ -46,10 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=16)
     args = parser.parse_args(argv)
+    try:
+        types = parse_types(args.types)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.threads < 1 or args.rounds < 1 or args.tokens < 1:
+        parser.error(
+            f"--threads, --rounds, --tokens must be positive, got {args.threads}, {args.rounds}, {args.tokens}"
+        )
     if not available():
         print("llama-cpp-python is not installed: pip install '.[llama]' (builds llama.cpp from source, ~10 min)")
         return 2
-    times = measure(args.threads, parse_types(args.types), rounds=args.rounds, tokens=args.tokens)
+    times = measure(args.threads, types, rounds=args.rounds, tokens=args.tokens)
     print(f"SmolLM2-135M decode, {args.threads} thread(s), ms/token (min over {args.rounds} interleaved rounds):")
     for name, ms in times.items():
         print(f"  {name:16s} {ms:6.2f}   ours / this: {times['ours'] / ms:.2f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import perf.__main__ as cli
+import perf.decode_vs_llama as versus
 import perf.llama_cpp as llama
 from perf.real_model import smollm2_gguf_path
 from perf.report import format_block
@@ -25,6 +26,18 @@ def test_without_llama_cpp_the_report_says_so(monkeypatch, capsys):
     assert "llama-cpp-python is not installed (the 'llama' extra)" in capsys.readouterr().err
     assert llama.main(["--types", "Q4_0"]) == 2
     assert "pip install 'unwrap[llama]'" in capsys.readouterr().out
+
+
+def test_decode_vs_llama_checks_its_arguments_and_needs_llama_cpp(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        versus.main(["--types", "Q5_K"])
+    assert "some of Q4_0, Q8_0, Q4_1, got 'Q5_K'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        versus.main(["--rounds", "0"])
+    assert "must be positive" in capsys.readouterr().err
+    monkeypatch.setattr(llama, "available", lambda: False)
+    assert versus.main([]) == 2
+    assert "llama-cpp-python is not installed" in capsys.readouterr().out
 
 
 def test_block_shows_decode_ttft_and_the_busy_machine_warning(monkeypatch):
