@@ -34,7 +34,6 @@ MODE_TITLES = {
     "compiled": "compiled",
     "cpp_wrapper": "cpp_wrapper",
     "aoti": "AOTInductor",
-    "frozen": "compiled, freezing",
     "decode": "compile_for_decode",
     "llama.cpp": "llama.cpp",
 }  # LLM decode columns

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .int4_packing import pack_cpu
 
@@ -110,9 +111,19 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_
     CPU packing: [1, N] in x's dtype, through the C++ op when it is available, aten's int4 kernel
     otherwise."""
     # fp32 activations keep aten's kernel: its fp32 result is exact to ~125 dB, ours ~85-90 dB.
-    if x.dtype != torch.float32 and traced_kernel_available():
+    # The op takes N (packed's rows) in multiples of 16 only; any other N keeps aten's too.
+    if x.dtype != torch.float32 and packed.shape[0] % 16 == 0 and traced_kernel_available():
         return torch.ops.unwrap_cpu.int4_gemv.default(x, packed, group_size, scale_and_zero)
     return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
+
+
+def int4_mm_for_cpu(
+    x2d: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor
+) -> torch.Tensor:
+    """``x2d @ W^T`` for a contiguous x2d [M, K]: ``int4_gemv`` for one row, aten's int4 kernel for
+    more (a dynamic M, under compile, takes aten's: no guard on it)."""
+    kernel = int4_gemv if guard_or_false(x2d.shape[0] == 1) else torch._weight_int4pack_mm_for_cpu
+    return kernel(x2d, packed, group_size, scale_and_zero)
 
 
 def int4_gemv_cat(

@@ -20,7 +20,7 @@ from .base import (
     weight_reason,
 )
 from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
-from .int4_gemv import int4_gemv
+from .int4_gemv import int4_gemv, int4_mm_for_cpu
 from .int4_packing import (
     EPS,
     affine_dequantize,
@@ -232,8 +232,7 @@ def int4_linear(x: torch.Tensor, weight: Int4WeightTensor, bias: torch.Tensor | 
     if torch.compiler.is_compiling() or x2d.shape[0] > PREFILL_MIN_ROWS:
         out = int4_prefill_mm(x2d, weight.packed, weight.scale_and_zero, weight.group_size, *weight.outer_shape)
         return as_linear_output(out, x, bias)
-    kernel = int4_gemv if x2d.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # M = 1 of a 3-D x, or with a bias
-    out = kernel(x2d, weight.packed, weight.group_size, weight.scale_and_zero)
+    out = int4_mm_for_cpu(x2d, weight.packed, weight.group_size, weight.scale_and_zero)  # M = 1: a 3-D x, or a bias
     return as_linear_output(out, x, bias)
 
 

@@ -26,12 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn import functional as F
 
 from unwrap.linear import register_linear
 
-from .int4_gemv import int4_gemv
+from .int4_gemv import int4_mm_for_cpu
 
 INT4_OPAQUE = "torchao.prototype.quantization.int4.Int4OpaqueTensor"
 INT8 = "torchao.quantization.Int8Tensor"
@@ -82,13 +81,11 @@ def int4_opaque_linear(input: torch.Tensor, weight: Any, bias: torch.Tensor | No
     if group_size is None or not input.is_cpu:
         return torchao_linear(input, weight, bias)
     # one row: the M = 1 kernel ours and the floor use (int4_gemv: the C++ GEMV where it is built,
-    # else this same aten kernel); it takes N in multiples of 16. guard_or_false: a dynamic M goes on.
-    gemv = weight.qdata.shape[0] % 16 == 0
-    if input.dim() == 2 and bias is None and input.is_contiguous() and gemv and guard_or_false(input.shape[0] == 1):
-        return int4_gemv(input, weight.qdata, group_size, weight.scale_and_zero)
+    # else this same aten kernel); more rows: aten's kernel, as torchao calls it
+    if input.dim() == 2 and bias is None and input.is_contiguous():  # decode: nothing but the kernel
+        return int4_mm_for_cpu(input, weight.qdata, group_size, weight.scale_and_zero)
     x2d = input.reshape(-1, input.shape[-1]).contiguous()
-    kernel = int4_gemv if gemv and guard_or_false(x2d.shape[0] == 1) else torch._weight_int4pack_mm_for_cpu
-    out = kernel(x2d, weight.qdata, group_size, weight.scale_and_zero)
+    out = int4_mm_for_cpu(x2d, weight.qdata, group_size, weight.scale_and_zero)
     out = out.reshape(*input.shape[:-1], out.shape[-1])
     if bias is not None:
         out += bias  # as torchao adds it: in place, in the activation dtype
