@@ -147,6 +147,21 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
     assert len(counts[True]) == 2 and max(counts[True]) < 0.5 * counts[False][0], counts
 
 
+def test_frozen_step_equals_the_unfrozen_one(tiny):
+    """freeze=True (the default: the weights are constants of the graph) changes speed, not numbers."""
+    from transformers import StaticCache
+
+    token, logits = torch.tensor([[7]]), {}
+    for freeze in (True, False):
+        model = copy.deepcopy(tiny)
+        step = compile_decode_step(model, freeze=freeze)
+        with torch.inference_mode():
+            cache = StaticCache(config=model.config, max_cache_len=8)
+            logits[freeze] = step(token, past_key_values=cache, cache_position=torch.tensor([0]), logits_to_keep=1)
+    assert torch.equal(logits[True].logits, logits[False].logits)
+    assert not torch._inductor.config.freezing  # set around the call only
+
+
 def test_decoder_rejects_bad_input(tiny):
     with pytest.raises(ValueError, match="max_len .* at least 2, got 1"):
         GreedyDecoder(tiny, max_len=1)
