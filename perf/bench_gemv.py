@@ -219,6 +219,34 @@ def token_row(model: Model, bandwidth: float, rounds: int = 5, lm_head: bool = T
     }
 
 
+def fused_token_row(model: Model, bandwidth: float, rounds: int = 5) -> dict[str, object]:
+    """One token's GEMVs as ``compile_for_decode`` calls them: per layer q/k/v as one
+    ``int4_gemv_cat``, o_proj, gate/up as one, down_proj; then the vocab matrix. Same weights and
+    bytes as ``token_row``; only the ``unwrap`` path exists (aten has no fused call)."""
+    from subclasses.int4_gemv import int4_gemv_cat
+
+    layer = dict((name, (n, k)) for name, n, k in model.layer_shapes())
+    groups = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    calls = [[random_weight(*layer[name]).int4 for name in group] for _ in range(model.layers) for group in groups]
+    calls.append([random_weight(model.vocab, model.hidden).int4])
+    inputs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in (model.hidden, model.intermediate)}
+    best = [float("inf")] * len(calls)
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first is the warm-up
+            for i, ws in enumerate(calls):
+                x = inputs[ws[0].shape[1]]
+                start = time.perf_counter()
+                int4_gemv_cat(x, [w.packed for w in ws], GROUP_SIZE, [w.scale_and_zero for w in ws])
+                best[i] = min(best[i], time.perf_counter() - start)
+    nbytes = sum(int4_bytes(*w.shape) for ws in calls for w in ws)
+    return {
+        "shape": f"token, fused ({len(calls)} calls)",
+        "calls": 1,
+        "floor": nbytes / bandwidth / 1e3,
+        "unwrap": sum(best) * 1e6,
+    }
+
+
 def format_table(title: str, rows: list[dict[str, object]]) -> str:
     """Markdown table: us per call; ``x floor`` is each int4 path's time over the int4 floor."""
     int4 = [p for p in ("aten", "unwrap") if p in rows[0]]
@@ -237,10 +265,10 @@ def format_table(title: str, rows: list[dict[str, object]]) -> str:
             r["shape"],
             r["calls"],
             f"{r['floor']:.1f}",
-            *[f"{r[p]:.1f}" for p in int4],
-            *[f"{r[p] / r['floor']:.2f}" for p in int4],
-            f"{r['int8']:.1f}",
-            f"{r['int8 floor']:.1f}",
+            *[f"{r[p]:.1f}" if p in r else "-" for p in int4],
+            *[f"{r[p] / r['floor']:.2f}" if p in r else "-" for p in int4],
+            f"{r['int8']:.1f}" if "int8" in r else "-",
+            f"{r['int8 floor']:.1f}" if "int8 floor" in r else "-",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -264,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = shape_rows(model, bandwidth, args.rounds)
         if not args.no_token:
             rows.append(token_row(model, bandwidth, max(3, args.rounds // 2)))
+            if kernel_available():
+                rows.append(fused_token_row(model, bandwidth, max(3, args.rounds // 2)))
         print(format_table(f"{name}: us per GEMV, cold (M = 1)", rows) + "\n")
 
 

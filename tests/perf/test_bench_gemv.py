@@ -1,6 +1,19 @@
 """perf/bench_gemv.py: the shapes and bytes it reports, and one small run of its timing code."""
 
-from perf.bench_gemv import MODELS, copies, format_table, int4_bytes, random_weight, read_bandwidth_gbs, time_paths
+import pytest
+
+from perf.bench_gemv import (
+    MODELS,
+    Model,
+    copies,
+    format_table,
+    fused_token_row,
+    int4_bytes,
+    random_weight,
+    read_bandwidth_gbs,
+    time_paths,
+    token_row,
+)
 from subclasses.int4_gemv import kernel_available
 
 
@@ -28,3 +41,14 @@ def test_one_small_run_times_every_path_and_formats():
     row = {"shape": "x 128x256", "calls": 1, "floor": 1.0, "int8 floor": 2.0, **times}
     assert "| x 128x256 | 1 | 1.0 |" in format_table("t", [row])
     assert read_bandwidth_gbs(nbytes=4 << 20, chunk=1 << 20, rounds=1) > 0
+
+
+def test_fused_token_row_reads_the_same_bytes_in_fewer_calls():
+    if not kernel_available():
+        pytest.skip("int4_gemv_cat needs the C++ kernel (subclasses/int4_gemv.py)")
+    tiny = Model(hidden=128, kv=64, intermediate=256, layers=2, vocab=512)
+    fused, separate = fused_token_row(tiny, 10.0, rounds=1), token_row(tiny, 10.0, rounds=1)
+    assert fused["shape"] == "token, fused (9 calls)" and separate["shape"] == "token (15 GEMVs)"
+    assert fused["floor"] == separate["floor"] and fused["unwrap"] > 0
+    assert "| token, fused (9 calls) | 1 |" in format_table("t", [separate, fused])
+    assert "| - | " in format_table("t", [separate, fused])
