@@ -116,11 +116,8 @@ def use_gqa_decode_attention(model: nn.Module) -> nn.Module:
 
 def frozen_model_guards(entries: list) -> list[bool]:
     """A ``guard_filter_fn``: drop the guards on modules, their attributes and parameters (the model is
-    frozen: nothing reassigns them while it decodes), keep those on the inputs and the cache, except
-    the "was this tensor marked dynamic since" checks (five per cache tensor, ~450 of a 30-layer
-    model's ~800 guards): the cache's sizes stay guarded, so a marked tensor only misses a recompile."""
-    keep = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
-    return [k and entry.guard_type != "DIMENSION_DYNAMIC_MARKING_GUARD" for k, entry in zip(keep, entries, strict=True)]
+    frozen: nothing reassigns them while it decodes), keep those on the inputs and the cache."""
+    return torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
 
 
 def _own_code(fn: Callable) -> Callable:
