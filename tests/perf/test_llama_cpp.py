@@ -35,6 +35,9 @@ def test_decode_vs_llama_checks_its_arguments_and_needs_llama_cpp(monkeypatch, c
     with pytest.raises(SystemExit):
         versus.main(["--rounds", "0"])
     assert "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        versus.main(["--modes", "decode,fast"])
+    assert "--modes 'decode,fast': choose from eager" in capsys.readouterr().err
     monkeypatch.setattr(llama, "available", lambda: False)
     assert versus.main([]) == 2
     assert "llama-cpp-python is not installed" in capsys.readouterr().out
