@@ -267,19 +267,13 @@ DECODE_VARIANTS = ("bf16", "ours unwrapped")  # rows with a "decode" (compile_fo
 
 
 def decode_decoder(model: torch.nn.Module):
-    """A ``Decoder`` whose step is ``subclasses.decode``'s (grouped-KV attention, fused int4 projections,
-    frozen, module guards skipped) on a copy of ``model``: what ``compile_for_decode`` runs, with the
-    report's cache size. Compiled now."""
-    import copy
-
-    from subclasses.decode import compile_decode_step, use_gqa_decode_attention
-    from subclasses.decode_fusion import fuse_decode_projections
-
+    """A ``Decoder`` whose step is ``perf.decode_profile``'s "decode" mode (what ``compile_for_decode``
+    runs: grouped-KV attention, fused int4 projections, frozen, module guards skipped) on a copy of
+    ``model``, with the report's cache size. Compiled now."""
+    from .decode_profile import make_step
     from .qwen import Decoder
 
-    gqa = use_gqa_decode_attention(copy.deepcopy(model))
-    fuse_decode_projections(gqa)
-    decoder = Decoder(gqa, compile_decode_step(gqa))
+    decoder = Decoder(*make_step(model, "decode", []))
     decoder.next()
     return decoder
 
