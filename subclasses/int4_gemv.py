@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
+from .cpp_build import build_library
 from .int4_packing import pack_cpu
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int4_gemv.cpp", "decode_attention.cpp")]
@@ -44,21 +45,9 @@ def kernel_available() -> bool:
         return False
     if hasattr(torch.ops.unwrap_cpu, "int4_gemv"):  # loaded by another copy of this module
         return True
-    try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(
-            name="unwrap_int4_gemv",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no headers: the aten kernel keeps working
-        warnings.warn(
-            f"building the int4 GEMV kernel failed ({error!r}); using aten's int4 kernel at M = 1", stacklevel=2
-        )
+    if not build_library(
+        "unwrap_int4_gemv", SOURCES, ["-O3"], "the int4 GEMV kernel", "using aten's int4 kernel at M = 1"
+    ):
         return False
     _register_fake()
     return _agrees_with_aten()

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from .cpp_build import build_library
 from .int4_packing import EPS
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse")
@@ -181,31 +181,13 @@ def kernel_available() -> bool:
         return False
     if _loaded():  # by another copy of this module
         return True
-    try:
-        from torch.utils import cpp_extension
-
-        cpp_extension.load(
-            name="unwrap_int4_qparams",
-            sources=[str(SOURCE)],
-            # -ffp-contract=off: no fused multiply-adds, the eager code's roundings exactly;
-            # -fno-trapping-math lets the compiler vectorize the comparisons (results unchanged);
-            # -march=native: built where it runs (the cache is per machine's home directory)
-            extra_cflags=[
-                "-O3",
-                "-march=native",
-                "-ffp-contract=off",
-                "-fno-trapping-math",
-                "-mprefer-vector-width=512",
-                "-fopenmp",
-            ],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no headers: the eager search gives the same result, slower
-        warnings.warn(f"building the int4 mse search failed ({error!r}); running it in PyTorch (slower)", stacklevel=2)
-        return False
-    return True
+    # -ffp-contract=off: no fused multiply-adds, the eager code's roundings exactly;
+    # -fno-trapping-math lets the compiler vectorize the comparisons (results unchanged);
+    # -march=native: built where it runs (the cache is per machine's home directory)
+    cflags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-mprefer-vector-width=512"]
+    return build_library(
+        "unwrap_int4_qparams", [SOURCE], cflags, "the int4 mse search", "running it in PyTorch (slower)"
+    )
 
 
 def _use_kernel(w: torch.Tensor) -> bool:
