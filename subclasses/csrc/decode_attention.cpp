@@ -10,7 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -102,9 +102,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
   }
   if (heads * static_cast<int64_t>(slots.size()) > kFlashPairs) {  // flash, over the slots up to the last allowed
     const int64_t end = slots.back() + 1;
-    at::Tensor additive = at::zeros({1, 1, 1, end}, q.options());
-    for (int64_t j = 0; j < end; ++j) additive.data_ptr<T>()[j] = static_cast<T>(-std::numeric_limits<float>::infinity());
-    for (size_t i = 0; i < slots.size(); ++i) additive.data_ptr<T>()[slots[i]] = static_cast<T>(bias[i]);
+    at::Tensor additive = at::full({1, 1, 1, end}, -std::numeric_limits<float>::infinity(), q.options());
+    T* row = additive.data_ptr<T>();
+    for (size_t i = 0; i < slots.size(); ++i) row[slots[i]] = static_cast<T>(bias[i]);
     const at::Tensor grouped = q.reshape({1, kv_heads, heads / kv_heads, d});
     const at::Tensor result = std::get<0>(at::_scaled_dot_product_flash_attention_for_cpu(
         grouped, k.narrow(2, 0, end), v.narrow(2, 0, end), 0.0, false, additive, scale));
