@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     times = measure(args.threads, types, rounds=args.rounds, tokens=args.tokens, modes=modes)
     print(f"SmolLM2-135M decode, {args.threads} thread(s), ms/token (min over {args.rounds} interleaved rounds):")
-    first = next(iter(times.values()))
+    reference, reference_ms = next(iter(times.items()))
     for name, ms in times.items():
-        print(f"  {name:26s} {ms:6.2f}   {next(iter(times))} / this: {first / ms:.2f}")
+        print(f"  {name:26s} {ms:6.2f}   {reference} / this: {reference_ms / ms:.2f}")
     return 0
 
 
