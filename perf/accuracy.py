@@ -29,8 +29,8 @@ from subclasses import (
     Int8WeightOnlyConfig,
     quantize_,
 )
-from subclasses.base import QuantizedWeight
-from subclasses.int4_qparams import QPARAMS_ALGORITHMS
+from subclasses.formats.base import QuantizedWeight
+from subclasses.kernels.int4_qparams import QPARAMS_ALGORITHMS
 
 
 @dataclass(frozen=True)

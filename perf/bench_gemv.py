@@ -11,7 +11,7 @@ larger than the L3 with the GEMV's own loads and threads (``read_bandwidth_gbs``
 timed alone; a sweep's time is the sum of each call's minimum over the rounds (``time_paths``).
 
 Paths: ``aten`` (``torch._weight_int4pack_mm_for_cpu``), ``unwrap`` (``unwrap_cpu::int4_gemv``,
-subclasses/int4_gemv.py; what ``F.linear`` on an int4 weight calls at M = 1 when it is
+subclasses/kernels/int4_gemv.py; what ``F.linear`` on an int4 weight calls at M = 1 when it is
 available) and, for reference, ``int8`` (``torch._weight_int8pack_mm`` on the same shapes, twice
 the bytes: its own floor is in the ``int8 floor`` column).
 """
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from subclasses.int4_gemv import kernel_available
-from subclasses.int4_tensor import Int4WeightTensor
+from subclasses.formats.int4 import Int4WeightTensor
+from subclasses.kernels.int4_gemv import kernel_available
 
 DEFAULT_THREADS = 2  # BENCH_THREADS overrides (perf/conftest.py)
 GROUP_SIZE = 32  # the default int4 config's
@@ -223,7 +223,7 @@ def fused_token_row(model: Model, bandwidth: float, rounds: int = 5) -> dict[str
     """One token's GEMVs as ``compile_for_decode`` calls them: per layer q/k/v as one
     ``int4_gemv_cat``, o_proj, gate/up as one, down_proj; then the vocab matrix. Same weights and
     bytes as ``token_row``; only the ``unwrap`` path exists (aten has no fused call)."""
-    from subclasses.int4_gemv import int4_gemv_cat
+    from subclasses.kernels.int4_gemv import int4_gemv_cat
 
     layer = dict((name, (n, k)) for name, n, k in model.layer_shapes())
     groups = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
@@ -310,7 +310,7 @@ def test_read_bandwidth(benchmark) -> None:
 def test_gemv(benchmark, model: str, name: str, n: int, k: int, path: str) -> None:
     table = paths()
     if path not in table:
-        pytest.skip("the unwrap_cpu::int4_gemv kernel is not available here (see subclasses/int4_gemv.py)")
+        pytest.skip("the unwrap_cpu::int4_gemv kernel is not available here (see subclasses/kernels/int4_gemv.py)")
     count = copies_for(n, k)
     weights = copies(random_weight(n, k), count)
     inputs = {k: torch.randn(1, k, dtype=torch.bfloat16)}

@@ -2,7 +2,7 @@
 
 Run: ``pytest perf/bench_prefill.py --benchmark-only`` (2 threads; ``BENCH_THREADS`` to change).
 Each case is ``(format, mode, M)``; ``compiled`` compiles the unwrapped layer once per format with
-dynamic M, so one graph serves every M above the int4 crossover (see ``subclasses.int4_prefill``).
+dynamic M, so one graph serves every M above the int4 crossover (see ``subclasses.kernels.int4_prefill``).
 ``prefill_ms`` is the plain timing helper for whole models (time to first token).
 """
 

@@ -73,7 +73,7 @@ def run_case(
 ) -> dict[str, object]:
     """``bench_overhead.run_case`` on this module's variants."""
     # Built outside inference_mode, as a user builds a model: inference tensors have no version
-    # counter, so the lean int8 linear (subclasses/torchao_linear.py) could not keep its scale.
+    # counter, so the lean int8 linear (subclasses/io/torchao_linear.py) could not keep its scale.
     cached_variants(workload, fmt)
     return bench_overhead.run_case(
         benchmark, workload, fmt, variant, mode, rounds=rounds, number=number, variants=cached_variants

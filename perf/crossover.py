@@ -1,4 +1,4 @@
-"""Re-measure the int4 prefill crossover (``subclasses.int4_prefill.PREFILL_CROSSOVER``).
+"""Re-measure the int4 prefill crossover (``subclasses.kernels.int4_prefill.PREFILL_CROSSOVER``).
 
 For one representative weight per shape class, times the int4 kernel and the prefill path
 (compiled dequantize + ``torch.mm``, as eager ``F.linear`` runs it) at several activation row
@@ -15,7 +15,7 @@ import torch
 
 from perf.timing import min_time_us
 from subclasses import Int4WeightTensor
-from subclasses.int4_prefill import PREFILL_CROSSOVER, prefill_mm
+from subclasses.kernels.int4_prefill import PREFILL_CROSSOVER, prefill_mm
 
 # (class upper bound on N*K, representative N, K) in the order of PREFILL_CROSSOVER.
 SHAPE_CLASSES: tuple[tuple[float, int, int], ...] = (

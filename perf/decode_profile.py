@@ -37,8 +37,8 @@ MODES: dict[str, str] = {
 }
 MATMULS = (
     "aten::_weight_int4pack_mm_for_cpu",
-    "unwrap_cpu::int4_gemv",  # our int4 M = 1 kernel (subclasses/int4_gemv.py)
-    "unwrap_cpu::int4_gemv_cat",  # the same for fused q/k/v and gate/up (subclasses/decode_fusion.py)
+    "unwrap_cpu::int4_gemv",  # our int4 M = 1 kernel (subclasses/kernels/int4_gemv.py)
+    "unwrap_cpu::int4_gemv_cat",  # the same for fused q/k/v and gate/up (subclasses/runtime/decode_fusion.py)
     "aten::_weight_int8pack_mm",
     "aten::mm",
     "aten::addmm",
@@ -49,7 +49,7 @@ ATTENTION_OPS = (
     "aten::scaled_dot_product_attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_attention_math",
-    "unwrap_cpu::decode_attention",  # one token over the filled cache slots (subclasses/decode.py)
+    "unwrap_cpu::decode_attention",  # one token over the filled cache slots (subclasses/runtime/decode.py)
 )
 GUARDS = "TorchDynamo Cache Lookup"
 CATEGORIES = ("GEMVs", "lm_head", "attention", "guards")
@@ -115,7 +115,7 @@ def make_step(model: nn.Module, mode: str, counts: list[int]) -> tuple[nn.Module
     """(the model the mode runs, its one-token step; None: the model itself). Modes with the grouped-KV
     attention get a copy of ``model`` switched to it (the attention implementation is per model)."""
     from subclasses.decode import compile_decode_step, frozen_model_guards, use_gqa_decode_attention
-    from subclasses.decode_fusion import fuse_decode_projections
+    from subclasses.runtime.decode_fusion import fuse_decode_projections
 
     from .modes import fresh_caller
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from subclasses import Int4WeightTensor, Int8WeightTensor
-from subclasses.int4_gemv import int4_gemv
+from subclasses.kernels.int4_gemv import int4_gemv
 
 
 class Int4FloorLinear(nn.Module):

@@ -13,7 +13,7 @@ from unittest import mock
 
 import torch
 
-import subclasses.int4_gemv as gemv
+import subclasses.kernels.int4_gemv as gemv
 from subclasses import Int4WeightOnlyConfig, quantize_
 
 from .real_model import eval_token_ids, load_smollm2

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subclasses.int4_gemv import int4_gemv
+from subclasses.kernels.int4_gemv import int4_gemv
 
 from .floor import Int4FloorLinear, Int8FloorLinear
 from .timing import compile_counting_guards

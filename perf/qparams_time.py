@@ -12,7 +12,7 @@ import time
 import torch
 
 from subclasses import Int4WeightOnlyConfig, quantize_
-from subclasses.int4_qparams import QPARAMS_ALGORITHMS, kernel_available
+from subclasses.kernels.int4_qparams import QPARAMS_ALGORITHMS, kernel_available
 
 from .qwen import QWEN2_SHAPES, build_qwen2
 

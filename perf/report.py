@@ -292,7 +292,7 @@ def quality_notes(
 ) -> list[str]:
     """Perplexity on the shipped text, weight bytes and 12 greedy tokens, bf16 beside ``fmt`` (the
     floor and ours unwrapped hold the same weights as ours wrapped: same numbers)."""
-    from subclasses.quant_api import model_bytes
+    from subclasses.quantize.api import model_bytes
 
     from .real_model import eval_token_ids, perplexity
 

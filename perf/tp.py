@@ -105,7 +105,7 @@ def param_bytes_per_rank(model: torch.nn.Module) -> int:
     """Bytes of every parameter this rank holds: local shards (quantized: their inner tensors)
     and replicated parameters alike."""
     from subclasses import QuantizedWeight
-    from subclasses.tensor_parallel import local_weight
+    from subclasses.runtime.tensor_parallel import local_weight
 
     total = 0
     for param in model.parameters():
@@ -129,7 +129,7 @@ def _rank_decode(
     from torch.distributed.device_mesh import init_device_mesh
 
     from subclasses import quantize_
-    from subclasses.tensor_parallel import parallelize
+    from subclasses.runtime.tensor_parallel import parallelize
     from unwrap import unwrap
 
     from .qwen import QWEN2_SHAPES, Decoder, build_qwen2

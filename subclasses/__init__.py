@@ -1,28 +1,56 @@
-"""Affine-quantized weight tensor subclasses and torchao-style ``quantize_``."""
+"""Quantized weight tensor subclasses, torchao-style ``quantize_``, checkpoints and the decode path.
 
-from . import (
-    tensor_parallel,  # noqa: F401 - registers the ops DTensor needs on every format
+The parts, each importing only those listed before it:
+
+- ``kernels``: byte layouts and ops (the C++ int4 GEMV, prefill, qparams search; CUDA calls)
+- ``formats``: the tensor subclasses (``QuantizedWeight``, int4, int8, int8 dynamic)
+- ``runtime``: the compiled decode step (``subclasses.decode``) and tensor parallelism
+- ``quantize``: ``quantize_`` and its configs, GPTQ calibration
+- ``io``: checkpoints, transformers (``subclasses.hf``), GGUF (``load_gguf``), torchao
+"""
+
+import sys
+
+from .formats.base import QuantizedWeight
+from .formats.int4 import Int4WeightTensor, Packing
+from .formats.int8 import Int8WeightTensor
+from .formats.int8_dynamic import Int8DynamicActivationInt8WeightTensor
+from .io import (
+    mark_transformers_model,
     torchao_linear,  # noqa: F401 - declares lean linears for torchao's tensors to unwrap (no torchao import)
 )
-from .base import QuantizedWeight
-from .int4_tensor import Int4WeightTensor, Packing
-from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
-from .int8_tensor import Int8WeightTensor
-from .quant_api import (
-    Int4WeightOnlyConfig,
-    Int8DynamicActivationInt8WeightConfig,
-    Int8WeightOnlyConfig,
-    QuantizeSummary,
-    quantize_,
-)
-from .serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
-from .torchao_interop import (
+from .io.serialization import flatten_state_dict, load_checkpoint, save_checkpoint, unflatten_state_dict
+from .io.torchao import (
     ConversionSummary,
     TorchaoConversionError,
     from_torchao,
     load_torchao_state_dict,
     to_torchao,
 )
+from .quantize.api import (
+    Int4WeightOnlyConfig,
+    Int8DynamicActivationInt8WeightConfig,
+    Int8WeightOnlyConfig,
+    QuantizeSummary,
+    quantize_,
+    register_quantized_model_hook,
+)
+from .runtime import tensor_parallel  # noqa: F401 - registers the ops DTensor needs on every format
+
+register_quantized_model_hook(mark_transformers_model)
+
+# The flat module paths of earlier releases (``import subclasses.int4_tensor``, plain-pickle checkpoints)
+for _old, _new in {
+    "int4_tensor": "formats.int4",
+    "int8_tensor": "formats.int8",
+    "int8_dynamic_tensor": "formats.int8_dynamic",
+    "base": "formats.base",
+    "quant_api": "quantize.api",
+    "serialization": "io.serialization",
+    "torchao_interop": "io.torchao",
+    "tensor_parallel": "runtime.tensor_parallel",
+}.items():
+    sys.modules.setdefault(f"{__name__}.{_old}", sys.modules[f"{__name__}.{_new}"])
 
 __all__ = [
     "QuantizedWeight",
@@ -35,6 +63,7 @@ __all__ = [
     "Int8DynamicActivationInt8WeightConfig",
     "quantize_",
     "QuantizeSummary",
+    "register_quantized_model_hook",
     "flatten_state_dict",
     "unflatten_state_dict",
     "save_checkpoint",
@@ -51,7 +80,7 @@ __all__ = [
 def __getattr__(name: str):
     # load_gguf needs transformers and gguf: imported on first use, never by `import subclasses`
     if name == "load_gguf":
-        from .gguf_import import load_gguf
+        from .io.gguf import load_gguf
 
         return load_gguf
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,9 +32,9 @@ def _seed_and_reset_dynamo():
 
 @pytest.fixture
 def aten_int4_decode(monkeypatch):
-    """M = 1 int4 linears run aten's kernel (subclasses.int4_gemv switched off), for tests that
+    """M = 1 int4 linears run aten's kernel (subclasses.kernels.int4_gemv switched off), for tests that
     compare bit for bit with torchao, which calls that kernel."""
-    import subclasses.int4_gemv as gemv
+    import subclasses.kernels.int4_gemv as gemv
 
     monkeypatch.setenv(gemv.ENV_SWITCH, "0")
     gemv.kernel_available.cache_clear()

@@ -237,7 +237,7 @@ def test_fused_projections_change_nothing_but_the_calls(tiny):
     from torch.profiler import profile
     from transformers import StaticCache
 
-    from subclasses.decode_fusion import fuse_decode_projections
+    from subclasses.runtime.decode_fusion import fuse_decode_projections
 
     require_kernel()
     fused = copy.deepcopy(tiny)

@@ -7,7 +7,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from perf.cuda import CudaInt4FloorLinear, CudaInt8FloorLinear, cuda_floor_model, format_table, main
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, quantize_
-from subclasses.int4_packing import cpu_layout
+from subclasses.kernels.int4_packing import cpu_layout
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 
 from perf.real_model import eval_token_ids, load_smollm2, perplexity, smollm2_dir
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, quantize_
-from subclasses.quant_api import model_bytes
+from subclasses.quantize.api import model_bytes
 from tests.conftest import sqnr
 from tests.optional import import_or_fail_in_ci
 from unwrap import unwrap

@@ -1,4 +1,4 @@
-"""Tensor parallel: quantized weights as DTensor shards (``subclasses.tensor_parallel``).
+"""Tensor parallel: quantized weights as DTensor shards (``subclasses.runtime.tensor_parallel``).
 
 The cuts run in this process; everything that needs a process group runs once, in 2 spawned ranks
 joined with gloo on CPU (``perf.tp.run_ranks``, bounded by a timeout), and the tests below check
@@ -21,7 +21,13 @@ from subclasses import (
     QuantizedWeight,
     quantize_,
 )
-from subclasses.tensor_parallel import TransposedWeight, check_plan, local_weight, local_weight_bytes, parallelize
+from subclasses.runtime.tensor_parallel import (
+    TransposedWeight,
+    check_plan,
+    local_weight,
+    local_weight_bytes,
+    parallelize,
+)
 from tests.conftest import sqnr
 
 CONFIGS = {

@@ -6,7 +6,7 @@ import sys
 
 def test_importing_our_packages_never_imports_torchao():
     code = (
-        "import sys, subclasses, subclasses.torchao_interop, unwrap, unwrap.linear, perf.workloads, perf.modes, perf.bench_torchao\n"
+        "import sys, subclasses, subclasses.io.torchao, unwrap, unwrap.linear, perf.workloads, perf.modes, perf.bench_torchao\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'torchao')\n"
         "assert not loaded, loaded\n"
     )

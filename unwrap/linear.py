@@ -9,7 +9,7 @@ trip, and a compiled model guards nothing about the class's tables. The protocol
    a plain function stored on the class). This is the protocol to implement.
 2. ``register_linear(name, fn)``: the same function registered for a class by its qualified name
    (``module.qualname``), for classes one cannot edit; ``subclasses`` registers lean linears for
-   torchao's classes this way (``subclasses/torchao_linear.py``) without importing torchao.
+   torchao's classes this way (``subclasses/io/torchao_linear.py``) without importing torchao.
 3. ``function_table[F.linear]``: the same function in a dict of ``__torch_function__`` overrides
    (``subclasses.QuantizedWeight`` keeps one per class).
 4. ``_TORCH_FN_TABLE[cls][F.linear]``: torchao's ``TorchAOBaseTensor`` convention, a per-class dict

@@ -105,6 +105,6 @@ def test_report_quality_line_has_the_other_algorithms(monkeypatch):
     int4 = report.other_algorithms(model, "int4", None, ids)
     assert list(int4) == ["int4 tinygemm", "int4 + GPTQ"] and all(v > 1 for v in int4.values())  # "mse" is the default
     assert list(report.other_algorithms(model, "int8", None, ids)) == ["int8 + GPTQ"]
-    from subclasses.base import QuantizedWeight
+    from subclasses.formats.base import QuantizedWeight
 
     assert not any(isinstance(p, QuantizedWeight) for p in model.parameters())  # the bf16 model untouched

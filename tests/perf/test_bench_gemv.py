@@ -14,7 +14,7 @@ from perf.bench_gemv import (
     time_paths,
     token_row,
 )
-from subclasses.int4_gemv import kernel_available
+from subclasses.kernels.int4_gemv import kernel_available
 
 
 def test_shapes_cover_every_linear_of_a_token():
@@ -45,7 +45,7 @@ def test_one_small_run_times_every_path_and_formats():
 
 def test_fused_token_row_reads_the_same_bytes_in_fewer_calls():
     if not kernel_available():
-        pytest.skip("int4_gemv_cat needs the C++ kernel (subclasses/int4_gemv.py)")
+        pytest.skip("int4_gemv_cat needs the C++ kernel (subclasses/kernels/int4_gemv.py)")
     tiny = Model(hidden=128, kv=64, intermediate=256, layers=2, vocab=512)
     fused, separate = fused_token_row(tiny, 10.0, rounds=1), token_row(tiny, 10.0, rounds=1)
     assert fused["shape"] == "token, fused (9 calls)" and separate["shape"] == "token (15 GEMVs)"

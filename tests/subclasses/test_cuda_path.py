@@ -16,7 +16,7 @@ from subclasses import (
     Packing,
     quantize_,
 )
-from subclasses.int4_cuda import (
+from subclasses.kernels.int4_cuda import (
     K_TILE,
     N_TILE,
     check_tinygemm_shape,
@@ -24,8 +24,8 @@ from subclasses.int4_cuda import (
     pack_tinygemm_reference,
     unpack_tinygemm,
 )
-from subclasses.int4_packing import cpu_layout, pack_canonical
-from subclasses.int8_cuda import int8_cuda_linear
+from subclasses.kernels.int4_packing import cpu_layout, pack_canonical
+from subclasses.kernels.int8_cuda import int8_cuda_linear
 from tests.conftest import sqnr
 from unwrap import unwrap
 
@@ -271,7 +271,7 @@ def test_int8_cuda_formula_in_fp16_scales_the_weight_first():
 @needs_cuda
 @pytest.mark.parametrize("n,k", [(16, 32), (48, 96), (64, 192), (1024, 512), (256, 4096)])
 def test_gpu_packing_op_matches_our_layout(n, k):
-    from subclasses.int4_cuda import pack_tinygemm
+    from subclasses.kernels.int4_cuda import pack_tinygemm
 
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     packed = pack_tinygemm(q.cuda())

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from subclasses.int4_gemv import int4_gemv_cat
+from subclasses.kernels.int4_gemv import int4_gemv_cat
 from tests.conftest import sqnr
 from tests.subclasses.test_int4_gemv import DTYPES, MIN_SQNR, reference, require_kernel, weight_of
 

@@ -21,7 +21,7 @@ transformers = require("transformers")
 
 from perf.real_model import smollm2_gguf_path  # noqa: E402
 from subclasses import Int4WeightTensor, load_gguf  # noqa: E402
-from subclasses.gguf_import import int4_from_q4, read_gguf, tensor_bytes  # noqa: E402
+from subclasses.io.gguf import int4_from_q4, read_gguf, tensor_bytes  # noqa: E402
 
 Q4 = {"Q4_0": gguf.GGMLQuantizationType.Q4_0, "Q4_1": gguf.GGMLQuantizationType.Q4_1}
 

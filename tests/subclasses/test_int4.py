@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from subclasses import Int4WeightTensor, Packing
-from subclasses.int4_packing import CPU_LAYOUTS, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
-from subclasses.int4_tensor import quantize_int4
+from subclasses.formats.int4 import quantize_int4
+from subclasses.kernels.int4_packing import CPU_LAYOUTS, pack_canonical, pack_cpu, unpack_canonical, unpack_cpu
 from tests.conftest import sqnr
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

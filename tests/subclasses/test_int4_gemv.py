@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import subclasses.int4_gemv as gemv
+import subclasses.kernels.int4_gemv as gemv
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, quantize_
 from tests.conftest import sqnr
 from unwrap import unwrap

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import subclasses.int4_qparams as int4_qparams
+import subclasses.kernels.int4_qparams as int4_qparams
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, load_checkpoint, quantize_, save_checkpoint
-from subclasses.int4_qparams import group_squared_error
-from subclasses.int4_tensor import quantize_int4
+from subclasses.formats.int4 import quantize_int4
+from subclasses.kernels.int4_qparams import group_squared_error
 from tests.conftest import sqnr
 from unwrap import unwrap
 

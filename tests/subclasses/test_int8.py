@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from subclasses import Int8WeightTensor
-from subclasses.int8_tensor import quantize_int8
+from subclasses.formats.int8 import quantize_int8
 from tests.conftest import sqnr
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import subclasses.int8_dynamic_tensor as int8_dynamic
+import subclasses.formats.int8_dynamic as int8_dynamic
 from subclasses import Int8DynamicActivationInt8WeightConfig, Int8DynamicActivationInt8WeightTensor, quantize_
-from subclasses.int8_dynamic_tensor import quantize_per_token
-from subclasses.int8_tensor import quantize_int8
+from subclasses.formats.int8 import quantize_int8
+from subclasses.formats.int8_dynamic import quantize_per_token
 from tests.conftest import sqnr
 from unwrap import unwrap
 

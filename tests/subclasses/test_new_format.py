@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from subclasses import load_checkpoint, quantize_, save_checkpoint
-from subclasses.base import QuantizedWeight, check_activation, weight_reason
+from subclasses.formats.base import QuantizedWeight, check_activation, weight_reason
 from unwrap import unwrap
 
 DATA = Path(__file__).parent.parent / "data"

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import subclasses.int4_prefill as prefill
+import subclasses.kernels.int4_prefill as prefill
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, quantize_
-from subclasses.int4_gemv import kernel_available
-from subclasses.int4_prefill import PREFILL_CROSSOVER, PREFILL_MIN_ROWS, crossover_rows, dequantize_kn
+from subclasses.kernels.int4_gemv import kernel_available
+from subclasses.kernels.int4_prefill import PREFILL_CROSSOVER, PREFILL_MIN_ROWS, crossover_rows, dequantize_kn
 from tests.conftest import sqnr
 from unwrap import unwrap
 
@@ -138,6 +138,6 @@ def test_compiled_3d_decode_calls_the_kernel_directly():
         torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
     decode_kernel = (
         "unwrap_cpu.int4_gemv" if kernel_available() else "_weight_int4pack_mm_for_cpu"
-    )  # subclasses.int4_gemv
+    )  # subclasses.kernels.int4_gemv
     assert len(graphs) == 1 and decode_kernel in graphs[0]
     assert "cond" not in graphs[0] and "kernel_in_cond" not in graphs[0]

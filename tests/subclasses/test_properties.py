@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, Int8WeightOnlyConfig, Int8WeightTensor, quantize_
-from subclasses.int4_tensor import GROUP_SIZES
+from subclasses.formats.int4 import GROUP_SIZES
 from unwrap import unwrap
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -20,7 +20,7 @@ from subclasses import (
     Int8WeightOnlyConfig,
     quantize_,
 )
-from subclasses.quant_api import model_bytes
+from subclasses.quantize.api import model_bytes
 from tests.conftest import sqnr
 from unwrap import unwrap
 

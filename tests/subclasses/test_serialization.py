@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import subclasses.int4_packing as int4_packing
-import subclasses.portable as portable
+import subclasses.formats.portable as portable
+import subclasses.kernels.int4_packing as int4_packing
 from subclasses import (
     Int4WeightOnlyConfig,
     Int4WeightTensor,
@@ -29,7 +29,7 @@ from subclasses import (
     save_checkpoint,
     unflatten_state_dict,
 )
-from subclasses.int4_packing import CPU_LAYOUTS, pack_canonical, pack_cpu
+from subclasses.kernels.int4_packing import CPU_LAYOUTS, pack_canonical, pack_cpu
 from tests.conftest import sqnr
 from tests.subclasses.test_cuda_path import tinygemm_packed_shape
 from unwrap import unwrap
@@ -110,7 +110,7 @@ def test_checkpoint_names_only_torch_rebuild_functions_and_our_classes(tmp_path)
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     finally:
         torch.serialization.add_safe_globals(registered)
-    assert unsafe == {"subclasses.int4_tensor.Int4WeightTensor", "subclasses.int8_tensor.Int8WeightTensor"}
+    assert unsafe == {"subclasses.formats.int4.Int4WeightTensor", "subclasses.formats.int8.Int8WeightTensor"}
     assert set(torch.load(path, weights_only=True)) == {"a", "b"}
 
 

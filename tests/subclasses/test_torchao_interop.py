@@ -1,4 +1,4 @@
-"""Conversion between torchao 0.18's weight-only tensors and ours (subclasses/torchao_interop.py)."""
+"""Conversion between torchao 0.18's weight-only tensors and ours (subclasses/io/torchao.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from subclasses import (
     quantize_,
     to_torchao,
 )
-from subclasses.int4_cuda import pack_tinygemm_reference
-from subclasses.torchao_interop import from_torchao_tensor, to_torchao_tensor
+from subclasses.io.torchao import from_torchao_tensor, to_torchao_tensor
+from subclasses.kernels.int4_cuda import pack_tinygemm_reference
 from tests.conftest import sqnr
 from tests.optional import import_or_fail_in_ci
 

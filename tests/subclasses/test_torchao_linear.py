@@ -1,4 +1,4 @@
-"""The lean linears declared for torchao's tensors (subclasses/torchao_linear.py): the same results as
+"""The lean linears declared for torchao's tensors (subclasses/io/torchao_linear.py): the same results as
 torchao's own linear (int4: bit for bit; int8: torchao's compiled linear bit for bit), and torchao's
 own linear wherever they do not apply."""
 
@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from subclasses.int4_gemv import int4_gemv
-from subclasses.torchao_linear import _int8_unread, int4_opaque_linear, int8_linear
+from subclasses.io.torchao_linear import _int8_unread, int4_opaque_linear, int8_linear
+from subclasses.kernels.int4_gemv import int4_gemv
 from tests.conftest import sqnr
 from tests.optional import import_or_fail_in_ci
 from unwrap import declared_linear, unwrap

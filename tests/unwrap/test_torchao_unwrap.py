@@ -1,4 +1,4 @@
-"""unwrap on torchao 0.18's tensors: the lean linear declared for their class (subclasses/torchao_linear.py)
+"""unwrap on torchao 0.18's tensors: the lean linear declared for their class (subclasses/io/torchao_linear.py)
 calls the kernel with no __torch_function__, and the compiled model's guards stay within the floor's
 + 1 per layer + 8 (also after subclasses.from_torchao)."""
 

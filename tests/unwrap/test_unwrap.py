@@ -219,7 +219,7 @@ def test_compiled_graph_takes_plain_tensors_no_breaks_no_recompiles(fmt):
 
 def test_new_metadata_recompiles_never_stale():
     """Same inner shapes and dtypes, other metadata (the packing): the compiled model must notice."""
-    from subclasses.int4_packing import pack_canonical
+    from subclasses.kernels.int4_packing import pack_canonical
 
     model = unwrap(quantized_model("int4"))
     x = torch.randn(3, 128, dtype=torch.bfloat16)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from .base import FORMATS, QuantizedWeight, aten
+from ..formats.base import FORMATS, QuantizedWeight, aten
 
 
 def _slice(func, args, kwargs):
@@ -79,7 +79,7 @@ def _no_empty_like(func, args, kwargs):
     raise NotImplementedError(
         f"{type(args[0]).__name__} does not implement {func}: to shard quantized weights, call "
         "parallelize_module(..., src_data_rank=None) (every rank holds the same model and cuts its "
-        "own shard) or subclasses.tensor_parallel.parallelize"
+        "own shard) or subclasses.runtime.tensor_parallel.parallelize"
     )
 
 

@@ -22,8 +22,8 @@ import functools
 
 import torch
 
-from .base import as_kernel_input, as_linear_output
 from .int4_packing import dense, pack_canonical
+from .linear_io import as_kernel_input, as_linear_output
 
 N_TILE = 8  # rows of the weight per packed tile (kNTileSizeTensor)
 K_TILE = 16  # input features per k-tile (kKTileSize)

@@ -11,7 +11,7 @@ from .base import (
     check_activation,
     linear_with_input_grad,
 )
-from .int8_tensor import Int8WeightTensor
+from .int8 import Int8WeightTensor
 
 ACTIVATION_QMAX = 127  # symmetric [-127, 127]: no -128, so negating a code never overflows
 EPS = torch.finfo(torch.float32).eps
@@ -33,6 +33,8 @@ class Int8DynamicActivationInt8WeightTensor(Int8WeightTensor):
     and K, N multiples of 8, elsewhere the same integer product runs in fp32 (exact while
     |x_q @ qdata^T| < 2**24, i.e. always for K <= 1040).
     """
+
+    pickled_names = ("subclasses.formats.int8_dynamic.Int8DynamicActivationInt8WeightTensor",)
 
 
 def quantize_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

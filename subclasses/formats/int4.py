@@ -8,6 +8,20 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
+from ..kernels.int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
+from ..kernels.int4_gemv import int4_gemv, int4_mm_for_cpu
+from ..kernels.int4_packing import (
+    EPS,
+    affine_dequantize,
+    dequantize_codes,
+    gather_cpu_rows,
+    pack_canonical,
+    pack_cpu,
+    unpack_canonical,
+    unpack_cpu,
+)
+from ..kernels.int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
+from ..kernels.int4_qparams import check_qparams_algorithm, mse_qparams
 from .base import (
     QuantizedWeight,
     as_kernel_input,
@@ -19,20 +33,6 @@ from .base import (
     target_dtype_device,
     weight_reason,
 )
-from .int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
-from .int4_gemv import int4_gemv, int4_mm_for_cpu
-from .int4_packing import (
-    EPS,
-    affine_dequantize,
-    dequantize_codes,
-    gather_cpu_rows,
-    pack_canonical,
-    pack_cpu,
-    unpack_canonical,
-    unpack_cpu,
-)
-from .int4_prefill import PREFILL_MIN_ROWS, int4_prefill_mm
-from .int4_qparams import check_qparams_algorithm, mse_qparams
 
 GROUP_SIZES = (32, 64, 128, 256)
 ROWS_MULTIPLE = 16  # the kernels' out_features rule
@@ -82,6 +82,8 @@ class Int4WeightTensor(QuantizedWeight):
     ``torch._weight_int4pack_mm`` on CUDA (packing "cuda_tinygemm": ``packed`` is int32
     [N/8, K/(t*16), 32, t/2], see int4_cuda); other devices fall back to ``dequantize()`` + ``F.linear``.
     """
+
+    pickled_names = ("subclasses.formats.int4.Int4WeightTensor",)
 
     tensor_data_names = ("packed", "scale_and_zero")
     tensor_attribute_names = ("group_size", "packing")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
+from ..kernels.int8_cuda import int8_cuda_linear
 from .base import (
     QuantizedWeight,
     as_kernel_input,
@@ -17,7 +18,6 @@ from .base import (
     target_dtype_device,
     weight_reason,
 )
-from .int8_cuda import int8_cuda_linear
 
 
 class Int8WeightTensor(QuantizedWeight):
@@ -33,6 +33,8 @@ class Int8WeightTensor(QuantizedWeight):
     result is cast back. On CUDA ``(x @ qdata.T) * scale`` (see int8_cuda); other devices fall back to
     ``dequantize()`` + ``F.linear``.
     """
+
+    pickled_names = ("subclasses.formats.int8.Int8WeightTensor",)
 
     tensor_data_names = ("qdata", "scale")
     tensor_attribute_names = ()

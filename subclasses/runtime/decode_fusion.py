@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .int4_gemv import int4_gemv_cat, traced_kernel_available
-from .int4_tensor import Int4WeightTensor, Packing
+from ..formats.int4 import Int4WeightTensor, Packing
+from ..kernels.int4_gemv import int4_gemv_cat, traced_kernel_available
 
 # transformers classes whose forward the fused one reproduces (same projections, same steps).
 ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention")

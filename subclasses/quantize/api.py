@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -13,12 +12,12 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from .base import QuantizedWeight
-from .int4_qparams import DEFAULT_QPARAMS_ALGORITHM, check_qparams_algorithm
-from .int4_tensor import GROUP_SIZES, Int4WeightTensor
-from .int8_dynamic_tensor import Int8DynamicActivationInt8WeightTensor
-from .int8_tensor import Int8WeightTensor
-from .tensor_parallel import local_weight, quantize_dtensor
+from ..formats.base import QuantizedWeight
+from ..formats.int4 import GROUP_SIZES, Int4WeightTensor
+from ..formats.int8 import Int8WeightTensor
+from ..formats.int8_dynamic import Int8DynamicActivationInt8WeightTensor
+from ..kernels.int4_qparams import DEFAULT_QPARAMS_ALGORITHM, check_qparams_algorithm
+from ..runtime.tensor_parallel import local_weight, quantize_dtensor
 
 FilterFn = Callable[[nn.Module, str], bool]
 logger = logging.getLogger("subclasses")
@@ -188,7 +187,7 @@ def quantize_(
     logged once at INFO by the ``subclasses`` logger. Returns ``model``.
 
     ``calibration``: a few batches of model inputs (each a tensor ``model(batch)``, tuple or dict) for
-    data-aware quantization (GPTQ) of the accepted ``nn.Linear`` weights; see ``subclasses.calibration``.
+    data-aware quantization (GPTQ) of the accepted ``nn.Linear`` weights; see ``subclasses.quantize.calibration``.
     """
     accept = filter_fn or _is_linear_or_embedding
     if calibration is not None:
@@ -237,19 +236,21 @@ def quantize_(
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
     if summary.quantized:
-        _mark_transformers_model(model, getattr(config, "base", config))
+        for hook in _QUANTIZED_MODEL_HOOKS:
+            hook(model, getattr(config, "base", config))
     model.quantize_summary = summary  # type: ignore[assignment]
     logger.info("%s", summary)
     return model
 
 
-def _mark_transformers_model(model: nn.Module, config: WeightConfig) -> None:
-    """Let a transformers model's ``save_pretrained`` write our format (see ``subclasses.hf``).
-    Only when transformers is imported already: a model of its can exist only then, and
-    ``import subclasses`` must never import it."""
-    transformers = sys.modules.get("transformers")
-    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
-        return
-    from . import hf
+QuantizedModelHook = Callable[[nn.Module, "WeightConfig"], None]
+_QUANTIZED_MODEL_HOOKS: list[QuantizedModelHook] = []
 
-    hf.attach(model, config)
+
+def register_quantized_model_hook(hook: QuantizedModelHook) -> None:
+    """Call ``hook(model, config)`` after every ``quantize_`` that quantized something.
+
+    How an integration (``subclasses.io.hf``: a transformers model's ``save_pretrained``) learns of a
+    quantized model without ``quantize_`` importing it. Registering the same hook twice is a no-op."""
+    if hook not in _QUANTIZED_MODEL_HOOKS:
+        _QUANTIZED_MODEL_HOOKS.append(hook)

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import FLOAT_DTYPES
-from .int4_tensor import Int4WeightTensor
+from ..formats.base import FLOAT_DTYPES
+from ..formats.int4 import Int4WeightTensor
 
 GROUP = 32  # elements per Q4_0 / Q4_1 block
 Q4_0, Q4_1 = 2, 3  # ggml type ids

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from unwrap.linear import register_linear
 
-from .int4_gemv import int4_mm_for_cpu
+from ..kernels.int4_gemv import int4_mm_for_cpu
 
 INT4_OPAQUE = "torchao.prototype.quantization.int4.Int4OpaqueTensor"
 INT8 = "torchao.quantization.Int8Tensor"

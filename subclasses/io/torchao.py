@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import FLOAT_DTYPES, QuantizedWeight
-from .int4_cuda import pack_tinygemm, pack_tinygemm_reference, unpack_tinygemm
-from .int4_tensor import GROUP_SIZES, Int4WeightTensor, Packing
-from .int8_tensor import Int8WeightTensor
+from ..formats.base import FLOAT_DTYPES, QuantizedWeight
+from ..formats.int4 import GROUP_SIZES, Int4WeightTensor, Packing
+from ..formats.int8 import Int8WeightTensor
+from ..kernels.int4_cuda import pack_tinygemm, pack_tinygemm_reference, unpack_tinygemm
 
 INT4_OPAQUE = "Int4OpaqueTensor"
 INT4_TILE_PACKED = "Int4TilePackedTo4dTensor"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import add_bias
+from .linear_io import add_bias
 
 
 def int8_cuda_linear(

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .base import FLOAT_DTYPES, FORMATS, QuantizedWeight
-from .portable import FORMAT_VERSION, build, check_version, portable_state
+from ..formats.base import FLOAT_DTYPES, FORMATS, QuantizedWeight
+from ..formats.portable import FORMAT_VERSION, build, check_version, portable_state
 
 # safetensors metadata keys (values are strings, as safetensors requires)
 VERSION_KEY = "unwrap_format_version"

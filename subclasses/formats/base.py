@@ -9,6 +9,7 @@ from typing import Any, ClassVar, SupportsIndex
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
+from ..kernels.linear_io import add_bias, as_kernel_input, as_linear_output  # noqa: F401 - re-exported for the formats
 from . import portable
 from .checks import FLOAT_DTYPES, weight_reason  # noqa: F401 - re-exported for the formats
 
@@ -49,6 +50,8 @@ class QuantizedWeight(torch.Tensor):
     outer_shape: tuple[int, ...]
     outer_dtype: torch.dtype
     _flatten_meta: ClassVar[Callable[..., tuple]]  # set per format by __init_subclass__
+    # Earlier qualified names of this very class (not inherited) that checkpoints may hold.
+    pickled_names: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -59,7 +62,8 @@ class QuantizedWeight(torch.Tensor):
         cls._flatten_meta = operator.attrgetter(*cls.tensor_attribute_names, "outer_shape", "outer_dtype")
         # Loadable with torch.load(weights_only=True); __setstate__ validates what it is given.
         FORMATS[cls.__name__] = cls
-        torch.serialization.add_safe_globals([cls])
+        # Checkpoints name the class by the module path it had when they were written, too.
+        torch.serialization.add_safe_globals([cls, *((cls, name) for name in cls.__dict__.get("pickled_names", ()))])
 
     @staticmethod
     def __new__(cls, *args: Any, **kwargs: Any) -> QuantizedWeight:
@@ -223,33 +227,6 @@ def check_activation(x: torch.Tensor, weight: QuantizedWeight) -> None:
             f"activation shape {tuple(x.shape)} does not fit the {type(weight).__name__} of shape "
             f"{tuple(shape)}: the last dimension must be in_features={shape[1]}"
         )
-
-
-def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``out + bias``; a bias of another dtype raises TypeError (plain F.linear refuses it too,
-    and adding it would silently promote the output's dtype)."""
-    if bias is None:
-        return out
-    if bias.dtype != out.dtype:
-        raise TypeError(f"bias dtype {bias.dtype} does not match the activation dtype {out.dtype}")
-    return out + bias
-
-
-def as_kernel_input(x: torch.Tensor) -> torch.Tensor:
-    """The 2-D contiguous view the CPU kernels take; copies only when x is not contiguous."""
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if x2d.is_contiguous() and x2d.stride(-1) == 1:
-        return x2d
-    # is_contiguous() ignores the strides of empty tensors and of size-1 dimensions, but the
-    # kernels check stride(-1) == 1 ([0, K] or [1, 1] slices with step 2 failed); and
-    # .contiguous() would return such a tensor as is.
-    return x2d.clone(memory_format=torch.contiguous_format)
-
-
-def as_linear_output(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.dim() != 2:
-        out = out.view(*x.shape[:-1], out.shape[-1])
-    return add_bias(out, bias)
 
 
 def target_dtype_device(weight: QuantizedWeight, kwargs: dict) -> tuple[torch.dtype, torch.device]:

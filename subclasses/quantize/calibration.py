@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import QuantizedWeight
-from .int4_tensor import Int4WeightTensor, quantize_int4
-from .int8_tensor import Int8WeightTensor
+from ..formats.base import QuantizedWeight
+from ..formats.int4 import Int4WeightTensor, quantize_int4
+from ..formats.int8 import Int8WeightTensor
 
 GPTQ_DAMP = 0.01  # fraction of the mean diagonal added to H: keeps the Cholesky factor finite
 GPTQ_BLOCK = 128  # columns updated lazily together (the original paper's block)

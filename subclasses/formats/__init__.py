@@ -1,0 +1,5 @@
+"""The quantized weight formats: tensor subclasses, their op tables and their portable (checkpoint) form.
+
+Owns ``QuantizedWeight`` (declared inner tensors and attributes, derived flatten/unflatten, op tables)
+and one module per format. May import ``subclasses.kernels`` and torch; nothing above it.
+"""
