@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import linecache
 import sys
-import weakref
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +27,11 @@ import torch
 from .linear import torchao_style_constructor
 from .spec import SEPARATOR, Opaque, SubclassSpec
 
-# What the templates call by name, plus every object ``global_name`` files.
+# The globals of all generated code: what every template calls, and the classes and functions it
+# names by their qualified names (deterministic; one entry per class or function, never per weight).
+# One shared dict: Dynamo then guards each of them once, not once per generated class.
 GLOBALS: dict[str, Any] = {"torch": torch, "is_compiling": torch.compiler.is_compiling}
-_USERS: dict[str, int] = {}  # per-weight globals -> how many live generated classes use them
+Names = dict[str, Any]  # one generated class's own objects (closure variables of its code): name -> object
 
 GETTER = '''\
 def {function}(self):
@@ -88,10 +90,10 @@ def literal(value: Any) -> str | None:
     return None
 
 
-def global_name(obj: Any, owners: list[str]) -> str:
+def global_name(obj: Any, names: Names) -> str:
     """The name under which generated code reads ``obj``: its qualified name for a class or
-    function (``subclasses_int4_tensor_Int4WeightTensor``), else a name of its own, appended to
-    ``owners`` so it is dropped with the last class that uses it."""
+    function (``subclasses_formats_int4_Int4WeightTensor``, a shared global), else a numbered name
+    in ``names``, the generated class's own objects (they go with the class)."""
     qualname = getattr(obj, "__qualname__", None)
     module = getattr(obj, "__module__", None)
     if isinstance(qualname, str) and isinstance(module, str) and "<" not in qualname:
@@ -99,49 +101,51 @@ def global_name(obj: Any, owners: list[str]) -> str:
         existing = GLOBALS.setdefault(name, obj)
         if existing is obj or existing == obj:  # == : a bound method is made anew on each access
             return name
-    name = f"{type(obj).__name__}_{id(obj):x}"
-    GLOBALS[name] = obj
-    owners.append(name)
+    for name, value in names.items():
+        if value is obj:
+            return name
+    name = f"{type(obj).__name__}_{len(names)}"
+    names[name] = obj
     return name
 
 
-def constant(value: Any, owners: list[str]) -> str:
+def constant(value: Any, names: Names) -> str:
     """``literal(value)``, else a global holding it."""
     text = literal(value)
-    return text if text is not None else global_name(value, owners)
+    return text if text is not None else global_name(value, names)
 
 
 def rebuild_source(
-    spec: SubclassSpec, attribute: str, store: str, owners: list[str], unread: frozenset[str] = frozenset()
+    spec: SubclassSpec, attribute: str, store: str, names: Names, unread: frozenset[str] = frozenset()
 ) -> str:
     """An expression rebuilding the subclass of ``spec`` from the plain tensors in the dict named
     ``store`` (keys ``f"{attribute}__{path}"``): DTensor by ``from_local``, a torchao-style class
     by its constructor (``unread``: optional inner tensors passed as None, see
     ``linear.unread_inner``), any other by its ``__tensor_unflatten__`` with the metadata as literals."""
-    sources = {name: _inner_source(value, attribute, store, owners) for name, value in spec.inner.items()}
+    sources = {name: _inner_source(value, attribute, store, names) for name, value in spec.inner.items()}
     if _is_dtensor(spec.subclass):
         # Dynamo cannot trace DTensor's __tensor_unflatten__, but traces from_local: the local
         # tensor (plain or ours) and the mesh, placements, shape and stride as they are.
         return (
-            f"{global_name(spec.subclass.from_local, owners)}({sources['_local_tensor']}, {sources['device_mesh']}, "
-            f"{constant(spec.meta[0], owners)}, run_check=False, shape={literal(tuple(spec.outer_size))}, "
+            f"{global_name(spec.subclass.from_local, names)}({sources['_local_tensor']}, {sources['device_mesh']}, "
+            f"{constant(spec.meta[0], names)}, run_check=False, shape={literal(tuple(spec.outer_size))}, "
             f"stride={literal(tuple(spec.outer_stride))})"
         )
-    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: constant(v, owners), unread)
+    constructor = torchao_style_constructor(spec.subclass, sources, spec.meta, lambda v: constant(v, names), unread)
     if constructor is not None:
         return constructor
     inner = ", ".join(f"{name!r}: {source}" for name, source in sources.items())
     return (
-        f"{global_name(spec.subclass, owners)}.__tensor_unflatten__({{{inner}}}, {constant(spec.meta, owners)}, "
+        f"{global_name(spec.subclass, names)}.__tensor_unflatten__({{{inner}}}, {constant(spec.meta, names)}, "
         f"{literal(tuple(spec.outer_size))}, {literal(tuple(spec.outer_stride))})"
     )
 
 
-def _inner_source(value: SubclassSpec | str | Opaque, attribute: str, store: str, owners: list[str]) -> str:
+def _inner_source(value: SubclassSpec | str | Opaque, attribute: str, store: str, names: Names) -> str:
     if isinstance(value, SubclassSpec):
-        return rebuild_source(value, attribute, store, owners)
+        return rebuild_source(value, attribute, store, names)
     if isinstance(value, Opaque):
-        return global_name(value.value, owners)
+        return global_name(value.value, names)
     return f"{store}[{attribute + SEPARATOR + value!r}]"
 
 
@@ -161,26 +165,18 @@ def cache_fields(spec: SubclassSpec, attribute: str) -> dict[str, str]:
     }
 
 
-def define(cls: type, template: str, fields: dict[str, Any], owners: list[str]) -> Callable:
+def define(cls: type, template: str, fields: dict[str, Any], names: Names) -> Callable:
     """The function ``template.format(**fields)`` defines, compiled under a file name that
-    ``linecache`` knows (one per distinct source), its globals ``GLOBALS``; the per-weight
-    globals in ``owners`` are released when ``cls`` is collected."""
-    source = template.format(**fields)
-    function = source[len("def ") : source.index("(")]
+    ``linecache`` knows (one per distinct source), its globals ``GLOBALS``, ``names`` its closure
+    variables."""
+    body = template.format(**fields)
+    function = body[len("def ") : body.index("(")]
+    source = f"def make({', '.join(names)}):\n" + textwrap.indent(body, "    ") + f"    return {function}\n"
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
     filename = f"<unwrap generated {cls.__name__}.{function} {digest}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     namespace: dict[str, Any] = {}
     exec(compile(source, filename, "exec"), GLOBALS, namespace)
-    for name in owners:
-        _USERS[name] = _USERS.get(name, 0) + 1
-        weakref.finalize(cls, _release, name)
-    generated = namespace[function]
+    generated = namespace["make"](**names)
     generated.__qualname__ = f"{cls.__name__}.{function}"
     return generated
-
-
-def _release(name: str) -> None:
-    _USERS[name] -= 1
-    if not _USERS[name]:
-        del _USERS[name], GLOBALS[name]

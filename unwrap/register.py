@@ -140,9 +140,6 @@ def _eager_get(module: UnwrappedModule, name: str) -> torch.Tensor:
     return value
 
 
-codegen.GLOBALS["eager_get"] = _eager_get
-
-
 def _install_accessors(module: UnwrappedModule) -> None:
     """Generate, on ``type(module)`` (a class of its own), a property per unwrapped name and, for
     an ``nn.Linear`` whose weight's class declares its ``F.linear`` (``linear.declared_linear``:
@@ -152,7 +149,7 @@ def _install_accessors(module: UnwrappedModule) -> None:
     guards nothing about them; the module's type is what it guards (one check it makes anyway).
     That is safe because new metadata always come with a new class (``_refresh_class``)."""
     cls = type(module)
-    owners: list[str] = []
+    names: codegen.Names = {"eager_get": _eager_get}
     for name, spec in module._unwrapped.items():
         store = _store_name(module, name)
         fields = {
@@ -160,10 +157,10 @@ def _install_accessors(module: UnwrappedModule) -> None:
             "doc": f"The tensor subclass `{name}`, rebuilt from its plain tensors.",
             "store": store,
             "name": name,
-            "rebuild": codegen.rebuild_source(spec, name, "plain", owners),
+            "rebuild": codegen.rebuild_source(spec, name, "plain", names),
             **codegen.cache_fields(spec, name),
         }
-        getter = codegen.define(cls, codegen.GETTER, fields, owners)
+        getter = codegen.define(cls, codegen.GETTER, fields, names)
         setattr(cls, name, property(getter, _setter(name), doc=fields["doc"]))
     weight = module._unwrapped.get("weight")
     linear = declared_linear(weight.subclass) if weight is not None else None
@@ -179,12 +176,12 @@ def _install_accessors(module: UnwrappedModule) -> None:
         )
         fields = {
             "store": _store_name(module, "weight"),
-            "linear": codegen.global_name(linear, owners),
-            "rebuild": codegen.rebuild_source(weight, "weight", "plain", owners, unread),
+            "linear": codegen.global_name(linear, names),
+            "rebuild": codegen.rebuild_source(weight, "weight", "plain", names, unread),
             "bias": "self._parameters['bias']" if "bias" in module._parameters else "self.bias",
             **codegen.cache_fields(weight, "weight"),
         }
-        cls.forward = codegen.define(cls, codegen.LINEAR_FORWARD, fields, owners)
+        cls.forward = codegen.define(cls, codegen.LINEAR_FORWARD, fields, names)
 
 
 def _store_name(module: UnwrappedModule, name: str) -> str:

@@ -21,12 +21,12 @@ Registered by class name when ``subclasses`` is imported: torchao is never impor
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.nn import functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from unwrap.linear import register_linear
 
@@ -45,8 +45,9 @@ def torchao_linear(input: torch.Tensor, weight: Any, bias: torch.Tensor | None =
 # Eager, the unwrapped module passes the same (cached) weight object on every call, so what the
 # lean linears need to know about it is worked out once per object: reading a Tensor property of
 # torchao's subclass (``weight.shape``, ``weight.dtype``) goes through its ``__torch_function__``
-# (~2 us). id(weight) -> (weakref to it, the version of the tensor the plan was made from, plan).
-_PLANS: dict[int, tuple[weakref.ref, int, Any]] = {}
+# (~2 us). weight -> (the version of the tensor the plan was made from, plan); entries go with
+# their weights.
+_PLANS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 def _planned(weight: Any, plan: Callable[[torch.Tensor], Any], source: torch.Tensor | None = None) -> Any:
@@ -54,16 +55,12 @@ def _planned(weight: Any, plan: Callable[[torch.Tensor], Any], source: torch.Ten
     tensor the plan is computed from); traced by torch.compile it is simply computed."""
     if torch.compiler.is_compiling() or (source is not None and source.is_inference()):  # no version counter
         return plan(weight)
-    key, version = id(weight), source._version if source is not None else 0
-    entry = _PLANS.get(key)
-    if entry is None or entry[0]() is not weight or entry[1] != version:
-
-        def forget(_: object, key: int = key) -> None:  # the weight is gone: drop its plan
-            _PLANS.pop(key, None)
-
-        entry = (weakref.ref(weight, forget), version, plan(weight))
-        _PLANS[key] = entry
-    return entry[2]
+    version = source._version if source is not None else 0
+    entry = _PLANS.get(weight)
+    if entry is None or entry[0] != version:
+        entry = (version, plan(weight))
+        _PLANS[weight] = entry
+    return entry[1]
 
 
 def _int4_group_size(weight: Any) -> int | None:

@@ -8,8 +8,11 @@ crossover measured on the project's CPU; ``perf/crossover.py`` re-measures it.
 
 from __future__ import annotations
 
+import functools
+import types
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -89,30 +92,50 @@ def _(scale_and_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # Weights with fewer elements dequantize eagerly (a 512x512 one in ~0.1 ms): not worth a compile.
 COMPILE_MIN_NUMEL = 1 << 18
-_compiled: Callable[..., torch.Tensor] | None = None
+
+
+class CompiledDequantize:
+    """``dequantize_kn`` compiled for one weight shape and dtype (one fused kernel instead of ~6
+    elementwise passes: ~4x faster at 2048x2048; static shapes: the dynamic-shape version is not
+    vectorized by Inductor).
+
+    Each instance compiles its own copy of the function's code, so Dynamo's cache and recompile
+    limit are per shape, never shared by all weights; and it is called with detached tensors, so a
+    weight that is an ``nn.Parameter`` is never guarded on by identity (under Inductor freezing
+    Dynamo guards parameters by id: one recompile per weight). If compiling fails (no C++
+    compiler), it warns and runs eagerly from then on: that shape only, never silently."""
+
+    def __init__(self, name: str) -> None:
+        code = dequantize_kn.__code__.replace(co_name=name)
+        function = types.FunctionType(code, dequantize_kn.__globals__, name)
+        self.run: Callable[..., torch.Tensor] = torch.compile(function, dynamic=False, fullgraph=True)
+        self.compiled = True
+
+    def __call__(self, packed: torch.Tensor, *args: Any) -> torch.Tensor:
+        if not self.compiled:
+            return dequantize_kn(packed, *args)
+        try:
+            return self.run(packed.detach(), *args)
+        except Exception as error:  # a backend failure: keep working, slower, and say so
+            warnings.warn(f"compiling the int4 dequantize failed ({error!r}); running it eagerly", stacklevel=3)
+            self.compiled = False
+            return dequantize_kn(packed, *args)
+
+
+@functools.cache
+def compiled_dequantize(n: int, k: int, group_size: int, dtype: torch.dtype) -> CompiledDequantize:
+    """The one ``CompiledDequantize`` of an [n, k] weight with ``group_size`` producing ``dtype``."""
+    return CompiledDequantize(f"dequantize_kn_{n}x{k}_g{group_size}_{str(dtype).removeprefix('torch.')}")
 
 
 def eager_dequantize_kn(
     packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype, n: int, k: int
 ) -> torch.Tensor:
-    """``dequantize_kn`` compiled once and cached (one fused kernel instead of ~6 elementwise
-    passes: ~4x faster at 2048x2048). Each weight shape and dtype compiles once (static shapes: the
-    dynamic-shape version is not vectorized by inductor); past Dynamo's recompile limit (8 shapes)
-    it runs eagerly. If compiling fails (no C++ compiler), warns once and
-    runs ``dequantize_kn`` eagerly from then on."""
-    global _compiled
+    """``dequantize_kn`` outside a compiled graph: compiled once per weight shape (``compiled_dequantize``)
+    for large weights, eager for small ones."""
     if packed.numel() * 2 < COMPILE_MIN_NUMEL:  # small: eager costs little, compiling seconds
         return dequantize_kn(packed, scale, zero, group_size, dtype, n, k)
-    if _compiled is None:
-        _compiled = torch.compile(dequantize_kn, dynamic=False)
-    try:
-        return _compiled(packed, scale, zero, group_size, dtype, n, k)
-    except Exception as error:  # a backend failure: keep working, slower
-        if _compiled is dequantize_kn:
-            raise
-        warnings.warn(f"compiling the int4 dequantize failed ({error!r}); running it eagerly", stacklevel=2)
-        _compiled = dequantize_kn
-        return dequantize_kn(packed, scale, zero, group_size, dtype, n, k)
+    return compiled_dequantize(n, k, group_size, dtype)(packed, scale, zero, group_size, dtype, n, k)
 
 
 def prefill_mm(

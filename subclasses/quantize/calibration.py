@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..formats.base import QuantizedWeight
 from ..formats.int4 import Int4WeightTensor, quantize_int4
@@ -56,7 +57,7 @@ def _run(model: nn.Module, batch: Any, index: int) -> None:
 
 def collect_hessians(
     model: nn.Module, calibration: Iterable[Any], accept: Callable[[nn.Module, str], bool]
-) -> dict[int, torch.Tensor]:
+) -> WeakTensorKeyDictionary:
     """``H = sum over tokens of x^T x`` (fp32, [K, K]) of every ``nn.Linear`` that ``accept`` takes,
     keyed by ``id`` of its weight Parameter (a weight shared by several linears sums their inputs),
     over ``model``'s forward on each calibration batch. Errors name the batch and the rule broken."""
@@ -65,7 +66,7 @@ def collect_hessians(
             f"calibration must be a list (or other iterable) of batches, got {type(calibration).__name__}"
             " (one batch of token ids: pass [ids])"
         )
-    hessians: dict[int, torch.Tensor] = {}
+    hessians: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # weight -> H
 
     def hook(module: nn.Module, args: tuple, fqn: str) -> None:
         x = args[0]
@@ -75,8 +76,7 @@ def collect_hessians(
                 "calibrate with inputs of the model's dtype"
             )
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        key = id(module.weight)
-        hessians[key] = hessians.get(key, 0) + x.T @ x
+        hessians[module.weight] = hessians.get(module.weight, 0) + x.T @ x
 
     handles = [
         module.register_forward_pre_hook(lambda m, args, fqn=fqn: hook(m, args, fqn))
@@ -177,10 +177,10 @@ def gptq_int8(weight: torch.Tensor, h: torch.Tensor, reference: Int8WeightTensor
 @dataclass(frozen=True)
 class CalibratedConfig:
     """``base`` (an int4 or int8 config) whose ``quantize`` runs GPTQ for the weights in ``hessians``
-    (``id`` of the Parameter -> H) and ``base.quantize`` for the others (embeddings, unseen layers)."""
+    (the Parameter -> H) and ``base.quantize`` for the others (embeddings, unseen layers)."""
 
     base: Any
-    hessians: dict[int, torch.Tensor]
+    hessians: WeakTensorKeyDictionary
 
     def __getattr__(self, name: str) -> Any:  # strict_reason, scale_covers_row, group_size_for, ...
         if name in ("base", "hessians") or name.startswith("__"):  # not set yet (copy, pickle)
@@ -195,7 +195,7 @@ class CalibratedConfig:
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         reference = self.base.quantize(weight)
-        h = self.hessians.get(id(weight))
+        h = self.hessians.get(weight)
         if h is None:
             return reference
         if isinstance(reference, Int4WeightTensor):

@@ -152,20 +152,32 @@ def compile_decode_step(
     compile_kwargs.setdefault("fullgraph", True)
     compile_kwargs.setdefault("dynamic", False)
     compiled = torch.compile(_own_code(step), options=options, **compile_kwargs)
-    if not freeze:
-        return compiled
+    return FrozenStep(compiled) if freeze else compiled
 
-    def frozen_step(*args: object, **kwargs: object) -> object:
-        # Set around the call, not in options=: Dynamo reads it when tracing (is_parameter_freezing).
-        # Plain assignment: config.patch() costs ~35 us per call, this ~9.
-        config, before = torch._inductor.config, torch._inductor.config.freezing
-        config.freezing = True
-        try:
-            return compiled(*args, **kwargs)
-        finally:
-            config.freezing = before
 
-    return frozen_step
+class FrozenStep:
+    """A compiled step whose traces run with Inductor's freezing on.
+
+    Dynamo reads ``torch._inductor.config.freezing`` while it traces (``is_parameter_freezing``),
+    not from ``options=``; so the first call for each new set of input shapes (the only calls that
+    can trace) runs inside ``config.patch(freezing=True)``, and every other call touches no global
+    config. Shapes are those of the tensor arguments and the cache's length."""
+
+    def __init__(self, compiled: Callable) -> None:
+        self.compiled = compiled
+        self.traced_shapes: set[tuple] = set()
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        values = (*args, *kwargs.values())
+        shapes = tuple(v.shape for v in values if isinstance(v, torch.Tensor))
+        cache = kwargs.get("past_key_values")
+        key = (shapes, cache.get_max_length() if hasattr(cache, "get_max_length") else None)
+        if key in self.traced_shapes:
+            return self.compiled(*args, **kwargs)
+        with torch._inductor.config.patch(freezing=True):
+            out = self.compiled(*args, **kwargs)
+        self.traced_shapes.add(key)
+        return out
 
 
 class GreedyDecoder:
@@ -223,6 +235,7 @@ def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) ->
 
 __all__ = [
     "ATTENTION",
+    "FrozenStep",
     "GreedyDecoder",
     "compile_decode_step",
     "compile_for_decode",

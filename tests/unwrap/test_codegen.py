@@ -1,7 +1,7 @@
 """The generated accessors and forwards: readable source, tracebacks, literals, no global growth."""
 
-import gc
 import inspect
+import textwrap
 import traceback
 
 import pytest
@@ -20,13 +20,13 @@ def int4_model():
 
 def test_generated_forward_has_source_and_reads_like_code():
     model = unwrap(int4_model())
-    source = inspect.getsource(type(model[0]).forward)
+    source = textwrap.dedent(inspect.getsource(type(model[0]).forward))  # defined inside its closure
     assert source.startswith("def forward(self, input):")
     # the rebuild is written out: class by qualified name, metadata as literals
-    assert "subclasses_int4_tensor_Int4WeightTensor.__tensor_unflatten__(" in source
+    assert "subclasses_formats_int4_Int4WeightTensor.__tensor_unflatten__(" in source
     assert "(32, 'cpu', (32, 64), torch.bfloat16)" in source
-    assert "subclasses_int4_tensor_int4_linear(input, " in source
-    getter = inspect.getsource(type(model[0]).weight.fget)
+    assert "subclasses_formats_int4_int4_linear(input, " in source
+    getter = textwrap.dedent(inspect.getsource(type(model[0]).weight.fget))
     assert getter.startswith("def get(self):") and "return eager_get(self, 'weight')" in getter
 
 
@@ -36,7 +36,7 @@ def test_a_traceback_through_generated_code_shows_its_line():
         model(torch.randn(2, 48, dtype=torch.bfloat16))  # wrong in_features
     frames = traceback.extract_tb(error.value.__traceback__)
     generated = [f for f in frames if f.filename.startswith("<unwrap generated")]
-    assert generated and generated[0].line.startswith("return subclasses_int4_tensor_int4_linear(input, ")
+    assert generated and generated[0].line.startswith("return subclasses_formats_int4_int4_linear(input, ")
 
 
 @pytest.mark.parametrize(
@@ -59,38 +59,38 @@ def test_literal_refuses_everything_else(value):
     assert codegen.literal(value) is None
 
 
-def test_per_weight_globals_are_released_with_the_module():
+def test_per_weight_objects_live_in_their_class_s_own_globals():
     """Objects without an importable qualified name (a DTensor's mesh, a non-literal metadata
-    value) are globals of the generated code only while a class using them lives."""
+    value) are globals of one generated class's code only: the shared GLOBALS never change, and
+    they go with the class."""
 
-    class Marker:  # a local class: no importable qualified name, so held by id
+    class Marker:  # a local class: no importable qualified name
         pass
 
-    marker = Marker()
-    before = set(codegen.GLOBALS)
-    owners: list[str] = []
-    name = codegen.global_name(marker, owners)
-    assert name not in before and owners == [name]
+    marker, before = Marker(), dict(codegen.GLOBALS)
+    names: codegen.Names = {}
+    name = codegen.global_name(marker, names)
+    assert names == {name: marker}
 
     class Holder:
         pass
 
-    codegen.define(Holder, "def f(self):\n    return {name}\n", {"name": name}, owners)
-    assert name in codegen.GLOBALS
-    del Holder
-    gc.collect()
-    assert name not in codegen.GLOBALS
+    function = codegen.define(Holder, "def f(self):\n    return {name}\n", {"name": name}, names)
+    assert function(None) is marker
+    assert codegen.GLOBALS == before
 
 
 def test_unwrapping_many_models_does_not_grow_the_globals():
-    unwrap(int4_model())
-    gc.collect()
-    size = len(codegen.GLOBALS)
-    for _ in range(3):
+    """The shared globals hold one entry per class or function generated code names, never one per weight."""
+
+    def unwrap_both() -> None:
         model = nn.Sequential(nn.Linear(8, 8))
         model[0].weight = nn.Parameter(TwoTensor(torch.randn(8, 8), torch.randn(8, 8)), requires_grad=False)
         unwrap(model)
         unwrap(int4_model())
-    del model
-    gc.collect()
-    assert len(codegen.GLOBALS) <= size + 1  # TwoTensor's class, once, by its qualified name
+
+    unwrap_both()  # files TwoTensor's and the int4 classes by their qualified names, once
+    before = dict(codegen.GLOBALS)
+    for _ in range(3):
+        unwrap_both()
+    assert codegen.GLOBALS == before
