@@ -35,7 +35,6 @@ from .quantize.api import (
     quantize_,
     register_quantized_model_hook,
 )
-from .runtime import tensor_parallel  # noqa: F401 - registers the ops DTensor needs on every format
 
 register_quantized_model_hook(mark_transformers_model)
 
