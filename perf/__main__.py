@@ -8,11 +8,10 @@ import sys
 
 import torch
 
+from .harness.models import LLMS, WORKLOADS
+from .harness.timing import Progress
 from .real_model import smollm2_dir
-from .report import Progress, format_report, run_report, write_json, write_plot
-from .workloads import WORKLOADS
-
-LLMS = ("Qwen2 tiny", "Qwen2 0.5B", "SmolLM2 135M")
+from .report import format_report, run_report, write_json, write_plot
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
