@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .harness.tables import markdown_table
+from .harness.tables import Stamp, markdown_table
 
 
 def free_port() -> int:
@@ -196,10 +196,11 @@ def tp_report(
     threads: int,
     quick: bool,
     progress: Callable[[str], None] = print,
+    stamp: Stamp | None = None,
 ) -> str:
     """``python -m perf --tp N``: greedy decode ms/token of the built-in Qwen2 models, TP=1 vs
     TP=``world_size`` (gloo on CPU, one process per rank), bf16 and each format, eager and
-    compiled; a Markdown table per model."""
+    compiled; a Markdown table per model (each stamped with ``stamp`` when given)."""
     rounds, tokens = (3, 4) if quick else (10, 8)
     out = [
         f"unwrap tensor-parallel report: torch {torch.__version__}, gloo on CPU, batch 1, greedy decode; "
@@ -226,5 +227,5 @@ def tp_report(
             mib = " / ".join(f"{row['bytes'][tp] / 2**20:.1f}" for tp in (1, world_size))
             table.append([row["variant"], *cells, f"{cn / c1:.2f}", mib])
         title = f"{name}, TP=1 vs TP={world_size} (ms/token)"
-        out.append(markdown_table(head, table, title=title))
+        out.append(markdown_table(head, table, title=title, stamp=stamp.line() if stamp else None))
     return "\n\n".join(out) + "\n"

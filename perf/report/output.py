@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from ..harness.tables import markdown_table
+from ..harness.tables import Stamp, markdown_table
 from ..modes import MODE_TITLES
 from .blocks import Block
 
@@ -34,10 +34,11 @@ def _best_time(block: Block, variant: str) -> float | None:
     return best[1] if best else None
 
 
-def format_block(block: Block) -> str:
+def format_block(block: Block, stamp: Stamp | None = None) -> str:
     """A Markdown table: each time with its ratio to the floor in the same mode, the time to first
     token with its ratio to bf16 (LLMs with ``prefill_tokens``), the guards of the default compile,
-    kernel-only time, host overhead (best − kernel), best ÷ bf16's best."""
+    kernel-only time, host overhead (best − kernel), best ÷ bf16's best; under its heading, the
+    ``stamp`` line when given."""
     floor, bf16 = block.row("floor"), block.row("bf16")
     # compile_for_decode prefills in eager: its time to first token is the eager column's
     ttft_modes = tuple(m for m in block.modes if m != "decode") if block.prefill_tokens else ()
@@ -76,7 +77,7 @@ def format_block(block: Block) -> str:
     title = (
         f"{block.workload}, {block.format} ({block.unit}; in brackets: ratio to the floor in the same mode{ttft_title})"
     )
-    lines = [markdown_table(head, rows, title=title)]
+    lines = [markdown_table(head, rows, title=title, stamp=stamp.line() if stamp else None)]
     fastest = block.fastest()
     if fastest:
         row, mode, t = fastest
@@ -87,13 +88,15 @@ def format_block(block: Block) -> str:
     return "\n".join(lines)
 
 
-def format_report(blocks: list[Block], meta: dict[str, Any]) -> str:
-    """The whole report: a header line with the setup, then one table per block."""
-    header = (
-        f"unwrap overhead report: torch {meta['torch']}, {meta['threads']} thread(s), batch 1, "
-        f"minimum of repeated timings"
-    )
-    return "\n\n".join([header, *(format_block(b) for b in blocks)]) + "\n"
+def format_report(blocks: list[Block], meta: dict[str, Any], stamp: Stamp | None = None) -> str:
+    """The whole report: a header line with the setup, then one table per block. With ``stamp``, a
+    Markdown page (the results page): a title, and each table stamped with where it was measured."""
+    setup = f"torch {meta['torch']}, {meta['threads']} thread(s), batch 1, minimum of repeated timings"
+    if stamp is None:
+        header = f"unwrap overhead report: {setup}"
+    else:
+        header = f"# unwrap overhead report\n\n{setup}; machine: {stamp.machine}; command: `{stamp.command}`"
+    return "\n\n".join([header, *(format_block(b, stamp) for b in blocks)]) + "\n"
 
 
 def to_json(blocks: list[Block], meta: dict[str, Any]) -> dict[str, Any]:

@@ -154,3 +154,31 @@ def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
     data = json.loads(json.dumps(to_json([block], {})))["blocks"][0]
     assert data["prefill_tokens"] == 64 and data["rows"][0]["ttft"]["compiled"] > 0
     assert to_json([sample_block()], {})["blocks"][0]["prefill_tokens"] is None
+
+
+def test_full_measures_everything_and_excludes_the_subsets(capsys):
+    assert parse_args(["--full"]).full
+    for subset in (["--quick"], ["--only", "W1"], ["--no-llm"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--full", *subset])
+        assert "--full measures everything" in capsys.readouterr().err
+
+
+def test_markdown_page_stamps_every_table():
+    from perf.harness.tables import Stamp
+    from perf.report import format_report
+
+    stamp = Stamp(2, machine="Some CPU (AVX512)", torch="2.x", date="2025-01-02", command="python -m perf --markdown")
+    text = format_report([sample_block(), sample_block()], {"torch": "2.x", "threads": 2}, stamp)
+    assert text.startswith("# unwrap overhead report\n")
+    line = "_Some CPU (AVX512), 2 thread(s), torch 2.x, 2025-01-02; `python -m perf --markdown`_"
+    assert text.count(line) == 2
+    heading = text.index("### W1 8x256, int4")
+    assert text[heading:].split("\n")[2] == line and "| variant |" in text[heading:].split("\n")[4]
+    assert line not in format_report([sample_block()], {"torch": "2.x", "threads": 2})  # plain text: no stamps
+
+
+def test_machine_names_the_cpu_and_torch_s_isa():
+    from perf.harness.tables import machine
+
+    assert machine().endswith(f"({torch.backends.cpu.get_cpu_capability()})")
