@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 
 import torch
 
+from .harness.models import LLMS, WORKLOADS
+from .harness.tables import Stamp, machine
+from .harness.timing import Progress
 from .real_model import smollm2_dir
-from .report import Progress, format_report, run_report, write_json, write_plot
-from .workloads import WORKLOADS
-
-LLMS = ("Qwen2 tiny", "Qwen2 0.5B", "SmolLM2 135M")
+from .report import format_report, run_report, write_json, write_plot
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="CI smoke: fewer timings, no 0.5B model")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="everything the report measures: every workload and model, all timings (what the default runs now)",
+    )
     parser.add_argument(
         "--only",
         metavar="NAMES",
@@ -47,7 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--plot", metavar="PATH", help="also write a bar chart PNG (needs matplotlib: the 'plot' extra)"
     )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the report as a Markdown page, each table stamped with the machine (CPU and ISA), threads, "
+        "torch version, date and command (python -m perf --full --markdown > docs/results.md)",
+    )
     args = parser.parse_args(argv)
+    if args.full and (args.quick or args.only or args.no_llm):
+        parser.error("--full measures everything: it cannot go with --quick, --only or --no-llm")
     if args.tp is not None and args.tp < 2:
         parser.error(f"--tp must be at least 2 (TP=1 is always measured next to it), got {args.tp}")
     if args.tp is not None and (args.json or args.plot or args.no_llm):
@@ -98,13 +112,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    command = shlex.join(["python", "-m", "perf", *(sys.argv[1:] if argv is None else argv)])
+    stamp = Stamp(torch.get_num_threads(), command=command)
     fmts = ["int4", "int8"] if args.format == "all" else [args.format]
     if args.tp is not None:
         from .tp import tp_report
 
         names = selected(LLMS[:1] if args.quick else LLMS, args.only)
         print(
-            tp_report(args.tp, names, fmts, threads=torch.get_num_threads(), quick=args.quick, progress=Progress()),
+            tp_report(
+                args.tp,
+                names,
+                fmts,
+                threads=torch.get_num_threads(),
+                quick=args.quick,
+                progress=Progress(),
+                stamp=stamp if args.markdown else None,
+            ),
             end="",
         )
         return 0
@@ -126,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "cpu": machine(),
         "quick": args.quick,
         "formats": fmts,
     }
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = run_report(fmts, quick=args.quick, llm=llm, progress=progress, workloads=selected(WORKLOADS, args.only))
     if "SmolLM2 135M" in llm:
         blocks.extend(llama_blocks(quick=args.quick, progress=progress))
-    print(format_report(blocks, meta), end="")
+    print(format_report(blocks, meta, stamp if args.markdown else None), end="")
     if args.json:
         write_json(args.json, blocks, meta)
     if args.plot:

@@ -31,6 +31,9 @@ from subclasses import (
 )
 from subclasses.formats.base import QuantizedWeight
 from subclasses.kernels.int4_qparams import QPARAMS_ALGORITHMS
+from subclasses.quantize.api import WeightConfig
+
+from .harness.tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ class TorchaoHQQConfig:
 @dataclass
 class Row:
     label: str
-    config: object | None  # None: the bf16 model itself
+    config: WeightConfig | None  # None: the bf16 model itself
     group_size: int | None = None
     algorithm: str | None = None
     calibrated: bool = False  # quantize_(..., calibration=...): GPTQ
@@ -83,7 +86,7 @@ def variants(group_sizes: list[int], algorithms: list[str]) -> list[Row]:
     for g in group_sizes:
         for algorithm in algorithms:
             if algorithm == "hqq":
-                config: object = TorchaoHQQConfig(g)
+                config: WeightConfig = TorchaoHQQConfig(g)
             else:
                 config = Int4WeightOnlyConfig(g, qparams_algorithm="mse" if algorithm == "gptq" else algorithm)
             label = f"int4 g{g} mse + GPTQ" if algorithm == "gptq" else f"int4 g{g} {algorithm}"
@@ -170,45 +173,54 @@ def measure(
     return rows
 
 
-def versus(row: Row, rows: list[Row], algorithm: str = "tinygemm") -> str:
+def versus(row: Row, rows: list[Row], algorithm: str = "tinygemm") -> list[str]:
     """Per-layer comparison against ``algorithm`` (min-max by default) at the same group size, as two
     table cells; only the layers quantized at the row's group size (a layer it does not divide falls
     back to 32: not counted)."""
     base = next((r for r in rows if r.group_size == row.group_size and r.algorithm == algorithm), None)
     if row.group_size is None or base is None or base is row or not row.layers:
-        return "| - | - |"
+        return ["-", "-"]
     names = [n for n in row.layers if n in base.layers and row.layers[n][2] == base.layers[n][2] == row.group_size]
     if not names:
-        return "| - | - |"
+        return ["-", "-"]
     weight = [row.layers[n][0] / base.layers[n][0] for n in names]
     output = [row.layers[n][1] - base.layers[n][1] for n in names]
     better_w = sum(r < 1 for r in weight) / len(names)
     better_o = sum(d > 0 for d in output) / len(names)
-    return (
-        f"| {100 * better_w:.0f} % of {len(names)} (median x{statistics.median(weight):.2f}) "
-        f"| {100 * better_o:.0f} % (median {statistics.median(output):+.2f} dB) |"
-    )
+    return [
+        f"{100 * better_w:.0f} % of {len(names)} (median x{statistics.median(weight):.2f})",
+        f"{100 * better_o:.0f} % (median {statistics.median(output):+.2f} dB)",
+    ]
 
 
 def format_table(rows: list[Row]) -> str:
     """The markdown table; with HQQ rows, two more columns compare each layer with HQQ's."""
     bf16 = next(r.perplexity for r in rows if r.config is None)
     hqq = any(r.algorithm == "hqq" for r in rows)
-    header = (
-        "| variant | perplexity | vs bf16 | linears quantized | quantize s "
-        "| layers with lower weight error than min-max | layers with higher output SQNR than min-max |"
-    )
+    head = [
+        "variant",
+        "perplexity",
+        "vs bf16",
+        "linears quantized",
+        "quantize s",
+        "layers with lower weight error than min-max",
+        "layers with higher output SQNR than min-max",
+    ]
     if hqq:
-        header += " lower weight error than HQQ | higher output SQNR than HQQ |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for row in rows:
-        quantized = "-" if row.config is None else f"{row.quantized}/{row.linears}"
-        seconds = "-" if row.config is None else f"{row.quantize_s:.1f}"
-        cells = versus(row, rows) + (versus(row, rows, "hqq")[1:] if hqq else "")
-        lines.append(
-            f"| {row.label} | {row.perplexity:.2f} | {row.perplexity - bf16:+.2f} | {quantized} | {seconds} {cells}"
-        )
-    return "\n".join(lines)
+        head += ["lower weight error than HQQ", "higher output SQNR than HQQ"]
+    cells = [
+        [
+            row.label,
+            f"{row.perplexity:.2f}",
+            f"{row.perplexity - bf16:+.2f}",
+            "-" if row.config is None else f"{row.quantized}/{row.linears}",
+            "-" if row.config is None else f"{row.quantize_s:.1f}",
+            *versus(row, rows),
+            *(versus(row, rows, "hqq") if hqq else []),
+        ]
+        for row in rows
+    ]
+    return markdown_table(head, cells)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,13 +19,16 @@ the bytes: its own floor is in the ``int8 floor`` column).
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
 
+from perf.harness.tables import markdown_table
+from perf.harness.timing import interleaved_min
 from subclasses.formats.int4 import Int4WeightTensor
 from subclasses.kernels.int4_gemv import kernel_available
 
@@ -83,17 +86,8 @@ def read_bandwidth_gbs(nbytes: int = BANDWIDTH_BYTES, chunk: int = 512 << 10, ro
     buffer = torch.ones(nbytes // 8, dtype=torch.int64)
     read = torch.ops.unwrap_cpu.read_bytes.default if kernel_available() else torch.Tensor.sum
     chunks = buffer.split(chunk // 8)
-    best = [float("inf")] * len(chunks)
-    for _ in range(rounds):
-        for i, part in enumerate(chunks):
-            best[i] = min(best[i], _timed(lambda part=part: read(part)))
-    return nbytes / sum(best) / 1e9
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    best = interleaved_min({i: functools.partial(read, part) for i, part in enumerate(chunks)}, rounds=rounds)
+    return nbytes / sum(best.values()) / 1e9
 
 
 def int4_bytes(n: int, k: int, group_size: int = GROUP_SIZE, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -129,7 +123,7 @@ def copies(weight: Weight, count: int) -> list[Weight]:
         w.packed.clone(), w.scale_and_zero.clone(), w.group_size, w.packing, w.outer_shape, w.outer_dtype
     )
     return [weight] + [
-        Weight(weight.n, weight.k, clone(), tuple(t.clone() for t in weight.int8)) for _ in range(count - 1)
+        Weight(weight.n, weight.k, clone(), (weight.int8[0].clone(), weight.int8[1].clone())) for _ in range(count - 1)
     ]
 
 
@@ -158,25 +152,17 @@ def sweep(
 
 def time_paths(weights: list[Weight], rounds: int) -> dict[str, float]:
     """Time of one sweep in us per path: each call is timed alone and the sum is taken over each
-    call's minimum across ``rounds`` cold sweeps (paths interleaved each round). On a shared
-    machine a preemption spoils a call, not the sweep: this is robust where the min of whole
-    sweeps is not (2 busy cores)."""
+    call's minimum across ``rounds`` cold sweeps (paths interleaved each round, after one warm-up
+    sweep). On a shared machine a preemption spoils a call, not the sweep: this is robust where the
+    min of whole sweeps is not (2 busy cores)."""
     inputs = {w.k: torch.randn(1, w.k, dtype=torch.bfloat16) for w in weights}
     table = paths()
-    best = {name: [float("inf")] * len(weights) for name in table}
-    clock = time.perf_counter
+    calls = {
+        (name, i): functools.partial(fn, inputs[w.k], w) for name, fn in table.items() for i, w in enumerate(weights)
+    }
     with torch.inference_mode():
-        for fn in table.values():
-            sweep(fn, weights, inputs)
-        for _ in range(rounds):
-            for name, fn in table.items():
-                mins = best[name]
-                for i, w in enumerate(weights):
-                    x = inputs[w.k]
-                    start = clock()
-                    fn(x, w)
-                    mins[i] = min(mins[i], clock() - start)
-    return {name: sum(mins) * 1e6 for name, mins in best.items()}
+        best = interleaved_min(calls, rounds=rounds, warmup=1)
+    return {name: sum(t for (path, _), t in best.items() if path == name) * 1e6 for name in table}
 
 
 def copies_for(n: int, k: int) -> int:
@@ -184,7 +170,7 @@ def copies_for(n: int, k: int) -> int:
     return max(1, -(-COLD_BYTES // int4_bytes(n, k)))
 
 
-def shape_rows(model: Model, bandwidth: float, rounds: int = 7) -> list[dict[str, object]]:
+def shape_rows(model: Model, bandwidth: float, rounds: int = 7) -> list[dict[str, Any]]:
     """Per distinct shape: us per call of each path, cold, and the floors."""
     rows = []
     for name, n, k, calls in model.shapes():
@@ -204,7 +190,7 @@ def shape_rows(model: Model, bandwidth: float, rounds: int = 7) -> list[dict[str
     return rows
 
 
-def token_row(model: Model, bandwidth: float, rounds: int = 5, lm_head: bool = True) -> dict[str, object]:
+def token_row(model: Model, bandwidth: float, rounds: int = 5, lm_head: bool = True) -> dict[str, Any]:
     """One token's GEMVs (every decoder linear, in order, plus the vocab matrix): total us per path."""
     shapes = [(n, k) for _ in range(model.layers) for _, n, k in model.layer_shapes()]
     shapes += [(model.vocab, model.hidden)] if lm_head else []
@@ -219,7 +205,7 @@ def token_row(model: Model, bandwidth: float, rounds: int = 5, lm_head: bool = T
     }
 
 
-def fused_token_row(model: Model, bandwidth: float, rounds: int = 5) -> dict[str, object]:
+def fused_token_row(model: Model, bandwidth: float, rounds: int = 5) -> dict[str, Any]:
     """One token's GEMVs as ``compile_for_decode`` calls them: per layer q/k/v as one
     ``int4_gemv_cat``, o_proj, gate/up as one, down_proj; then the vocab matrix. Same weights and
     bytes as ``token_row``; only the ``unwrap`` path exists (aten has no fused call)."""
@@ -230,24 +216,24 @@ def fused_token_row(model: Model, bandwidth: float, rounds: int = 5) -> dict[str
     calls = [[random_weight(*layer[name]).int4 for name in group] for _ in range(model.layers) for group in groups]
     calls.append([random_weight(model.vocab, model.hidden).int4])
     inputs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in (model.hidden, model.intermediate)}
-    best = [float("inf")] * len(calls)
+    fns = {
+        i: functools.partial(
+            int4_gemv_cat, inputs[ws[0].shape[1]], [w.packed for w in ws], GROUP_SIZE, [w.scale_and_zero for w in ws]
+        )
+        for i, ws in enumerate(calls)
+    }
     with torch.inference_mode():
-        for _ in range(rounds + 1):  # the first is the warm-up
-            for i, ws in enumerate(calls):
-                x = inputs[ws[0].shape[1]]
-                start = time.perf_counter()
-                int4_gemv_cat(x, [w.packed for w in ws], GROUP_SIZE, [w.scale_and_zero for w in ws])
-                best[i] = min(best[i], time.perf_counter() - start)
+        best = interleaved_min(fns, rounds=rounds, warmup=1)
     nbytes = sum(int4_bytes(*w.shape) for ws in calls for w in ws)
     return {
         "shape": f"token, fused ({len(calls)} calls)",
         "calls": 1,
         "floor": nbytes / bandwidth / 1e3,
-        "unwrap": sum(best) * 1e6,
+        "unwrap": sum(best.values()) * 1e6,
     }
 
 
-def format_table(title: str, rows: list[dict[str, object]]) -> str:
+def format_table(title: str, rows: list[dict[str, Any]]) -> str:
     """Markdown table: us per call; ``x floor`` is each int4 path's time over the int4 floor."""
     int4 = [p for p in ("aten", "unwrap") if p in rows[0]]
     head = [
@@ -259,9 +245,8 @@ def format_table(title: str, rows: list[dict[str, object]]) -> str:
         "int8 us",
         "int8 floor us",
     ]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [
+    cells = [
+        [
             r["shape"],
             r["calls"],
             f"{r['floor']:.1f}",
@@ -270,8 +255,9 @@ def format_table(title: str, rows: list[dict[str, object]]) -> str:
             f"{r['int8']:.1f}" if "int8" in r else "-",
             f"{r['int8 floor']:.1f}" if "int8 floor" in r else "-",
         ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+        for r in rows
+    ]
+    return markdown_table(head, cells, title=title)
 
 
 def main(argv: list[str] | None = None) -> None:

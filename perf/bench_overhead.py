@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 from perf.cuda import cuda_available, cuda_time_us, cuda_variants, prepare_cuda, synchronized
+from perf.harness.models import REPORT_FORMATS, WORKLOADS, build_variants
+from perf.harness.timing import interleaved_min
 from perf.modes import CUDA_MODES, prepare
 from perf.modes import VARIANTS as ALL_VARIANTS
-from perf.report import interleaved_min_us
-from perf.workloads import CONFIGS, WORKLOADS, build_variants
 
 VARIANTS = ALL_VARIANTS[:4]  # torchao's rows are perf/bench_torchao.py's
 MODES = ("eager", "compiled")  # of modes.MODES: what host overhead is about
@@ -50,7 +51,7 @@ def prepared(
 
 
 def run_case(
-    benchmark: Callable[..., object],
+    benchmark: Any,  # pytest-benchmark's fixture (or a stand-in with extra_info)
     workload: str,
     fmt: str,
     variant: str,
@@ -70,7 +71,7 @@ def run_case(
 
 
 def time_against_floor(
-    benchmark: Callable[..., object],
+    benchmark: Any,  # pytest-benchmark's fixture (or a stand-in with extra_info)
     ours: tuple[Callable[[], object], int | None],
     floor: tuple[Callable[[], object], int | None],
     layers: int,
@@ -83,8 +84,9 @@ def time_against_floor(
     (ours_fn, guards), (floor_fn, floor_guards) = ours, floor
     with torch.inference_mode():
         benchmark(ours_fn)
-        times = interleaved_min_us({"floor": floor_fn, "ours": ours_fn}, repeats=rounds, number=number)
-    info = {
+        seconds = interleaved_min({"floor": floor_fn, "ours": ours_fn}, rounds=rounds, number=number, warmup=10)
+    times = {key: s * 1e6 for key, s in seconds.items()}
+    info: dict[str, object] = {
         "floor_us": times["floor"],
         "ours_us": times["ours"],
         "ratio_to_floor": times["ours"] / times["floor"],
@@ -98,7 +100,7 @@ def time_against_floor(
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fmt", list(CONFIGS))
+@pytest.mark.parametrize("fmt", REPORT_FORMATS)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_overhead(benchmark, workload: str, fmt: str, mode: str, variant: str) -> None:
     benchmark.group = f"{workload} {fmt} {mode}"
@@ -120,7 +122,7 @@ def prepared_cuda(workload: str, fmt: str, variant: str, mode: str) -> Callable[
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("variant", [*VARIANTS, "torchao"])
 @pytest.mark.parametrize("mode", CUDA_MODES)
-@pytest.mark.parametrize("fmt", list(CONFIGS))
+@pytest.mark.parametrize("fmt", REPORT_FORMATS)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_overhead_cuda(benchmark, workload: str, fmt: str, mode: str, variant: str) -> None:
     if variant not in _cuda_variants(workload, fmt)[0]:

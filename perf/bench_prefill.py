@@ -3,33 +3,24 @@
 Run: ``pytest perf/bench_prefill.py --benchmark-only`` (2 threads; ``BENCH_THREADS`` to change).
 Each case is ``(format, mode, M)``; ``compiled`` compiles the unwrapped layer once per format with
 dynamic M, so one graph serves every M above the int4 crossover (see ``subclasses.kernels.int4_prefill``).
-``prefill_ms`` is the plain timing helper for whole models (time to first token).
+``prefill_ms`` times a whole model's prefill (time to first token).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
-from subclasses import (
-    Int4WeightOnlyConfig,
-    Int8DynamicActivationInt8WeightConfig,
-    Int8WeightOnlyConfig,
-    quantize_,
-)
+from perf.harness.models import report_config
+from perf.harness.timing import min_time_us
+from subclasses import quantize_
 from unwrap import unwrap
 
-FORMATS: dict[str, Callable[[], object] | None] = {
-    "bf16": None,
-    "int4": lambda: Int4WeightOnlyConfig(group_size=128),
-    "int8": Int8WeightOnlyConfig,
-    "int8-dyn": Int8DynamicActivationInt8WeightConfig,
-}
+FORMATS = ("bf16", "int4", "int8", "int8-dyn")  # bf16 beside each format of perf.harness.models.FORMATS
 MODES = ("eager", "compiled")
 ROWS = (1, 8, 32, 128, 512)
 SIZE = 2048
@@ -40,14 +31,7 @@ def prefill_ms(model: Callable[..., object], *args: object, repeats: int = 5, wa
     """Minimum wall time of ``model(*args)`` in ms under ``torch.inference_mode()`` (one call per
     repeat: a prefill is long enough to time alone). Use it for time-to-first-token."""
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(*args)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(*args)
-            best = min(best, time.perf_counter() - start)
-    return best * 1e3
+        return min_time_us(lambda: model(*args), repeats=repeats, number=1, warmup=warmup) / 1e3
 
 
 @functools.cache
@@ -56,9 +40,8 @@ def layer(fmt: str, mode: str, size: int = SIZE) -> Callable[[torch.Tensor], tor
     (cached, so that every M of a format shares one compiled model)."""
     torch.manual_seed(0)
     model: nn.Module = nn.Linear(size, size, bias=False).to(torch.bfloat16).eval()
-    make_config = FORMATS[fmt]
-    if make_config is not None:
-        unwrap(quantize_(model, make_config()))
+    if fmt != "bf16":
+        unwrap(quantize_(model, report_config(fmt)))
     return torch.compile(model) if mode == "compiled" else model
 
 
@@ -74,7 +57,7 @@ def run_prefill(benchmark: Callable[..., object], fmt: str, mode: str, rows: int
 
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_prefill(benchmark, fmt: str, mode: str, rows: int) -> None:
     benchmark.group = f"prefill {SIZE}x{SIZE} {mode} M={rows}"
     run_prefill(benchmark, fmt, mode, rows)

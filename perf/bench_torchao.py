@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from perf import bench_overhead
+from perf.floor import floor_model
+from perf.harness.models import REPORT_FORMATS, WORKLOADS, report_config, workload_model
 from perf.modes import torchao_available, torchao_model
-from perf.workloads import CONFIGS, WORKLOADS, floor_model
 
 VARIANTS = ("floor", "ours unwrapped", "torchao", "torchao unwrapped", "torchao converted")
 # "frozen": compiled with Inductor's freezing, which folds the per-call fp32 -> bf16 cast of torchao's
@@ -38,21 +39,19 @@ def torchao_variants(workload: str, fmt: str, seed: int = 0) -> tuple[dict[str, 
     from subclasses import from_torchao, quantize_
     from unwrap import unwrap
 
-    make, in_features = WORKLOADS[workload]
-    torch.manual_seed(seed)
-    bf16 = make().eval()
+    bf16, x = workload_model(workload, seed)
     torchao = torchao_model(bf16, fmt)
     converted = copy.deepcopy(torchao)
     summary = from_torchao(converted, strict=True)
     assert not summary.left, summary
     models = {
         "floor": floor_model(converted),
-        "ours unwrapped": unwrap(quantize_(copy.deepcopy(bf16), CONFIGS[fmt]())),
+        "ours unwrapped": unwrap(quantize_(copy.deepcopy(bf16), report_config(fmt))),
         "torchao": torchao,
         "torchao unwrapped": unwrap(copy.deepcopy(torchao)),
         "torchao converted": unwrap(copy.deepcopy(converted)),
     }
-    return models, torch.randn(1, in_features, dtype=torch.bfloat16)
+    return models, x
 
 
 @functools.cache
@@ -62,7 +61,7 @@ def cached_variants(workload: str, fmt: str) -> tuple[dict, torch.Tensor]:
 
 
 def run_case(
-    benchmark: Callable[..., object],
+    benchmark: Any,  # pytest-benchmark's fixture (or a stand-in with extra_info)
     workload: str,
     fmt: str,
     variant: str,
@@ -82,7 +81,7 @@ def run_case(
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fmt", list(CONFIGS))
+@pytest.mark.parametrize("fmt", REPORT_FORMATS)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_torchao_overhead(benchmark, workload: str, fmt: str, mode: str, variant: str) -> None:
     if not torchao_available():  # checked here, not at import: importing perf never imports torchao

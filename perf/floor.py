@@ -14,32 +14,44 @@ import torch
 from torch import nn
 
 from subclasses import Int4WeightTensor, Int8WeightTensor
-from subclasses.kernels.int4_gemv import int4_gemv
+from subclasses.kernels.int4_gemv import int4_mm_for_cpu
 
 
-class Int4FloorLinear(nn.Module):
-    """CPU int4, 2-D input, no bias: ``_weight_int4pack_mm_for_cpu`` on plain buffers."""
+class FloorLinear(nn.Module):
+    """A floor module: a quantized weight's inner tensors as buffers, its kernel called on them."""
 
-    takes_bias: ClassVar[bool] = False
+    takes_bias: ClassVar[bool] = False  # whether it stands in for a linear with a bias
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+
+
+class Int4FloorLinear(FloorLinear):
+    """CPU int4, 2-D input, no bias: the kernels our int4 weight calls (``int4_mm_for_cpu``: the int4
+    GEMV at M = 1, ``_weight_int4pack_mm_for_cpu`` above) on plain buffers."""
+
+    packed: torch.Tensor
+    scale_and_zero: torch.Tensor
 
     def __init__(self, weight: Int4WeightTensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
+        super().__init__(weight)
         self.register_buffer("packed", weight.packed)
         self.register_buffer("scale_and_zero", weight.scale_and_zero)
         self.group_size = weight.group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = int4_gemv if x.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # ours' M = 1 kernel too
-        return kernel(x, self.packed, self.group_size, self.scale_and_zero)
+        return int4_mm_for_cpu(x, self.packed, self.group_size, self.scale_and_zero)  # ours' kernels
 
 
-class Int8FloorLinear(nn.Module):
+class Int8FloorLinear(FloorLinear):
     """CPU int8, 2-D input, no bias: ``_weight_int8pack_mm`` on plain buffers."""
 
-    takes_bias: ClassVar[bool] = False
+    qdata: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, weight: Int8WeightTensor, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
+        super().__init__(weight)
         self.register_buffer("qdata", weight.qdata)
         self.register_buffer("scale", weight.scale)
 
@@ -57,9 +69,7 @@ class Int4FloorLinearND(Int4FloorLinear):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
-        kernel = int4_gemv if x2d.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # ours' M = 1 kernel too
-        out = kernel(x2d, self.packed, self.group_size, self.scale_and_zero)
+        out = int4_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size, self.scale_and_zero)
         out = out.view(*x.shape[:-1], out.shape[-1])
         return out if self.bias is None else out + self.bias
 
@@ -98,7 +108,7 @@ class CudaInt8FloorLinear(Int8FloorLinear):
         return torch.nn.functional.linear(x, self.qdata.to(x.dtype)) * self.scale
 
 
-FloorTable = dict[type, type[nn.Module]]
+FloorTable = dict[type, type[FloorLinear]]
 CPU_LINEARS: FloorTable = {Int4WeightTensor: Int4FloorLinear, Int8WeightTensor: Int8FloorLinear}
 CPU_LINEARS_ND: FloorTable = {Int4WeightTensor: Int4FloorLinearND, Int8WeightTensor: Int8FloorLinearND}
 CUDA_LINEARS: FloorTable = {Int4WeightTensor: CudaInt4FloorLinear, Int8WeightTensor: CudaInt8FloorLinear}

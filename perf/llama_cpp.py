@@ -19,6 +19,8 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 
+from .report.blocks import Block, Row
+
 SHIPPED = "Q4_1"
 TYPES = ("Q4_0", "Q8_0", "Q4_1")  # ggml's names; Q4_1 is the shipped file
 BUSY_NOTE = (
@@ -154,8 +156,9 @@ def measure(
 ) -> dict[str, tuple[float, float]]:
     """{type: (decode ms/token, ms to the first token of a ``prefill_tokens`` prompt)}, each the
     minimum over interleaved rounds, ``threads`` threads (prefill and decode)."""
+    from .harness.decode import time_tokens
+    from .harness.timing import interleaved_min
     from .real_model import smollm2_gguf_path
-    from .report import interleaved_min_ms_per_token, interleaved_min_us
 
     source = smollm2_gguf_path()
     if source is None:
@@ -166,16 +169,15 @@ def measure(
         decoders = {t: LlamaDecoder(p, threads=threads, prompt=prompt[:8]) for t, p in paths.items()}
         prefills = {t: LlamaDecoder(p, threads=threads, prompt=prompt) for t, p in paths.items()}
         progress(f"llama.cpp: timing decode and {prefill_tokens}-token prefill, interleaved")
-        decode = interleaved_min_ms_per_token(decoders, rounds=rounds, tokens=tokens)
-        ttft = interleaved_min_us({t: d.reset for t, d in prefills.items()}, repeats=3, number=1, warmup=0)
-    return {t: (decode[t], ttft[t] / 1e3) for t in types}
+        decode = time_tokens(decoders, rounds=rounds, tokens=tokens)
+        ttft = interleaved_min({t: d.reset for t, d in prefills.items()}, rounds=3)
+    return {t: (decode[t], ttft[t] * 1e3) for t in types}
 
 
 def llama_block(
     threads: int, types: list[str], *, quick: bool = False, progress: Callable[[str], None] = lambda m: None
-):
+) -> Block:
     """The report's llama.cpp table (a ``perf.report.Block``) for SmolLM2's GGUF."""
-    from .report import Block, Row
 
     prefill_tokens = 512
     results = measure(threads, types, prefill_tokens=prefill_tokens, rounds=3 if quick else 5, progress=progress)
@@ -199,7 +201,8 @@ def llama_block(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import Progress, format_block
+    from .harness.timing import Progress
+    from .report.output import format_block
 
     parser = argparse.ArgumentParser(prog="python -m perf.llama_cpp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import copy
-import itertools
 import os
 import tempfile
-import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from subclasses.kernels.int4_gemv import int4_gemv
+from subclasses.kernels.int4_gemv import int4_mm_for_cpu
 
 from .floor import Int4FloorLinear, Int8FloorLinear
-from .timing import compile_counting_guards
+from .harness.timing import compile_counting_guards, fresh_caller
 
 # The names every report, benchmark and table uses: what is measured, and how it is run.
 VARIANTS = ("bf16", "floor", "ours wrapped", "ours unwrapped", "torchao")
@@ -72,30 +70,13 @@ def prepare(model: nn.Module, args: tuple, mode: str) -> tuple[Callable[[], obje
     return (lambda: runner(*args)), None
 
 
-_CALLERS = itertools.count()
-
-
-def fresh_caller(model: Callable) -> Callable:
-    """``lambda *a, **k: model(*a, **k)`` with a code object of its own. Dynamo keeps compiled
-    code per code object, and every variant here shares forward code (nn.Sequential, the
-    transformers classes): compiled directly, each variant's guards would be tried on the others'
-    calls and count toward the recompile limit. A fresh caller keeps them apart, so many compiled
-    variants can live side by side and be timed interleaved."""
-
-    def call(*args: object, **kwargs: object) -> object:
-        return model(*args, **kwargs)
-
-    code = call.__code__.replace(co_name=f"call_{next(_CALLERS)}")
-    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
-
-
 def kernel_chain(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The model's linear kernels called directly, in order, on the same inner tensors (the
     floor's buffers or the bf16 weights), each feeding the next: the time nothing can beat.
     None when ``model`` holds other layers."""
     layers = [m for m in model.modules() if not list(m.children())]
     if all(type(m) is nn.Linear and m.bias is None and type(m.weight) is nn.Parameter for m in layers):
-        weights = [m.weight for m in layers]
+        weights = [m.weight for m in layers if isinstance(m, nn.Linear)]
 
         def run(x: torch.Tensor) -> torch.Tensor:
             for w in weights:
@@ -104,17 +85,16 @@ def kernel_chain(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | N
 
         return run
     if all(type(m) is Int4FloorLinear for m in layers):
-        int4 = [(m.packed, m.group_size, m.scale_and_zero) for m in layers]
+        int4 = [(m.packed, m.group_size, m.scale_and_zero) for m in layers if isinstance(m, Int4FloorLinear)]
 
         def run(x: torch.Tensor) -> torch.Tensor:
             for packed, group_size, scale_and_zero in int4:
-                kernel = int4_gemv if x.shape[0] == 1 else torch._weight_int4pack_mm_for_cpu  # ours' M = 1 kernel too
-                x = kernel(x, packed, group_size, scale_and_zero)
+                x = int4_mm_for_cpu(x, packed, group_size, scale_and_zero)  # ours' kernels, M = 1 and more
             return x
 
         return run
     if all(type(m) is Int8FloorLinear for m in layers):
-        int8 = [(m.qdata, m.scale) for m in layers]
+        int8 = [(m.qdata, m.scale) for m in layers if isinstance(m, Int8FloorLinear)]
 
         def run(x: torch.Tensor) -> torch.Tensor:
             for qdata, scale in int8:
@@ -158,6 +138,7 @@ __all__ = [
     "CUDA_MODES",
     "MODE_TITLES",
     "prepare",
+    "fresh_caller",
     "kernel_chain",
     "torchao_available",
     "torchao_model",

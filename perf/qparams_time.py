@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from subclasses import Int4WeightOnlyConfig, quantize_
 from subclasses.kernels.int4_qparams import QPARAMS_ALGORITHMS, kernel_available
 
-from .qwen import QWEN2_SHAPES, build_qwen2
+from .harness.models import QWEN2_SHAPES, build_qwen2
+from .harness.timing import interleaved_min
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,14 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"'mse' C++ search {'loaded' if kernel else 'NOT available (eager)'} in {time.perf_counter() - start:.1f} s")
     model = build_qwen2(QWEN2_SHAPES[args.model])
     numel = sum(p.numel() for p in model.parameters() if p.dim() == 2)
-    best = {a: float("inf") for a in QPARAMS_ALGORITHMS}
-    for _ in range(args.rounds):
-        for algorithm in QPARAMS_ALGORITHMS:
-            candidate = copy.deepcopy(model)
-            start = time.perf_counter()
-            quantize_(candidate, Int4WeightOnlyConfig(args.group_size, qparams_algorithm=algorithm))
-            best[algorithm] = min(best[algorithm], time.perf_counter() - start)
-            del candidate
+    candidate: dict[str, torch.nn.Module] = {}
+
+    def fresh_copy(algorithm: str) -> None:  # untimed: each quantize_ starts from a bf16 copy
+        candidate.clear()
+        candidate[algorithm] = copy.deepcopy(model)
+
+    def quantize(algorithm: str) -> None:
+        quantize_(candidate[algorithm], Int4WeightOnlyConfig(args.group_size, qparams_algorithm=algorithm))
+
+    best = interleaved_min(
+        {a: functools.partial(quantize, a) for a in QPARAMS_ALGORITHMS}, rounds=args.rounds, before=fresh_copy
+    )
+    candidate.clear()
     print(f"quantize_ of {args.model} ({numel / 1e6:.0f}M weights), int4 g{args.group_size}, {args.threads} threads:")
     for algorithm, seconds in best.items():
         print(f"  {algorithm}: {seconds:.1f} s ({seconds / best['tinygemm']:.2f}x tinygemm)")

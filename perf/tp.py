@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .harness.tables import Stamp, markdown_table
+
 
 def free_port() -> int:
     """A TCP port free on this machine right now (the OS picks it)."""
@@ -93,12 +95,9 @@ def qwen2_tp_plan() -> dict[str, Any]:
     return plan
 
 
-def _tp_configs() -> dict[str, Callable[[], Any]]:
-    # o_proj is cut by input features: Qwen2 0.5B's 896 = 7 groups of 128 cannot be halved
-    # (check_plan says so), 14 groups of 64 can; so every int4 row of the TP report uses group 64.
-    from subclasses import Int4WeightOnlyConfig, Int8WeightOnlyConfig
-
-    return {"int4": lambda: Int4WeightOnlyConfig(group_size=64), "int8": Int8WeightOnlyConfig}
+# o_proj is cut by input features: Qwen2 0.5B's 896 = 7 groups of 128 cannot be halved (check_plan
+# says so), 14 groups of 64 can; so every int4 row of the TP report uses group 64.
+TP_GROUP_SIZE = 64
 
 
 def param_bytes_per_rank(model: torch.nn.Module) -> int:
@@ -117,7 +116,7 @@ def param_bytes_per_rank(model: torch.nn.Module) -> int:
 
 def _rank_decode(
     rank: int, world_size: int, name: str, fmts: list[str], threads: int, rounds: int, tokens: int
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """In every rank: build the Qwen2 ``name`` (the same random weights everywhere), bf16 and each
     format, TP=1 (timed on rank 0 alone with all ``threads``, the other ranks waiting) and
     TP=``world_size`` (``threads // world_size`` per rank), eager and compiled (unwrapped), then
@@ -132,56 +131,57 @@ def _rank_decode(
     from subclasses.runtime.tensor_parallel import parallelize
     from unwrap import unwrap
 
-    from .qwen import QWEN2_SHAPES, Decoder, build_qwen2
-    from .report import no_gc
+    from .harness.decode import Decoder, room_for
+    from .harness.models import build_llm, config
+    from .harness.timing import interleaved_min
 
     warnings.simplefilter("ignore")
     per_rank = max(1, threads // world_size)
     torch.set_num_threads(per_rank)
     mesh = init_device_mesh("cpu", (world_size,))
-    bf16 = build_qwen2(QWEN2_SHAPES[name])
+    bf16 = build_llm(name)[0]
     models = {"bf16": bf16}
     for fmt in fmts:
-        models[fmt] = quantize_(copy.deepcopy(bf16), _tp_configs()[fmt]())
+        models[fmt] = quantize_(copy.deepcopy(bf16), config(fmt, TP_GROUP_SIZE))
     decoders: dict[tuple[str, int, str], Decoder] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for variant, model in models.items():
         tp1 = unwrap(copy.deepcopy(model))
         tpn = unwrap(parallelize(copy.deepcopy(model), mesh, qwen2_tp_plan()))
         if rank == 0:
             torch.set_num_threads(threads)
-            decoders[(variant, 1, "eager")] = Decoder(tp1)
-            decoders[(variant, 1, "compiled")] = Decoder(tp1, torch.compile(tp1))
+            for mode in ("eager", "compiled"):
+                decoders[(variant, 1, mode)] = Decoder.for_mode(tp1, mode)
             decoders[(variant, 1, "compiled")].next()  # compiles now
             torch.set_num_threads(per_rank)
         dist.barrier()
-        decoders[(variant, world_size, "eager")] = Decoder(tpn)
-        decoders[(variant, world_size, "compiled")] = Decoder(tpn, torch.compile(tpn))
+        for mode in ("eager", "compiled"):
+            decoders[(variant, world_size, mode)] = Decoder.for_mode(tpn, mode)
         decoders[(variant, world_size, "compiled")].next()
         rows.append(dict(variant=variant, bytes={1: param_bytes_per_rank(tp1), world_size: param_bytes_per_rank(tpn)}))
-    # the same keys, so the same barriers, on every rank; TP=1 keys exist on rank 0 only
+
+    # the same keys, so the same barriers, on every rank; TP=1 decoders exist on rank 0 only (the
+    # other ranks wait at the next key's barrier while it runs alone)
     keys = [(variant, tp, mode) for variant in models for tp in (1, world_size) for mode in ("eager", "compiled")]
-    best = {key: float("inf") for key in decoders}
-    with torch.inference_mode(), no_gc():
-        for round_ in range(rounds + 1):  # round 0 warms up
-            for key in keys:
-                dist.barrier()  # TP=1 runs alone: the other ranks wait at the next barrier
-                decoder = decoders.get(key)
-                if decoder is None:
-                    continue
-                torch.set_num_threads(threads if key[1] == 1 else per_rank)
-                if decoder.position + tokens > decoder.max_len:
-                    decoder.reset()
-                start = time.perf_counter()
-                for _ in range(tokens):
-                    decoder.next()
-                elapsed = (time.perf_counter() - start) / tokens * 1e3
-                torch.set_num_threads(per_rank)
-                if round_ > 0:
-                    best[key] = min(best[key], elapsed)
+
+    def before(key: tuple[str, int, str]) -> None:
+        dist.barrier()
+        torch.set_num_threads(threads if key[1] == 1 else per_rank)
+        if key in decoders:
+            room_for(decoders[key], tokens)
+
+    def nothing() -> None:
+        pass
+
+    steps = {key: decoders[key].next if key in decoders else nothing for key in keys}
+    with torch.inference_mode():
+        seconds = interleaved_min(steps, rounds=rounds, number=tokens, warmup=tokens, before=before)
+    torch.set_num_threads(per_rank)
     for row in rows:
         row["ms"] = {
-            f"{tp} {mode}": best.get((row["variant"], tp, mode))
+            f"{tp} {mode}": seconds[(row["variant"], tp, mode)] * 1e3
+            if (row["variant"], tp, mode) in decoders
+            else None
             for tp in (1, world_size)
             for mode in ("eager", "compiled")
         }
@@ -196,15 +196,16 @@ def tp_report(
     threads: int,
     quick: bool,
     progress: Callable[[str], None] = print,
+    stamp: Stamp | None = None,
 ) -> str:
     """``python -m perf --tp N``: greedy decode ms/token of the built-in Qwen2 models, TP=1 vs
     TP=``world_size`` (gloo on CPU, one process per rank), bf16 and each format, eager and
-    compiled; a Markdown table per model."""
+    compiled; a Markdown table per model (each stamped with ``stamp`` when given)."""
     rounds, tokens = (3, 4) if quick else (10, 8)
     out = [
         f"unwrap tensor-parallel report: torch {torch.__version__}, gloo on CPU, batch 1, greedy decode; "
         f"TP=1 runs alone with {threads} thread(s), TP={world_size} with {max(1, threads // world_size)} per rank; "
-        f"ms/token, minimum over {rounds} interleaved rounds of {tokens} tokens; int4 group size 64"
+        f"ms/token, minimum over {rounds} interleaved rounds of {tokens} tokens; int4 group size {TP_GROUP_SIZE}"
     ]
     for name in names:
         progress(f"{name}: TP=1 vs TP={world_size}, building and compiling in {world_size} processes")
@@ -218,17 +219,13 @@ def tp_report(
             f"compiled TP={world_size} / TP=1",
             f"params MiB per rank (TP=1 / TP={world_size})",
         ]
-        lines = [
-            f"### {name}, TP=1 vs TP={world_size} (ms/token)",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
-        ]
+        table = []
         for row in rows:
             ms = row["ms"]
             c1, cn = ms["1 compiled"], ms[f"{world_size} compiled"]
             cells = [f"{ms[k]:.2f}" for k in ("1 eager", "1 compiled", f"{world_size} eager", f"{world_size} compiled")]
             mib = " / ".join(f"{row['bytes'][tp] / 2**20:.1f}" for tp in (1, world_size))
-            lines.append("| " + " | ".join([row["variant"], *cells, f"{cn / c1:.2f}", mib]) + " |")
-        out.append("\n".join(lines))
+            table.append([row["variant"], *cells, f"{cn / c1:.2f}", mib])
+        title = f"{name}, TP=1 vs TP={world_size} (ms/token)"
+        out.append(markdown_table(head, table, title=title, stamp=stamp.line() if stamp else None))
     return "\n\n".join(out) + "\n"

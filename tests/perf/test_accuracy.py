@@ -98,13 +98,14 @@ def test_bad_arguments_are_rejected():
 
 
 def test_report_quality_line_has_the_other_algorithms(monkeypatch):
-    from perf import real_model, report
+    from perf import real_model
+    from perf.report import quality
 
     monkeypatch.setattr(real_model, "calibration_batches", lambda tokenizer: [torch.randint(0, 256, (1, 16))])
     model, ids = tiny_llama(), torch.randint(0, 256, (1, 24))
-    int4 = report.other_algorithms(model, "int4", None, ids)
+    int4 = quality.other_algorithms(model, "int4", None, ids)
     assert list(int4) == ["int4 tinygemm", "int4 + GPTQ"] and all(v > 1 for v in int4.values())  # "mse" is the default
-    assert list(report.other_algorithms(model, "int8", None, ids)) == ["int8 + GPTQ"]
+    assert list(quality.other_algorithms(model, "int8", None, ids)) == ["int8 + GPTQ"]
     from subclasses.formats.base import QuantizedWeight
 
     assert not any(isinstance(p, QuantizedWeight) for p in model.parameters())  # the bf16 model untouched

@@ -11,9 +11,8 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from perf import bench_overhead
-from perf.modes import fresh_caller
-from perf.timing import compile_counting_guards
-from perf.workloads import CONFIGS, WORKLOADS, build_variants
+from perf.harness.models import REPORT_FORMATS, WORKLOADS, build_variants
+from perf.harness.timing import compile_counting_guards, fresh_caller
 
 
 class OnceBenchmark:
@@ -29,7 +28,7 @@ class OnceBenchmark:
 
 def test_every_benchmark_body_runs_once():
     for workload in WORKLOADS:
-        for fmt in CONFIGS:
+        for fmt in REPORT_FORMATS:
             for mode in bench_overhead.MODES:
                 for variant in bench_overhead.VARIANTS:
                     benchmark = OnceBenchmark()
@@ -56,7 +55,7 @@ def compiled_kernels(model: torch.nn.Module, x: torch.Tensor) -> tuple[Counter, 
 GLOBAL_GUARDS = 8
 
 
-@pytest.mark.parametrize("fmt", list(CONFIGS))
+@pytest.mark.parametrize("fmt", REPORT_FORMATS)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_compiled_graph_and_guards_match_the_floor(workload, fmt):
     """No copy / pad / slice kernel the floor lacks; guards at most the floor's + 1 per layer

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from perf.__main__ import main, parse_args
+from perf.harness.models import build_variants
 from perf.modes import kernel_chain, prepare, torchao_available
 from perf.report import Block, Row, format_block, measure_workload, to_json, write_plot
-from perf.workloads import build_variants
 
 
 def sample_block():
@@ -100,22 +100,23 @@ def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch, capsys, tmp_pat
 def test_a_torchao_row_appears_when_torchao_is_importable(monkeypatch):
     import copy
 
-    import perf.report as report
+    import perf.report.synthetic as synthetic
 
-    monkeypatch.setattr(report, "torchao_available", lambda: True)
-    monkeypatch.setattr(report, "torchao_model", lambda bf16, fmt: copy.deepcopy(bf16))  # a stand-in
-    block = report.measure_workload("W2 512-1024-1024", "int4", ("eager",), quick=True, progress=lambda m: None)
+    monkeypatch.setattr(synthetic, "torchao_available", lambda: True)
+    monkeypatch.setattr(synthetic, "torchao_model", lambda bf16, fmt: copy.deepcopy(bf16))  # a stand-in
+    block = synthetic.measure_workload("W2 512-1024-1024", "int4", ("eager",), quick=True, progress=lambda m: None)
     assert [r.variant for r in block.rows][-1] == "torchao" and block.rows[-1].times["eager"] > 0
     assert "| torchao |" in format_block(block)
 
 
 def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
     pytest.importorskip("transformers", reason="the 'hf' extra")
-    import perf.qwen as qwen
-    import perf.report as report
+    import perf.harness.decode as decode
+    import perf.harness.models as models
+    import perf.report.llm as llm
 
     monkeypatch.setitem(
-        qwen.QWEN2_SHAPES,
+        models.QWEN2_SHAPES,
         "Qwen2 test",
         dict(
             hidden_size=128,
@@ -126,14 +127,14 @@ def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
             vocab_size=256,
         ),
     )
-    monkeypatch.setattr(report, "compile_counting_guards", lambda model, **kwargs: (model, [7]))  # eager stand-in: fast
-    monkeypatch.setattr(report, "torchao_available", lambda: False)  # TTFT is what this checks
+    monkeypatch.setattr(decode, "compile_forward", lambda model, counts: counts.append(7) or model)  # eager: fast
+    monkeypatch.setattr(llm, "torchao_available", lambda: False)  # TTFT is what this checks
     decode_models = []  # compile_for_decode's column: an eager stand-in (tests/test_decode.py compiles it)
-    monkeypatch.setattr(report, "decode_decoder", lambda model: decode_models.append(model) or qwen.Decoder(model))
+    monkeypatch.setattr(llm, "decode_decoder", lambda model: decode_models.append(model) or decode.Decoder(model))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # 64 rows: above the int4 crossover, so ours prefills through dequantize + mm
-        [block] = report.measure_llm("Qwen2 test", ["int4"], quick=True, progress=lambda m: None, prefill_tokens=64)
+        [block] = llm.measure_llm("Qwen2 test", ["int4"], quick=True, progress=lambda m: None, prefill_tokens=64)
     finally:
         torch.set_num_threads(threads)
     assert block.prefill_tokens == 64 and [r.variant for r in block.rows] == [
@@ -153,3 +154,31 @@ def test_llm_block_has_time_to_first_token_next_to_decode(monkeypatch):
     data = json.loads(json.dumps(to_json([block], {})))["blocks"][0]
     assert data["prefill_tokens"] == 64 and data["rows"][0]["ttft"]["compiled"] > 0
     assert to_json([sample_block()], {})["blocks"][0]["prefill_tokens"] is None
+
+
+def test_full_measures_everything_and_excludes_the_subsets(capsys):
+    assert parse_args(["--full"]).full
+    for subset in (["--quick"], ["--only", "W1"], ["--no-llm"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--full", *subset])
+        assert "--full measures everything" in capsys.readouterr().err
+
+
+def test_markdown_page_stamps_every_table():
+    from perf.harness.tables import Stamp
+    from perf.report import format_report
+
+    stamp = Stamp(2, machine="Some CPU (AVX512)", torch="2.x", date="2025-01-02", command="python -m perf --markdown")
+    text = format_report([sample_block(), sample_block()], {"torch": "2.x", "threads": 2}, stamp)
+    assert text.startswith("# unwrap overhead report\n")
+    line = "_Some CPU (AVX512), 2 thread(s), torch 2.x, 2025-01-02; `python -m perf --markdown`_"
+    assert text.count(line) == 2
+    heading = text.index("### W1 8x256, int4")
+    assert text[heading:].split("\n")[2] == line and "| variant |" in text[heading:].split("\n")[4]
+    assert line not in format_report([sample_block()], {"torch": "2.x", "threads": 2})  # plain text: no stamps
+
+
+def test_machine_names_the_cpu_and_torch_s_isa():
+    from perf.harness.tables import machine
+
+    assert machine().endswith(f"({torch.backends.cpu.get_cpu_capability()})")
