@@ -1,4 +1,4 @@
-"""``python -m perf``: the side-by-side overhead report (the README's main command)."""
+"""``python -m perf``: the side-by-side overhead report (the report command in README.md; docs/benchmarks.md explains it)."""
 
 from __future__ import annotations
 

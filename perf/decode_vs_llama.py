@@ -1,5 +1,5 @@
 """``python -m perf.decode_vs_llama``: SmolLM2-135M decode ms/token, ours (default int4 config, run the
-way README "Decode" recommends: ``compile_for_decode``) against llama.cpp on the same GGUF model, in one
+way docs/decoding.md recommends: ``compile_for_decode``) against llama.cpp on the same GGUF model, in one
 process, timed interleaved (each round runs every decoder in turn; minimum over rounds of the mean of
 ``--tokens`` greedy steps). Needs llama-cpp-python (``pip install '.[llama]'``); time it on an idle
 machine: llama.cpp's threads spin-wait and run 5-30x slower under any other load.

@@ -5,9 +5,9 @@ import pytest
 import torch
 from hypothesis import settings
 
-# A fresh inductor/AOTAutograd cache per test session: their keys hash the Dynamo graph, and a
+# A fresh inductor/AOTAutograd cache per pytest run: their keys hash the Dynamo graph, and a
 # wrapped subclass's F.linear is one opaque call there, so a cache written by another version of
-# this code (another branch, an older checkout) is reused as is and may call ops that no longer exist.
+# this code (an older checkout) is reused as is and may call ops that no longer exist.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="unwrap-inductor-"))
 
 # Property tests are derandomized by default (CI): the same examples every run, no example

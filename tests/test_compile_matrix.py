@@ -1,7 +1,7 @@
 """The compile matrix: every format x {wrapped, unwrapped} x every way users compile or export,
 each fed one *sequence* of input shapes (decode, a second batch size, a prefill past the int4
 crossover, 3-D, a small batch again) through one compiled object; every output is compared with
-eager. The graph counts are what README's matrix states.
+eager. The graph counts are what docs/limits.md's matrix states.
 
 Heavy modes (``cpp_wrapper``, ``max-autotune-no-cudagraphs``, an AOTInductor package) compile C++ per
 graph (~20-60 s each on 2 cores), so they run once on a model that holds every format.
@@ -136,7 +136,7 @@ def check_sequence(
     with torch.inference_mode():
         expected = [reference(x) for x in xs]
     # torch.export refuses wrapped subclass parameters under inference_mode ("Cannot set
-    # version_counter for inference tensor"); no_grad is how the README exports.
+    # version_counter for inference tensor"); no_grad is how docs/limits.md exports.
     grad_off = torch.no_grad() if run is run_exported else torch.inference_mode()
     with GraphCounter() as counter, grad_off:
         outs = run(model, xs)

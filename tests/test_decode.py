@@ -119,7 +119,7 @@ def test_compile_for_decode_tokens_equal_eager_and_transformers_generate(tiny):
 
 
 def test_compile_for_decode_with_cpp_wrapper_gives_the_same_tokens(tiny):
-    """README's faster recipe for long generations: Inductor's C++ wrapper (the custom ops called
+    """docs/decoding.md's faster recipe for long generations: Inductor's C++ wrapper (the custom ops called
     through the dispatcher from C++)."""
     prompt = torch.tensor([[5, 17, 99, 3, 250]])
     eager = GreedyDecoder(tiny, max_len=16).generate(prompt, 6)

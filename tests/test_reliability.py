@@ -1,4 +1,4 @@
-"""Reliability: the README's bad-input matrix, long compiled runs, dynamic shapes, threads."""
+"""Reliability: docs/limits.md's bad-input matrix, long compiled runs, dynamic shapes, threads."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# ---- the bad-input matrix (README "Bad input and limits"), one row per case ----
+# ---- the bad-input matrix (docs/limits.md), one row per case ----
 
 
 def _weight(name: str) -> torch.Tensor:
@@ -198,7 +198,7 @@ def test_10k_compiled_calls_no_recompile_flat_memory(name, one_thread):
 
 
 def mark_batch_and_sequence_dynamic(x: torch.Tensor) -> torch.Tensor:
-    """The README recipe: unbacked sizes are not specialised on 0/1, so one graph serves all."""
+    """docs/limits.md's recipe: unbacked sizes are not specialised on 0/1, so one graph serves all."""
     torch._dynamo.decorators.mark_unbacked(x, 0)
     torch._dynamo.decorators.mark_unbacked(x, 1)
     return x

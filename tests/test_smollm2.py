@@ -56,7 +56,7 @@ def first_layers(model: torch.nn.Module, count: int) -> torch.nn.Module:
 def test_unwrapped_compiled_matches_eager(smollm2):
     """4 of the 30 layers, to stay within CI's budget: logits of a prompt and the first greedy
     tokens. (A truncated model's logits are near-tied after a few tokens, where one rounding
-    flips the argmax; the whole model's 12 greedy tokens are compared in README "Real models".)"""
+    flips the argmax; the whole model's 12 greedy tokens are compared in docs/accuracy.md.)"""
     bf16, tokenizer = smollm2
     model = unwrap(quantize_(first_layers(copy.deepcopy(bf16), 4), Int4WeightOnlyConfig()))
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids

@@ -22,7 +22,7 @@ from subclasses.runtime.decode import (
 
 from .timing import K, counting_guards, fresh_caller, interleaved_min
 
-# Mode name -> what it runs (the README's "Decode" section explains each).
+# Mode name -> what it runs (docs/decoding.md explains each).
 MODES: dict[str, str] = {
     "eager": "eager forward, transformers' SDPA",
     "compiled": "torch.compile(forward), transformers' SDPA (K/V expanded to every head)",

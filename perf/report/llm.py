@@ -59,7 +59,7 @@ def measure_llm(
             guard_counts[variant] = []
             out[(variant, "compiled")] = Decoder.for_mode(model, "compiled", counts=guard_counts[variant])
             out[(variant, "compiled")].next()  # compiles now
-        if variant in DECODE_VARIANTS:  # the recommended way (README "Decode"), on a copy: it switches attention
+        if variant in DECODE_VARIANTS:  # the recommended way (docs/decoding.md), on a copy: it switches attention
             progress(f"{name}: {variant}, compiling for decode")
             out[(variant, "decode")] = decode_decoder(model)
         return out

@@ -100,7 +100,7 @@ def format_report(blocks: list[Block], meta: dict[str, Any], stamp: Stamp | None
 
 
 def to_json(blocks: list[Block], meta: dict[str, Any]) -> dict[str, Any]:
-    """The report as plain data (documented in the README)."""
+    """The report as plain data (documented in docs/benchmarks.md)."""
     out = []
     for block in blocks:
         rows = []

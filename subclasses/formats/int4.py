@@ -83,7 +83,7 @@ class Int4WeightTensor(QuantizedWeight):
     [N/8, K/(t*16), 32, t/2], see int4_cuda); other devices fall back to ``dequantize()`` + ``F.linear``.
     """
 
-    pickled_names = ("subclasses.formats.int4.Int4WeightTensor",)
+    pickled_names = ("subclasses.int4_tensor.Int4WeightTensor",)
 
     tensor_data_names = ("packed", "scale_and_zero")
     tensor_attribute_names = ("group_size", "packing")

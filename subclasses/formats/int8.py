@@ -34,7 +34,7 @@ class Int8WeightTensor(QuantizedWeight):
     ``dequantize()`` + ``F.linear``.
     """
 
-    pickled_names = ("subclasses.formats.int8.Int8WeightTensor",)
+    pickled_names = ("subclasses.int8_tensor.Int8WeightTensor",)
 
     tensor_data_names = ("qdata", "scale")
     tensor_attribute_names = ()

@@ -34,7 +34,7 @@ class Int8DynamicActivationInt8WeightTensor(Int8WeightTensor):
     |x_q @ qdata^T| < 2**24, i.e. always for K <= 1040).
     """
 
-    pickled_names = ("subclasses.formats.int8_dynamic.Int8DynamicActivationInt8WeightTensor",)
+    pickled_names = ("subclasses.int8_dynamic_tensor.Int8DynamicActivationInt8WeightTensor",)
 
 
 def quantize_per_token(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

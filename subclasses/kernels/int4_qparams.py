@@ -39,7 +39,7 @@ from .int4_packing import EPS
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse")
 # "mse": the most accurate, deterministic, and ~2x min-max's quantize time (~8 s for the whole Qwen2-0.5B
-# shapes at group 32 on 2 cores; the bar is ~30 s). Int4WeightTensor.from_float keeps "tinygemm".
+# shapes at group 32 on 2 cores; kept under ~30 s). Int4WeightTensor.from_float keeps "tinygemm".
 DEFAULT_QPARAMS_ALGORITHM = "mse"
 # Chosen on 28 of SmolLM2-135M's real weight matrices: squared weight error relative to min-max at g64,
 # 4 candidates + 2 refinements 0.70, 11 + 2: 0.695, 6 + 4: 0.70, 1 + 2: 0.80 (g128: 0.78, 0.775, 0.77, 0.87).

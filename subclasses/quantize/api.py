@@ -38,8 +38,8 @@ class Int4WeightOnlyConfig:
     worse than min-max per group, deterministic; ~2x min-max's quantize time) or "tinygemm" (torchao's
     min-max math, bit-identical); see ``int4_qparams``.
 
-    The default group size is 32, not torchao's 128: on a real model (SmolLM2-135M, README "Real
-    models") every layer then quantizes (its 576-input projections take neither 128 nor, without a
+    The default group size is 32, not torchao's 128: on a real model (SmolLM2-135M, docs/accuracy.md "The real
+    model") every layer then quantizes (its 576-input projections take neither 128 nor, without a
     ~50 % perplexity loss, 64) and perplexity stays within ~6 % of bf16's (group 128 where it fits:
     +23 %), for ~10 % more weight bytes than 128. A weight whose in_features is not a multiple of
     ``group_size`` gets group size 32 (see ``group_size_for``), shown in the summary of
@@ -58,7 +58,7 @@ class Int4WeightOnlyConfig:
         does not divide it either: every supported size is a multiple of 32, so then none fits).
 
         Why 32 and not the largest size that divides: measured on SmolLM2-135M's real weights
-        (README "Real models"), its 576-input layers at group 64 raise perplexity by ~50 %, at
+        (docs/accuracy.md), its 576-input layers at group 64 raise perplexity by ~50 %, at
         group 32 by ~6 %; 32 is also the block of GGUF's Q4 formats these models often come from."""
         if in_features % self.group_size == 0:
             return self.group_size

@@ -1,7 +1,7 @@
 """Fast greedy decoding of a transformers causal LM on CPU under ``torch.compile``.
 
 Three things make transformers' compiled decode slower than its eager decode on CPU (measured on
-SmolLM2-135M, see README "Decode"):
+SmolLM2-135M, see docs/decoding.md):
 
 - its SDPA integration takes a grouped-KV shortcut for a one-token query (the query reshaped to
   [batch, kv_heads, groups, head_dim], K/V left as they are) only when *not* compiling; compiled, it

@@ -368,7 +368,7 @@ def test_gradient_nested_differently_warns_once_and_leaves_none(compile_backend,
         assert len(unmapped) == 1 and "TwoTensor" in unmapped[0] and "['a', 'b']" in unmapped[0]
     else:
         # compiled, the subclass is rebuilt inside the graph by its (non-differentiable) constructor:
-        # the plain tensors of unwrapped subclass parameters get no gradient (documented in README)
+        # the plain tensors of unwrapped subclass parameters get no gradient (documented in docs/unwrap.md)
         assert all(g is None for name, g in grads.items() if "__" in name)
 
 
