@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .compute_dtype import prefill_compute_dtype
 from .int4_gemv import int4_gemv
 from .int4_packing import affine_dequantize, dequantize_codes, traced_cpu_layout, unpack_cpu
 
@@ -142,13 +143,16 @@ def prefill_mm(
     x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int
 ) -> torch.Tensor:
     """``x2d @ W^T`` via a fused dequantize (inlined under torch.compile, cached-compiled in eager)
-    and ``torch.mm``; x2d is [M, K], the result [M, N] in x2d's dtype."""
+    and ``torch.mm``; x2d is [M, K], the result [M, N] in x2d's dtype. The GEMM runs in
+    ``prefill_compute_dtype`` (fp32 for bf16 activations on CPUs without native bf16)."""
+    compute = prefill_compute_dtype(x2d.dtype)
     if not supports_fast_dequantize(n):  # a partial last block: the generic (slower) unpack
-        return torch.mm(x2d, dequantize_codes(unpack_cpu(packed), scale_and_zero, group_size, x2d.dtype).t())
-    scale, zero = split_scale_and_zero(scale_and_zero)
-    dequantize = dequantize_kn if torch.compiler.is_compiling() else eager_dequantize_kn
-    w_kn = dequantize(packed, scale, zero, group_size, x2d.dtype, n, k)
-    return torch.mm(x2d, w_kn)
+        w_kn = dequantize_codes(unpack_cpu(packed), scale_and_zero, group_size, compute).t()
+    else:
+        scale, zero = split_scale_and_zero(scale_and_zero)
+        dequantize = dequantize_kn if torch.compiler.is_compiling() else eager_dequantize_kn
+        w_kn = dequantize(packed, scale, zero, group_size, compute, n, k)
+    return torch.mm(x2d.to(compute), w_kn).to(x2d.dtype)
 
 
 def mm_by_rows(

@@ -16,6 +16,7 @@ from ..formats.base import QuantizedWeight
 from ..formats.int4 import GROUP_SIZES, Int4WeightTensor
 from ..formats.int8 import Int8WeightTensor
 from ..formats.int8_dynamic import Int8DynamicActivationInt8WeightTensor
+from ..kernels.compute_dtype import describe_prefill
 from ..kernels.int4_qparams import DEFAULT_QPARAMS_ALGORITHM, check_qparams_algorithm
 from ..runtime.tensor_parallel import local_weight, quantize_dtensor
 
@@ -115,13 +116,15 @@ class QuantizeSummary:
 
     ``quantized``: a label per format and group size (``"Int4WeightTensor g64"``) -> the weights'
     names; ``skipped``: name -> why it stayed in high precision; bytes: every parameter and buffer
-    of the model, each storage counted once (a tied weight once), before and after."""
+    of the model, each storage counted once (a tied weight once), before and after; ``prefill``:
+    the dtype CPU int4 prompt GEMMs compute in here (``subclasses.kernels.compute_dtype``)."""
 
     config: str
     quantized: dict[str, list[str]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
+    prefill: str = ""  # what the int4 weights' prompt GEMMs compute in on this CPU, if any are int4
 
     def __str__(self) -> str:
         count = sum(len(names) for names in self.quantized.values())
@@ -134,6 +137,8 @@ class QuantizeSummary:
         lines.append(
             f"  weight bytes: {self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB ({ratio:.2f}x)"
         )
+        if self.prefill:
+            lines.append(f"  int4 {self.prefill}")
         return "\n".join(lines)
 
 
@@ -228,6 +233,8 @@ def quantize_(
         for module, _, _ in entries:
             module.weight = quantized
         summary.quantized.setdefault(_label(value), []).append(names)
+        if isinstance(value, Int4WeightTensor) and value.device.type == "cpu":
+            summary.prefill = describe_prefill(value.outer_dtype)
     summary.bytes_after = model_bytes(model)
     if skipped:
         listed = "; ".join(f"{names} ({why})" for names, why in skipped.items())

@@ -9,6 +9,7 @@ from torch import nn
 
 from subclasses import Int4WeightOnlyConfig, quantize_
 from subclasses.kernels import int4_prefill
+from subclasses.kernels.compute_dtype import prefill_compute_dtype
 from subclasses.runtime.decode import FrozenStep
 from unwrap import unwrap
 
@@ -39,9 +40,11 @@ def test_eager_prefill_compiles_one_dequantize_per_shape_never_per_weight():
             out = layer(xs[k])
             w = layer.weight
             scale, zero = int4_prefill.split_scale_and_zero(w.scale_and_zero)
-            w_kn = int4_prefill.eager_dequantize_kn(w.packed, scale, zero, 128, torch.bfloat16, n, k)
-            torch.testing.assert_close(out, xs[k] @ w_kn, atol=0, rtol=0)  # the same dequantize, the same mm
-            torch.testing.assert_close(w_kn.T, w.dequantize(), atol=0, rtol=2**-7)
+            compute = prefill_compute_dtype(torch.bfloat16)  # fp32 on CPUs without native bf16
+            w_kn = int4_prefill.eager_dequantize_kn(w.packed, scale, zero, 128, compute, n, k)
+            expected = (xs[k].to(compute) @ w_kn).bfloat16()
+            torch.testing.assert_close(out, expected, atol=0, rtol=0)  # the same dequantize, the same mm
+            torch.testing.assert_close(w_kn.T.bfloat16(), w.dequantize(), atol=0, rtol=2**-7)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
     assert int4_prefill.compiled_dequantize.cache_info().currsize == 3
 
