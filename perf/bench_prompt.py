@@ -10,6 +10,7 @@ import argparse
 import os
 import warnings
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
@@ -23,19 +24,7 @@ from .harness.timing import interleaved_min
 
 def with_prefill_dtype(choice: str, fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` run with ``UNWRAP_PREFILL_DTYPE=choice`` (read per call by the eager prefill)."""
-
-    def run() -> object:
-        previous = os.environ.get(ENV_OVERRIDE)
-        os.environ[ENV_OVERRIDE] = choice
-        try:
-            return fn()
-        finally:
-            if previous is None:
-                del os.environ[ENV_OVERRIDE]
-            else:
-                os.environ[ENV_OVERRIDE] = previous
-
-    return run
+    return mock.patch.dict(os.environ, {ENV_OVERRIDE: choice})(fn)
 
 
 def measure(threads: int, prompt_len: int, rounds: int) -> dict[str, float]:
