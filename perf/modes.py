@@ -34,6 +34,7 @@ MODE_TITLES = {
     "aoti": "AOTInductor",
     "decode": "compile_for_decode",
     "llama.cpp": "llama.cpp",
+    "headline": "each engine's own way",
 }  # LLM decode columns
 
 _PACKAGE_DIR: str | None = None

@@ -114,6 +114,13 @@ class Progress:
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
         self.start, self.stream = time.perf_counter(), stream
+        self.expected_s: float | None = None
+
+    def expect(self, seconds: float) -> None:
+        """From now on each line also shows the time left of a run expected to take ``seconds``."""
+        self.expected_s = seconds
 
     def __call__(self, message: str) -> None:
-        print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=self.stream, flush=True)
+        elapsed = time.perf_counter() - self.start
+        left = "" if self.expected_s is None else f", ~{max(self.expected_s - elapsed, 0):.0f}s left"
+        print(f"[{elapsed:6.1f}s{left}] {message}", file=self.stream, flush=True)

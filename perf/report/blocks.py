@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The mode key of the headline's rows: each engine's one time, measured the way that engine is meant to run.
+HEADLINE_MODE = "headline"
+
 
 @dataclass
 class Row:

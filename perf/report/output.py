@@ -9,6 +9,7 @@ from typing import Any
 
 from ..harness.tables import Stamp, markdown_table
 from ..modes import MODE_TITLES
+from .blocks import HEADLINE_MODE as MODE
 from .blocks import Block
 
 
@@ -19,6 +20,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 def _num(t: float) -> str:
     """Three significant digits, without exponents (1840, not 1.84e+03)."""
     return f"{t:.0f}" if abs(t) >= 100 else f"{t:.3g}"
+
+
+def _maybe(t: float | None) -> str:
+    return "-" if t is None else _num(t)
 
 
 def _cell(t: float | None, floor: float | None) -> str:
@@ -77,6 +82,9 @@ def format_block(block: Block, stamp: Stamp | None = None) -> str:
     title = (
         f"{block.workload}, {block.format} ({block.unit}; in brackets: ratio to the floor in the same mode{ttft_title})"
     )
+    # a column no row has a number in (e.g. kernel-only time for a whole LLM) is left out
+    keep = [0, *(i for i in range(1, len(head)) if any(row[i] not in ("-", "") for row in rows))]
+    head, rows = [head[i] for i in keep], [[row[i] for i in keep] for row in rows]
     lines = [markdown_table(head, rows, title=title, stamp=stamp.line() if stamp else None)]
     fastest = block.fastest()
     if fastest:
@@ -88,6 +96,35 @@ def format_block(block: Block, stamp: Stamp | None = None) -> str:
     return "\n".join(lines)
 
 
+def format_headline(block: Block, stamp: Stamp | None = None) -> str:
+    """The headline table (``headline.measure_headline``): per engine, how it runs, decode ms/token and the
+    time to the first token, each with its ratio to bf16's."""
+    bf16 = block.row("bf16")
+    base = (bf16.times.get(MODE), bf16.ttft.get(MODE)) if bf16 else (None, None)
+    head = [
+        "engine",
+        "how it runs",
+        "decode ms/token",
+        "÷ bf16",
+        f"ms to first token ({block.prefill_tokens}-token prompt)",
+        "÷ bf16",
+    ]
+    rows = [
+        [
+            row.variant,
+            row.note,
+            _maybe(row.times.get(MODE)),
+            _ratio(row.times.get(MODE), base[0]),
+            _maybe(row.ttft.get(MODE)),
+            _ratio(row.ttft.get(MODE), base[1]),
+        ]
+        for row in block.rows
+    ]
+    title = f"{block.workload}, greedy, batch 1 (÷ bf16: the ratio to bf16's time; lower is faster)"
+    lines = [markdown_table(head, rows, title=title, stamp=stamp.line() if stamp else None)]
+    return "\n".join([*lines, *(f"Note: {note}" for note in block.notes)])
+
+
 def format_report(blocks: list[Block], meta: dict[str, Any], stamp: Stamp | None = None) -> str:
     """The whole report: a header line with the setup, then one table per block. With ``stamp``, a
     Markdown page (the results page): a title, and each table stamped with where it was measured."""
@@ -96,7 +133,8 @@ def format_report(blocks: list[Block], meta: dict[str, Any], stamp: Stamp | None
         header = f"unwrap overhead report: {setup}"
     else:
         header = f"# unwrap overhead report\n\n{setup}; machine: {stamp.machine}; command: `{stamp.command}`"
-    return "\n\n".join([header, *(format_block(b, stamp) for b in blocks)]) + "\n"
+    tables = [format_headline(b, stamp) if b.modes == (MODE,) else format_block(b, stamp) for b in blocks]
+    return "\n\n".join([header, *tables]) + "\n"
 
 
 def to_json(blocks: list[Block], meta: dict[str, Any]) -> dict[str, Any]:

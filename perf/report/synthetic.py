@@ -14,20 +14,28 @@ from .blocks import Block, Row
 
 
 def measure_workload(
-    workload: str, fmt: str, modes: tuple[str, ...], *, quick: bool, progress: Callable[[str], None]
+    workload: str,
+    fmt: str,
+    modes: tuple[str, ...],
+    *,
+    quick: bool,
+    progress: Callable[[str], None],
+    variants: tuple[str, ...] | None = None,
 ) -> Block:
-    """Time every variant of ``workload`` in every mode (us per forward, batch 1): prepare (compile)
-    everything first, then time it all interleaved, so load on a shared machine hits all alike."""
+    """Time every variant of ``workload`` (or those named in ``variants``) in every mode (us per
+    forward, batch 1): prepare (compile) everything first, then time it all interleaved, so load on a
+    shared machine hits all alike."""
     models, x = build_variants(workload, fmt)
-    if torchao_available():
+    if torchao_available() and (variants is None or "torchao" in variants):
         try:
             models["torchao"] = torchao_model(models["bf16"], fmt)
         except Exception as error:  # an API change in torchao must not sink the report
             progress(f"torchao row skipped: {error}")
-    block = Block(workload, fmt, "us", modes, [Row(variant) for variant in models])
+    block = Block(workload, fmt, "us", modes, [Row(v) for v in models if variants is None or v in variants])
     repeats, number = (3, 50) if quick else (9, 200)
     fns: dict[tuple[str, str], Callable[[], object]] = {}
-    for v in ("bf16", "floor"):
+    # the kernels alone: bf16's for its row, the floor's for every quantized row
+    for v in sorted({"bf16" if row.variant == "bf16" else "floor" for row in block.rows}):
         chain = kernel_chain(models[v])
         if chain is not None:
             fns[(v, "kernel")] = functools.partial(chain, x)

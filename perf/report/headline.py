@@ -1,0 +1,109 @@
+"""The report's default run (``python -m perf``): the headline in minutes.
+
+SmolLM2-135M with its real weights, greedy: decode ms/token and the time to the first token of a
+512-token prompt for bf16 as transformers runs it (eager), ours the recommended way (default int4,
+``unwrap``, ``compile_for_decode``; its prompt pass is eager), torchao's CPU int4 (eager) and llama.cpp
+on the shipped GGUF when the ``llama`` extra is installed; then one synthetic overhead table (W1: eight
+256x256 int4 linears at batch 1, where host work is most of the time) against the floor.
+Everything else is behind ``--full`` and ``--only``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..harness.decode import Decoder, Stepper, time_tokens
+from ..harness.models import build_llm, quantized
+from ..harness.timing import interleaved_min
+from ..modes import torchao_available, torchao_model
+from .blocks import HEADLINE_MODE as MODE
+from .blocks import Block, Row
+from .synthetic import measure_workload
+
+MODEL = "SmolLM2 135M"
+PROMPT_TOKENS = 512
+OVERHEAD_WORKLOAD = "W1 8x256"
+OVERHEAD_VARIANTS = ("floor", "ours wrapped", "ours unwrapped")
+OVERHEAD_MODES = ("eager", "compiled")
+
+# Seconds each step took on a 2-core AVX2 machine (AMD EPYC, torch 2.13): the start-up estimate.
+ESTIMATE_S = {"load": 25, "bf16": 40, "ours": 75, "torchao": 35, "llama.cpp": 25, "timing": 45, "overhead": 45}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A headline row: its name, how it runs, and its decoder (``reset``: a prompt, ``next``: a token)."""
+
+    name: str
+    how: str
+    decoder: Stepper
+
+
+def plan(*, torchao: bool, llama: bool) -> list[str]:
+    """The steps the headline runs, in order (keys of ``ESTIMATE_S``)."""
+    steps = ["load", "bf16", "ours"] + ["torchao"] * torchao + ["llama.cpp"] * llama
+    return [*steps, "timing", "overhead"]
+
+
+def estimate_s(steps: list[str]) -> float:
+    return float(sum(ESTIMATE_S[step] for step in steps))
+
+
+def llama_engine(max_len: int) -> Engine:
+    """llama.cpp on the shipped Q4_1 GGUF (SmolLM2's own file), the same prompt's tokens."""
+    from ..llama_cpp import LlamaDecoder, build_line, prompt_tokens
+    from ..real_model import smollm2_gguf_path
+
+    source = smollm2_gguf_path()
+    assert source is not None  # load_smollm2 read it already
+    decoder = LlamaDecoder(
+        source, threads=torch.get_num_threads(), prompt=prompt_tokens(source, PROMPT_TOKENS), max_len=max_len
+    )
+    return Engine("llama.cpp Q4_1", f"llama-cpp-python, the shipped GGUF; {build_line()}", decoder)
+
+
+def measure_headline(*, llama: bool, progress: Callable[[str], None], rounds: int = 3, tokens: int = 8) -> list[Block]:
+    """The headline blocks: SmolLM2's engines (ms/token and time to first token, each row's one way of
+    running under the ``"headline"`` key), then the synthetic overhead block."""
+    max_len = PROMPT_TOKENS + (rounds + 1) * tokens + 8  # every timed token after the prompt, no re-prefill
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        progress(f"{MODEL}: loading the real checkpoint")
+        bf16, _ = build_llm(MODEL)
+        progress(f"{MODEL}: bf16, warming up a {PROMPT_TOKENS}-token prompt")
+        engines = [Engine("bf16", "transformers eager", Decoder(bf16, max_len=max_len, prompt_len=PROMPT_TOKENS))]
+        progress(f"{MODEL}: ours, quantizing and compiling (compile_for_decode)")
+        ours = Decoder.for_mode(quantized(copy.deepcopy(bf16), "int4"), "decode", max_len=max_len)
+        ours.prompt_len = PROMPT_TOKENS
+        ours.next()  # compiles the step
+        ours.reset()  # warms the prompt pass
+        engines.append(Engine("ours", "default int4, unwrap, compile_for_decode", ours))
+        if torchao_available():
+            progress(f"{MODEL}: torchao int4, quantizing")
+            model = torchao_model(bf16, "int4")
+            engines.append(
+                Engine(
+                    "torchao",
+                    "PrototypeInt4WeightOnlyConfig(group_size=128), eager",
+                    Decoder(model, max_len=max_len, prompt_len=PROMPT_TOKENS),
+                )
+            )
+        if llama:
+            progress(f"{MODEL}: llama.cpp, loading")
+            engines.append(llama_engine(max_len))
+    decoders = {engine.name: engine.decoder for engine in engines}
+    progress(f"{MODEL}: timing {len(engines)} engines' {PROMPT_TOKENS}-token prompts, interleaved")
+    ttft = interleaved_min({name: d.reset for name, d in decoders.items()}, rounds=rounds, warmup=0)
+    progress(f"{MODEL}: timing {len(engines)} engines' tokens, interleaved")
+    decode = time_tokens(decoders, rounds=rounds, tokens=tokens)
+    rows = [Row(e.name, {MODE: decode[e.name]}, note=e.how, ttft={MODE: ttft[e.name] * 1e3}) for e in engines]
+    smollm2 = Block(MODEL, "int4", "ms/token", (MODE,), rows, [], PROMPT_TOKENS)
+    overhead = measure_workload(
+        OVERHEAD_WORKLOAD, "int4", OVERHEAD_MODES, quick=True, progress=progress, variants=OVERHEAD_VARIANTS
+    )
+    return [smollm2, overhead]
