@@ -5,6 +5,8 @@ import pytest
 import torch
 from hypothesis import settings
 
+from perf.harness.models import QWEN2_SHAPES
+
 # A fresh inductor/AOTAutograd cache per pytest run: their keys hash the Dynamo graph, and a
 # wrapped subclass's F.linear is one opaque call there, so a cache written by another version of
 # this code (an older checkout) is reused as is and may call ops that no longer exist.
@@ -15,6 +17,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="unwrap
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile("explore", deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# Qwen2 tiny's widths (4 heads over 2 KV heads, a 4096 vocabulary) in one decoder layer, for the tests of
+# transformers models: what they check is per layer, and a compile's time grows with the layers.
+QWEN2_ONE_LAYER = dict(QWEN2_SHAPES["Qwen2 tiny"], num_hidden_layers=1)
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:

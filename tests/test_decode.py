@@ -8,14 +8,14 @@ import copy
 import pytest
 import torch
 
-from tests.conftest import sqnr
+from tests.conftest import QWEN2_ONE_LAYER, sqnr
 from tests.optional import import_or_fail_in_ci
 from tests.subclasses.test_int4_gemv import require_kernel
 
 import_or_fail_in_ci("transformers", "hf")
 
 from perf.decode_profile import Breakdown, build_model, categorize, format_table, measure  # noqa: E402
-from perf.qwen import QWEN2_SHAPES, build_qwen2  # noqa: E402
+from perf.qwen import build_qwen2  # noqa: E402
 from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
 from subclasses.decode import (  # noqa: E402
     ATTENTION,
@@ -97,10 +97,10 @@ def test_attention_compiled_keeps_the_shortcut_and_its_numbers():
 
 @pytest.fixture(scope="module")
 def tiny():
-    """Qwen2 tiny shapes (4 heads over 2 KV heads), int4 default config, unwrapped."""
+    """Qwen2 tiny widths, one layer, int4 default config, unwrapped."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    model = unwrap(quantize_(build_qwen2(QWEN2_SHAPES["Qwen2 tiny"]), Int4WeightOnlyConfig()))
+    model = unwrap(quantize_(build_qwen2(QWEN2_ONE_LAYER), Int4WeightOnlyConfig()))
     yield model
     torch.set_num_threads(threads)
 
@@ -132,7 +132,7 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
     run their own weights (each step has its own code object, so no cache entry is shared)."""
     from transformers import StaticCache
 
-    other = unwrap(quantize_(build_qwen2(QWEN2_SHAPES["Qwen2 tiny"], seed=1), Int4WeightOnlyConfig()))
+    other = unwrap(quantize_(build_qwen2(QWEN2_ONE_LAYER, seed=1), Int4WeightOnlyConfig()))
     counts: dict[bool, list[int]] = {True: [], False: []}
 
     def counting(skip: bool):

@@ -13,14 +13,15 @@ import_or_fail_in_ci("torchao", "torchao")
 from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig  # noqa: E402
 from torchao.quantization import quantize_ as torchao_quantize_  # noqa: E402
 
-from perf.qwen import QWEN2_SHAPES, Decoder, build_qwen2  # noqa: E402
+from perf.qwen import Decoder, build_qwen2  # noqa: E402
 from subclasses import Int4WeightTensor, from_torchao  # noqa: E402
+from tests.conftest import QWEN2_ONE_LAYER  # noqa: E402
 from unwrap import unwrap  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def torchao_qwen2():
-    model = build_qwen2(QWEN2_SHAPES["Qwen2 tiny"])
+    model = build_qwen2(QWEN2_ONE_LAYER)
     torchao_quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=128))
     return model
 
@@ -29,7 +30,7 @@ def test_converted_qwen2_generates_the_same_tokens(torchao_qwen2):
     expected = Decoder(torchao_qwen2, max_len=32).generate(12)
     converted = copy.deepcopy(torchao_qwen2)
     summary = from_torchao(converted, strict=True)
-    linears = 4 * 7 + 1  # q, k, v, o, gate, up, down per layer, and lm_head
+    linears = 7 + 1  # q, k, v, o, gate, up, down of the one layer, and lm_head
     assert len(summary.converted) == linears and not summary.left
     assert type(converted.model.layers[0].self_attn.q_proj.weight) is Int4WeightTensor
     assert Decoder(converted, max_len=32).generate(12) == expected

@@ -28,7 +28,7 @@ from subclasses.runtime.tensor_parallel import (
     local_weight_bytes,
     parallelize,
 )
-from tests.conftest import sqnr
+from tests.conftest import QWEN2_ONE_LAYER, sqnr
 
 CONFIGS = {
     "int4": Int4WeightOnlyConfig(group_size=64),
@@ -167,16 +167,14 @@ def _qwen2_checks(mesh, checkpoint_dir: str) -> dict:
     """The tiny Qwen2, int4: TP=1 vs TP=2 (eager; unwrapped and compiled), bytes, checkpoints."""
     import torch.distributed.checkpoint as dcp
 
-    from perf.qwen import QWEN2_SHAPES, Decoder, build_qwen2
+    from perf.qwen import Decoder, build_qwen2
     from perf.tp import qwen2_tp_plan
     from unwrap import unwrap
 
     def model(seed: int) -> nn.Module:
-        return quantize_(build_qwen2(QWEN2_SHAPES["Qwen2 tiny"], seed=seed), Int4WeightOnlyConfig())
+        return quantize_(build_qwen2(QWEN2_ONE_LAYER, seed=seed), Int4WeightOnlyConfig())
 
-    prompt = torch.randint(
-        0, QWEN2_SHAPES["Qwen2 tiny"]["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1)
-    )
+    prompt = torch.randint(0, QWEN2_ONE_LAYER["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1))
     tp1 = model(0)
     with torch.inference_mode():
         logits1 = tp1(prompt).logits
