@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Two workers, one test file each at a time (module fixtures such as a loaded checkpoint are built once):
+# most of the suite is compiling, single-threaded Python and C++ compiler work, so 2 cores halve it.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff (lint + format) and mypy (the library packages; configuration in pyproject.toml)
 lint: setup

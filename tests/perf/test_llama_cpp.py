@@ -47,8 +47,10 @@ def test_block_shows_decode_ttft_and_the_busy_machine_warning(monkeypatch):
     monkeypatch.setattr(
         llama, "measure", lambda threads, types, **kw: {t: (6.3 + i, 770.0 + i) for i, t in enumerate(types)}
     )
+    monkeypatch.setattr(llama, "build_line", lambda: "llama-cpp-python 9.9 (native build): CPU : AVX2 = 1 |")
     block = llama.llama_block(2, ["Q4_0", "Q4_1"], quick=True)
     text = format_block(block)
+    assert "Note: llama-cpp-python 9.9 (native build): CPU : AVX2 = 1 |; 2 thread(s)" in text
     assert "| llama.cpp Q4_0 | 6.3 | 770 |" in text
     assert "| llama.cpp Q4_1 (the shipped file) | 7.3 | 771 |" in text
     assert "TTFT llama.cpp" in text and "spin-wait" in text and "5-30x slower" in text
