@@ -83,7 +83,9 @@ def test_measure_headline_times_every_engine(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        smollm2, overhead = headline.measure_headline(llama=False, progress=lambda m: None, rounds=1, tokens=2)
+        smollm2, overhead = headline.measure_headline(
+            llama=False, progress=lambda m: None, prompt_rounds=1, rounds=1, tokens=2
+        )
     finally:
         torch.set_num_threads(threads)
     assert [r.variant for r in smollm2.rows] == ["bf16", "ours"] and smollm2.prefill_tokens == 16
