@@ -192,6 +192,35 @@ class GreedyDecoder:
         self.model, self.max_len = model, max_len
         self.step = model if step is None else step
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self._batch_caches: dict[int, Any] = {1: self.cache}  # a static cache holds one batch size
+
+    def cache_for(self, batch: int) -> Any:
+        """The static cache for ``batch`` rows (made at the first request of that size, then reused)."""
+        from transformers import StaticCache
+
+        if batch not in self._batch_caches:
+            self._batch_caches[batch] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        return self._batch_caches[batch]
+
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        logits_processor: Any,
+        stopping_criteria: Any,
+        generation_config: Any,
+        synced_gpus: bool = False,
+        streamer: Any = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """``model.generate(input_ids, ..., custom_generate=decoder)``: transformers' sampling options,
+        stopping criteria, streamers and left-padded batches on this decoder's cache and step
+        (``runtime.generate``). transformers calls this; users pass the decoder."""
+        from .generate import generate
+
+        return generate(
+            self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
+        )
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
