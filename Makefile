@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test lint report bench
+.PHONY: setup test lint report bench llama
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -35,3 +35,9 @@ report: setup
 
 bench: setup
 	$(PY) -m pytest perf/ --benchmark-only
+
+# llama.cpp, the report's peer, built for this CPU (GGML_NATIVE; ~10 min on 2 cores, not in CI). No cached
+# wheel: one built on another machine may lack this CPU's features. Fails if the build is not native.
+llama: setup
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install --quiet --no-cache-dir --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
+	$(PY) -m perf.llama_cpp --check-build

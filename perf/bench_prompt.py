@@ -48,9 +48,9 @@ def measure(threads: int, prompt_len: int, rounds: int) -> dict[str, float]:
     if available() and source is not None:
         llama = LlamaDecoder(source, threads=threads, prompt=prompt_tokens(source, prompt_len), max_len=max_len)
         engines["llama.cpp (shipped Q4_1 GGUF)"] = llama.reset
-        import llama_cpp
+        from .llama_cpp import build_line
 
-        print("llama.cpp:", llama_cpp.llama_print_system_info().decode().strip())
+        print(build_line())
     seconds = interleaved_min(engines, rounds=rounds, warmup=1)
     return {name: s * 1e3 for name, s in seconds.items()}
 

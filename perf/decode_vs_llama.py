@@ -75,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             f"--threads, --rounds, --tokens must be positive, got {args.threads}, {args.rounds}, {args.tokens}"
         )
     if not available():
-        print("llama-cpp-python is not installed: pip install '.[llama]' (builds llama.cpp from source, ~10 min)")
+        print("llama-cpp-python is not installed: `make llama` (builds llama.cpp for this CPU from source, ~10 min)")
         return 2
+    from .llama_cpp import build_line
+
+    print(build_line())  # says "NOT native" when the peer was built without this CPU's features
     times = measure(args.threads, types, rounds=args.rounds, tokens=args.tokens, modes=modes)
     print(f"SmolLM2-135M decode, {args.threads} thread(s), ms/token (min over {args.rounds} interleaved rounds):")
     reference, reference_ms = next(iter(times.items()))

@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.llama_cpp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--types", default=",".join(TYPES), help=f"comma-separated, from {', '.join(TYPES)}")
+    parser.add_argument(
+        "--check-build", action="store_true", help="only print the build line; exit 1 unless it is native to this CPU"
+    )
     args = parser.parse_args(argv)
     try:
         types = parse_types(args.types)
@@ -261,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         parser.error(f"--threads must be a positive integer, got {args.threads}")
     if not available():
-        print("llama-cpp-python is not installed: pip install 'unwrap[llama]' (builds llama.cpp from source, ~10 min)")
+        print("llama-cpp-python is not installed: `make llama` (builds llama.cpp for this CPU from source, ~10 min)")
         return 2
+    if args.check_build:
+        line = build_line()
+        print(line)
+        return 1 if "NOT native" in line else 0
     print(format_block(llama_block(args.threads, types, progress=Progress())))
     return 0
 
