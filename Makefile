@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test lint report bench llama
+.PHONY: setup test test-default-isa lint report bench llama
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -23,6 +23,14 @@ setup: $(VENV)/.installed
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The formats, their kernels and checkpoints again with torch's CPU dispatch at its baseline (no AVX2 or
+# AVX512 kernels, what a CPU without them runs; int4 packs its weights differently there). A fresh Inductor
+# cache: the C++ it caches is not keyed by the dispatch level.
+PORTABLE_TESTS := $(addprefix tests/subclasses/,test_int4.py test_int8.py test_int8_dynamic.py test_prefill.py \
+	test_compute_dtype.py test_serialization.py test_tensor_ops.py test_properties.py) tests/unwrap/test_unwrap.py
+test-default-isa: setup
+	ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PORTABLE_TESTS)
 
 # ruff (lint + format) and mypy (the library packages; configuration in pyproject.toml)
 lint: setup
