@@ -2,7 +2,7 @@
 
 ``"tinygemm"``: torchao's min-max math (``int4_tensor.quantize_int4``), bit-identical to torchao.
 
-``"clip"`` (the default) and ``"mse"``: per row and group, search the (scale, zero) that minimise the
+``"mse"`` (the default) and ``"clip"``: per row and group, search the (scale, zero) that minimise the
 weighted squared error ``sum(h * (w - ((q - 8) * scale + zero))**2)``; ``"clip"`` weighs every weight
 alike (``h = 1``: the plain squared error), ``"mse"`` by importance, ``h = |w| + mean|w|`` over the group
 (large weights count more, as in llama.cpp's k-quants). Calibration-free:
@@ -19,8 +19,10 @@ alike (``h = 1``: the plain squared error), ``"mse"`` by importance, ``h = |w| +
 5. per group, keep whichever of this and min-max has the smaller plain squared error *as the kernel dequantizes it*
    (stored scale and zero, fp32 arithmetic): so neither ever does worse than "tinygemm" on any group.
 
-``"mse"`` was tuned on SmolLM2's weights, which a GGUF file had put on a 4-bit grid at group 32 already;
-on weights that were never quantized (and off that grid) ``"clip"`` is closer (docs/accuracy.md).
+``"mse"`` was tuned on SmolLM2's weights, which a GGUF file had put on a 4-bit grid at group 32 already.
+``"clip"`` leaves less plain weight error off that grid, but the importance weighting of ``"mse"`` keeps
+the model's outputs closer where it matters most (SmolLM2's near-full-precision token_embd / lm_head):
+docs/accuracy.md.
 
 The search runs on each group's weights rounded to 13-bit integers (``FIXED``), so its sums are exact
 in any order; the two plain errors of step 5 are summed as a fixed tree of adds (``_tree_sum``).
@@ -44,9 +46,9 @@ from .cpp_build import build_library
 from .int4_packing import EPS
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse", "clip")
-# "clip": the closest to weights that were never quantized, deterministic; Int4WeightTensor.from_float
-# keeps "tinygemm".
-DEFAULT_QPARAMS_ALGORITHM = "clip"
+# "mse": the closest outputs measured (docs/accuracy.md), deterministic, ~1.1-1.3x min-max's quantize time;
+# Int4WeightTensor.from_float keeps "tinygemm".
+DEFAULT_QPARAMS_ALGORITHM = "mse"
 # Chosen on 28 of SmolLM2-135M's real weight matrices: squared weight error relative to min-max at g64,
 # 4 candidates + 2 refinements 0.70, 11 + 2: 0.695, 6 + 4: 0.70, 1 + 2: 0.80 (g128: 0.78, 0.775, 0.77, 0.87).
 MSE_CANDIDATES = (-0.5, 0.0, 0.5, 1.0)

@@ -200,9 +200,9 @@ def test_a_failing_build_warns_and_the_eager_search_runs(monkeypatch, tmp_path):
 
 
 def test_config_default_and_bad_algorithm():
-    assert Int4WeightOnlyConfig().qparams_algorithm == "clip"
+    assert Int4WeightOnlyConfig().qparams_algorithm == "mse"
     assert Int4WeightOnlyConfig(qparams_algorithm="tinygemm").qparams_algorithm == "tinygemm"
-    assert Int4WeightOnlyConfig(qparams_algorithm="mse").qparams_algorithm == "mse"  # the earlier default
+    assert Int4WeightOnlyConfig(qparams_algorithm="clip").qparams_algorithm == "clip"
     with pytest.raises(ValueError, match="qparams_algorithm must be one of .*got 'hqq'"):
         Int4WeightOnlyConfig(qparams_algorithm="hqq")
     with pytest.raises(ValueError, match="qparams_algorithm"):
