@@ -1,11 +1,18 @@
 """``python -m perf.accuracy``: how close each weight format and int4 qparams algorithm stays to the
-bf16 model, on SmolLM2-135M's real weights (``perf.real_model``).
+bf16 model, on SmolLM2-135M's real weights (``perf.real_model``), and on matrices that were never on a
+4-bit grid.
 
-Prints one markdown table: perplexity on the shipped text, quantize time, how many linears were
-quantized, and per quantized layer against min-max ("tinygemm") at the same group size (and against
-torchao's HQQ when its rows are measured): the share of layers whose weight reconstruction error is
-lower and whose output SQNR (on the text's first ``--layer-tokens`` tokens, captured from the bf16
-model) is higher, with the medians.
+Prints two markdown tables. The model: perplexity on the shipped text, the mean KL divergence of the
+next-token distributions from the bf16 model's (on the text's first ``--kld-tokens`` tokens), quantize
+time, how many linears were quantized, and per quantized layer against min-max ("tinygemm") at the same
+group size (and against torchao's HQQ when its rows are measured): the share of layers whose weight
+reconstruction error is lower and whose output SQNR (on the text's first ``--layer-tokens`` tokens,
+captured from the bf16 model) is higher, with the medians. SmolLM2's linears come from a Q4_1 GGUF file:
+at group 32 they are on a 4-bit grid already (a search can find that grid back), so those rows say so;
+at 64 and 128 they are not. The matrices: output SQNR per int4 algorithm and group size of SmolLM2's
+``token_embd`` (the tied lm_head, Q8_0 in the file: near full precision) on its captured inputs, and of
+seeded heavy-tailed weights with outlier input channels (Qwen2.5-0.5B's shapes) on seeded activations
+with outlier channels.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ class Row:
     linears: int = 0
     quantize_s: float = 0.0
     perplexity: float = float("nan")
+    kld: float = float("nan")  # mean KL(bf16 || this) of the next-token distributions
     # per quantized layer name: (relative squared weight error, output SQNR dB, int4 group size or 0)
     layers: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
@@ -113,6 +121,17 @@ def capture_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tenso
     return inputs
 
 
+def log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [T, vocab] (fp32) of ``model`` on ids [1, T], one forward."""
+    with torch.inference_mode():
+        return F.log_softmax(model(ids, use_cache=False).logits[0].float(), dim=-1)
+
+
+def kl_divergence(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || candidate), both log-probabilities [T, vocab]."""
+    return F.kl_div(candidate, reference, log_target=True, reduction="batchmean").item()
+
+
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return (20 * torch.log10(ref.norm() / (ref - out).norm())).item()
 
@@ -146,12 +165,14 @@ def measure(
     perplexity: Callable[[nn.Module, torch.Tensor], float],
     *,
     layer_tokens: int = 256,
+    kld_tokens: int = 512,
     calibration: list[torch.Tensor] | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> list[Row]:
     """Fill in ``rows`` (see ``variants``): each quantized on a copy of the bf16 ``model``; the
     calibrated rows with ``calibration`` (batches of token ids, not the evaluated text)."""
     inputs = capture_inputs(model, ids[:, :layer_tokens])
+    reference = log_probs(model, ids[:, :kld_tokens])
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     for row in rows:
         candidate = model
@@ -166,8 +187,9 @@ def measure(
         row.linears = linears
         row.quantized = len(row.layers)
         row.perplexity = perplexity(candidate, ids)
+        row.kld = kl_divergence(reference, log_probs(candidate, ids[:, :kld_tokens]))
         progress(
-            f"{row.label}: perplexity {row.perplexity:.3f}, {row.quantized}/{linears} linears, "
+            f"{row.label}: perplexity {row.perplexity:.3f}, KLD {row.kld:.4f}, {row.quantized}/{linears} linears, "
             f"quantize {row.quantize_s:.1f} s"
         )
     return rows
@@ -193,14 +215,16 @@ def versus(row: Row, rows: list[Row], algorithm: str = "tinygemm") -> list[str]:
     ]
 
 
-def format_table(rows: list[Row]) -> str:
-    """The markdown table; with HQQ rows, two more columns compare each layer with HQQ's."""
+def format_table(rows: list[Row], on_grid: int | None = None) -> str:
+    """The markdown table; with HQQ rows, two more columns compare each layer with HQQ's. ``on_grid``:
+    the group size at which the model's weights are on a 4-bit grid already (labelled so)."""
     bf16 = next(r.perplexity for r in rows if r.config is None)
     hqq = any(r.algorithm == "hqq" for r in rows)
     head = [
         "variant",
         "perplexity",
         "vs bf16",
+        "KLD vs bf16",
         "linears quantized",
         "quantize s",
         "layers with lower weight error than min-max",
@@ -210,9 +234,10 @@ def format_table(rows: list[Row]) -> str:
         head += ["lower weight error than HQQ", "higher output SQNR than HQQ"]
     cells = [
         [
-            row.label,
+            row.label + (" (weights already on a 4-bit grid)" if on_grid and row.group_size == on_grid else ""),
             f"{row.perplexity:.2f}",
             f"{row.perplexity - bf16:+.2f}",
+            f"{row.kld:.4f}",
             "-" if row.config is None else f"{row.quantized}/{row.linears}",
             "-" if row.config is None else f"{row.quantize_s:.1f}",
             *versus(row, rows),
@@ -221,6 +246,45 @@ def format_table(rows: list[Row]) -> str:
         for row in rows
     ]
     return markdown_table(head, cells)
+
+
+# Qwen2.5-0.5B's linear shapes (out, in): q/o, k/v, gate/up, down
+MATRIX_SHAPES = ((896, 896), (128, 896), (4864, 896), (896, 4864))
+
+
+def heavy_tailed_matrix(n: int, k: int, seed: int, tokens: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded weights [n, k] (bf16) that were never quantized, as real LLM weights: Student-t (3 degrees
+    of freedom) with 4 input channels 8x larger; and activations [tokens, k] with 6 channels 15x larger."""
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=generator) / (torch.randn(3, n, k, generator=generator).square().mean(0)).sqrt()
+    w[:, torch.randperm(k, generator=generator)[:4]] *= 8
+    x = torch.randn(tokens, k, generator=generator)
+    x[:, torch.randperm(k, generator=generator)[:6]] *= 15
+    return (w * 0.02).to(torch.bfloat16), x
+
+
+def int4_quantizer(algorithm: str, group_size: int) -> WeightConfig:
+    """The int4 config of ``algorithm`` (a qparams algorithm, or "hqq": torchao's) at ``group_size``."""
+    if algorithm == "hqq":
+        return TorchaoHQQConfig(group_size)
+    return Int4WeightOnlyConfig(group_size, qparams_algorithm=algorithm)
+
+
+def matrix_table(
+    matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], group_sizes: list[int], algorithms: list[str]
+) -> str:
+    """Output SQNR (dB) of ``x @ W_q^T`` against ``x @ W^T`` per matrix (name: (W, x)), group size and
+    int4 algorithm, and per row the best algorithm."""
+    cells = []
+    for g in group_sizes:
+        for name, (w, x) in matrices.items():
+            ref = F.linear(x.float(), w.float())
+            sqnr = {}
+            for algorithm in algorithms:
+                deq = int4_quantizer(algorithm, g).quantize(w).to(torch.float32).dequantize()
+                sqnr[algorithm] = sqnr_db(ref, F.linear(x.float(), deq))
+            cells.append([name, g, *(f"{sqnr[a]:.2f}" for a in algorithms), max(sqnr, key=sqnr.__getitem__)])
+    return markdown_table(["matrix", "group", *(f"{a} SQNR dB" for a in algorithms), "best"], cells)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -235,6 +299,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate only the text's first N tokens")
     parser.add_argument("--layer-tokens", type=int, default=256, help="tokens whose activations score each layer")
+    parser.add_argument(
+        "--kld-tokens", type=int, default=512, help="tokens whose next-token distributions give the KLD"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write every row's per-layer numbers to this file")
     return parser.parse_args(argv)
@@ -247,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2(torch.bfloat16)
     ids = eval_token_ids(tokenizer)[:, : args.max_tokens]
+    lm_head_inputs = capture_inputs(model, ids[:, : args.layer_tokens])["lm_head"]
     print(
         f"SmolLM2-135M, {ids.shape[1]} tokens of perf/data/eval_text.txt, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
@@ -258,10 +326,18 @@ def main(argv: list[str] | None = None) -> int:
         variants(args.group_sizes, args.algorithms),
         perplexity,
         layer_tokens=args.layer_tokens,
+        kld_tokens=args.kld_tokens,
         calibration=calibration_batches(tokenizer),
         progress=lambda line: print(line, flush=True),
     )
-    print(format_table(rows))
+    print(format_table(rows, on_grid=32))  # the GGUF file's Q4_1 blocks
+    int4 = [a for a in args.algorithms if a != "gptq"]
+    lm_head = model.get_submodule("lm_head")  # tied to token_embd
+    assert isinstance(lm_head, nn.Linear)
+    matrices = {"SmolLM2 token_embd (lm_head)": (lm_head.weight.detach(), lm_head_inputs)}
+    for i, (n, k) in enumerate(MATRIX_SHAPES):
+        matrices[f"heavy-tailed {n}x{k}"] = heavy_tailed_matrix(n, k, seed=i)
+    print(matrix_table(matrices, args.group_sizes, int4))
     if args.json:
         import dataclasses
         import json

@@ -142,7 +142,7 @@ class Int4WeightTensor(QuantizedWeight):
         cls, weight: torch.Tensor, group_size: int = 128, qparams_algorithm: str = "tinygemm"
     ) -> Int4WeightTensor:
         """Quantize a high-precision [N, K] weight; ``qparams_algorithm`` chooses scales and zeros
-        ("tinygemm": torchao's min-max math, in the weight's dtype; "mse": see int4_qparams)."""
+        ("tinygemm": torchao's min-max math, in the weight's dtype; "mse", "clip": see int4_qparams)."""
         check_qparams_algorithm(qparams_algorithm)
         reason = cls.unsupported_reason(weight, group_size)
         if reason is not None:
@@ -201,7 +201,7 @@ def quantize_int4(
     w: torch.Tensor, group_size: int, qparams_algorithm: str = "tinygemm"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns q uint8 [N, K], scale [N, K/g], zero [N, K/g] in w's dtype: tinygemm int4 math, then
-    for "mse" the per-group search of ``int4_qparams.mse_qparams`` (which starts from it)."""
+    for "mse" and "clip" the per-group search of ``int4_qparams.mse_qparams`` (which starts from it)."""
     check_qparams_algorithm(qparams_algorithm)
     n, k = w.shape
     groups = w.reshape(n, k // group_size, group_size)
@@ -211,8 +211,8 @@ def quantize_int4(
     low = (zero - 8 * scale).unsqueeze(-1)
     q = torch.round((groups - low) / scale.unsqueeze(-1)).clamp(0, 15)
     q = q.to(torch.uint8).reshape(n, k)
-    if qparams_algorithm == "mse":
-        return mse_qparams(w, group_size, q, scale, zero)
+    if qparams_algorithm != "tinygemm":
+        return mse_qparams(w, group_size, q, scale, zero, qparams_algorithm)
     return q, scale, zero
 
 

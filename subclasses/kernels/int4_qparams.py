@@ -2,33 +2,41 @@
 
 ``"tinygemm"``: torchao's min-max math (``int4_tensor.quantize_int4``), bit-identical to torchao.
 
-``"mse"`` (the default): per row and group, search the (scale, zero) that minimise the weight's
-importance-weighted squared error ``sum(h * (w - ((q - 8) * scale + zero))**2)``, ``h = |w| + mean|w|``
-over the group (large weights count more, as in llama.cpp's k-quants), calibration-free:
+``"mse"`` (the default) and ``"clip"``: per row and group, search the (scale, zero) that minimise the
+weighted squared error ``sum(h * (w - ((q - 8) * scale + zero))**2)``; ``"clip"`` weighs every weight
+alike (``h = 1``: the plain squared error), ``"mse"`` by importance, ``h = |w| + mean|w|`` over the group
+(large weights count more, as in llama.cpp's k-quants). Calibration-free:
 
-1. candidate grids: step ``range / (15 + d)`` anchored at the group's minimum, for each ``d`` in
-   ``MSE_CANDIDATES`` (d < 0: a coarser grid than min-max; d > 0: finer, clipping the largest weights);
-   codes ``q`` = nearest grid point;
+1. candidate grids, codes ``q`` = nearest grid point. Both: step ``range / (15 + d)`` anchored at the
+   group's minimum, for each ``d`` in ``MSE_CANDIDATES`` (d < 0: a coarser grid than min-max; d > 0: finer,
+   clipping the largest weights). ``"clip"`` also: the range shrunk about its midpoint by each ratio in
+   ``CLIP_RATIOS`` (clipping both tails);
 2. for each candidate's codes, the weighted least-squares (scale, zero) (closed form: a line fit of
    ``w`` on ``q``), scored by the weighted error it leaves; keep the best per group;
-3. ``MSE_REFINEMENTS`` rounds of: codes nearest to the best grid, least-squares refit (Lloyd);
+3. a few rounds (``Search.refinements``) of: codes nearest to the best grid, least-squares refit (Lloyd);
 4. scale and zero rounded to the weight's dtype (the zero refit to the rounded scale), codes nearest to
    the stored grid;
 5. per group, keep whichever of this and min-max has the smaller plain squared error *as the kernel dequantizes it*
-   (stored scale and zero, fp32 arithmetic): so "mse" never does worse than "tinygemm" on any group.
+   (stored scale and zero, fp32 arithmetic): so neither ever does worse than "tinygemm" on any group.
+
+``"mse"`` was tuned on SmolLM2's weights, which a GGUF file had put on a 4-bit grid at group 32 already.
+``"clip"`` leaves less plain weight error off that grid, but the importance weighting of ``"mse"`` keeps
+the model's outputs closer where it matters most (SmolLM2's near-full-precision token_embd / lm_head):
+docs/accuracy.md.
 
 The search runs on each group's weights rounded to 13-bit integers (``FIXED``), so its sums are exact
 in any order; the two plain errors of step 5 are summed as a fixed tree of adds (``_tree_sum``).
 A small C++ op (``csrc/int4_qparams.cpp``, built at first use) does the work, 16 groups per vector;
 it returns exactly what the eager PyTorch code (``_mse_chunk``, the fallback without a compiler)
-returns, whatever the number of threads (tested): deterministic everywhere. Time: ~2x min-max's,
-the whole ``quantize_`` of Qwen2-0.5B's shapes ~8 s at group 32 on 2 cores (``python -m perf.qparams_time``).
+returns, whatever the number of threads (tested): deterministic everywhere. Time (``python -m perf.qparams_time``,
+the whole ``quantize_`` of Qwen2-0.5B's shapes on 2 cores): "mse" ~2x min-max's, "clip" see docs/accuracy.md.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,14 +45,43 @@ from torch._subclasses.fake_tensor import is_fake
 from .cpp_build import build_library
 from .int4_packing import EPS
 
-QPARAMS_ALGORITHMS = ("tinygemm", "mse")
-# "mse": the most accurate, deterministic, and ~2x min-max's quantize time (~8 s for the whole Qwen2-0.5B
-# shapes at group 32 on 2 cores; kept under ~30 s). Int4WeightTensor.from_float keeps "tinygemm".
+QPARAMS_ALGORITHMS = ("tinygemm", "mse", "clip")
+# "mse": the closest outputs measured (docs/accuracy.md), deterministic, ~1.1-1.3x min-max's quantize time;
+# Int4WeightTensor.from_float keeps "tinygemm".
 DEFAULT_QPARAMS_ALGORITHM = "mse"
 # Chosen on 28 of SmolLM2-135M's real weight matrices: squared weight error relative to min-max at g64,
 # 4 candidates + 2 refinements 0.70, 11 + 2: 0.695, 6 + 4: 0.70, 1 + 2: 0.80 (g128: 0.78, 0.775, 0.77, 0.87).
 MSE_CANDIDATES = (-0.5, 0.0, 0.5, 1.0)
 MSE_REFINEMENTS = 2
+# "clip": the range shrunk about its midpoint (scaled by each ratio), and the grids above, 3 refinements:
+# on SmolLM2 at groups 64/128 and seeded heavy-tailed weights, the best mean output SQNR of the sets tried
+# (ratios 1..0.7 by 0.05 or 1..0.6 by 0.025, anchored at the midpoint, at zero, or both; 2-4 refinements).
+CLIP_RATIOS = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+CLIP_REFINEMENTS = 3
+
+
+@dataclass(frozen=True)
+class Search:
+    """One search's parameters. Candidate ``i``'s codes are ``round(u * c / span + offset - low * c / span)``
+    on the group's integer weights u (``span = max u - min u``, ``low = min u``), ``c = candidates[i]``,
+    ``offset = offsets[i]``; ``importance``: weigh the error by ``|w| + mean|w|`` (else plainly)."""
+
+    candidates: tuple[float, ...]
+    offsets: tuple[float, ...]
+    refinements: int
+    importance: bool
+
+
+SEARCHES = {
+    "mse": Search(tuple(15 + d for d in MSE_CANDIDATES), (0.0,) * len(MSE_CANDIDATES), MSE_REFINEMENTS, True),
+    # the range times r about its midpoint: step span * r / 15, the midpoint on code 7.5
+    "clip": Search(
+        tuple(15 / r for r in CLIP_RATIOS) + tuple(15 + d for d in MSE_CANDIDATES),
+        tuple(7.5 * (1 - 1 / r) for r in CLIP_RATIOS) + (0.0,) * len(MSE_CANDIDATES),
+        CLIP_REFINEMENTS,
+        False,
+    ),
+}
 _CHUNK_ELEMENTS = 1 << 18  # elements per chunk: the fp32 copy (1 MiB) stays in cache
 
 
@@ -116,9 +153,13 @@ def _fit(
 
 
 def _mse_chunk(
-    w: torch.Tensor, old_q: torch.Tensor, old_scale: torch.Tensor, old_zero: torch.Tensor
+    w: torch.Tensor,
+    old_q: torch.Tensor,
+    old_scale: torch.Tensor,
+    old_zero: torch.Tensor,
+    search: Search = SEARCHES["mse"],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Groups w [R, g] (weight dtype) and min-max's codes [R, g], scale and zero [R] -> the "mse"
+    """Groups w [R, g] (weight dtype) and min-max's codes [R, g], scale and zero [R] -> ``search``'s
     codes, scale, zero (same shapes and dtypes): per group, whichever has the smaller error.
 
     The definition of the search: the C++ op (csrc/int4_qparams.cpp) repeats these ops in this order
@@ -129,16 +170,16 @@ def _mse_chunk(
     u = torch.round(x * (FIXED / amax))  # integers in [-FIXED, FIXED]
     # importance of each weight: its magnitude plus the group's mean magnitude (times g, an integer;
     # llama.cpp's k-quants weight the error so, with the RMS): the error of a large weight costs more
-    h = g * u.abs() + u.abs().sum(-1, keepdim=True)
+    h = g * u.abs() + u.abs().sum(-1, keepdim=True) if search.importance else torch.ones_like(u)
     sum_h = torch.clamp(h.double().sum(-1, keepdim=True), min=1.0)  # 0 only for an all-zero group
     sum_hu = (h.double() * u).sum(-1, keepdim=True)
     low, high = u.amin(-1, keepdim=True), u.amax(-1, keepdim=True)
     span = torch.clamp(high - low, min=1.0)  # a constant group: every candidate's codes agree, gain 0
     best = [torch.full_like(sum_h, -1.0), torch.zeros_like(sum_h), torch.zeros_like(sum_h)]
-    for d in MSE_CANDIDATES:
-        a = (15 + d) / span
-        _fit(u, h, (sum_h, sum_hu), a, -low * a, best)
-    for _ in range(MSE_REFINEMENTS):  # u ~ s * (q - qbar) + ubar: nearest codes
+    for c, offset in zip(search.candidates, search.offsets):
+        a = c / span
+        _fit(u, h, (sum_h, sum_hu), a, -low * a + offset, best)
+    for _ in range(search.refinements):  # u ~ s * (q - qbar) + ubar: nearest codes
         s = best[1]
         inv = 1 / torch.where(s > 0, s, 1.0)
         _fit(u, h, (sum_h, sum_hu), inv, best[2] - sum_hu / sum_h * inv, best)
@@ -196,24 +237,39 @@ def _use_kernel(w: torch.Tensor) -> bool:
 
 
 def mse_qparams(
-    w: torch.Tensor, group_size: int, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+    w: torch.Tensor,
+    group_size: int,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    algorithm: str = "mse",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The "mse" choice for w [N, K], given min-max's codes q [N, K] and scale, zero [N, K/g]: the
-    same shapes and dtypes back, per group whichever of the two has the smaller squared error.
+    """The ``algorithm`` ("mse" or "clip") choice for w [N, K], given min-max's codes q [N, K] and scale,
+    zero [N, K/g]: the same shapes and dtypes back, per group whichever of the two has the smaller squared error.
 
     The C++ op where it is available, else ``_mse_chunk`` on chunks of ``_CHUNK_ELEMENTS``: the same bits."""
+    if algorithm not in SEARCHES:
+        raise ValueError(f"algorithm must be one of {tuple(SEARCHES)}, got {algorithm!r}")
+    search = SEARCHES[algorithm]
     n, k = w.shape
     groups, codes = w.reshape(-1, group_size), q.reshape(-1, group_size)
     scale, zero = scale.reshape(-1), zero.reshape(-1)
     if _use_kernel(w):
         new_q, new_scale, new_zero = torch.ops.unwrap_qparams.int4_mse.default(
-            groups, codes, scale, zero, list(MSE_CANDIDATES), MSE_REFINEMENTS
+            groups,
+            codes,
+            scale,
+            zero,
+            list(search.candidates),
+            list(search.offsets),
+            search.refinements,
+            search.importance,
         )
     else:
         rows = max(1, _CHUNK_ELEMENTS // group_size)
         chunks = [
-            _mse_chunk(*(t[start : start + rows] for t in (groups, codes, scale, zero)))
-            for start in range(0, groups.shape[0], rows)
+            _mse_chunk(groups[part], codes[part], scale[part], zero[part], search)
+            for part in (slice(start, start + rows) for start in range(0, groups.shape[0], rows))
         ]
         new_q, new_scale, new_zero = (torch.cat(parts) for parts in zip(*chunks))
     return new_q.view(n, k), new_scale.view(n, -1), new_zero.view(n, -1)

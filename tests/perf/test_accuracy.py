@@ -46,12 +46,32 @@ def test_accuracy_table_on_a_tiny_model():
     assert by_label["int4 g128 mse"].quantized == 15  # groups of 128 where they fit, of 32 elsewhere
     for row in rows:
         assert row.perplexity > 1 and torch.isfinite(torch.tensor(row.perplexity))
+        # a KL divergence is >= 0 (the rounding of fp32 log-softmax sums may leave -1e-6), 0 for the model itself
+        assert row.kld > -1e-6 and (row.config is not None or row.kld < 1e-6)
+    assert by_label["int4 g32 mse"].kld > by_label["int8 weight-only"].kld  # 4 bits are farther than 8
     mse, minmax = by_label["int4 g32 mse"].layers, by_label["int4 g32 tinygemm"].layers
     assert all(mse[name][0] <= minmax[name][0] for name in mse)  # never a worse weight
     table = accuracy.format_table(rows)
     assert (
         table.count("\n") == len(rows) + 1 and "| int4 g32 mse |" in table and "% of 2 (median x" in table
     )  # the 2 down_proj at g128 (the rest falls back to 32)
+    labelled = accuracy.format_table(rows, on_grid=32)
+    assert "| int4 g32 mse (weights already on a 4-bit grid) |" in labelled and "| int4 g128 mse |" in labelled
+
+
+def test_matrix_table_on_heavy_tailed_weights():
+    w, x = accuracy.heavy_tailed_matrix(64, 256, seed=0, tokens=16)
+    assert w.dtype == torch.bfloat16 and x.shape == (16, 256)
+    assert torch.equal(w, accuracy.heavy_tailed_matrix(64, 256, seed=0, tokens=16)[0])  # seeded
+    # outlier input channels: the largest column norms stand far above the median's
+    norms = w.float().norm(dim=0).sort().values
+    assert norms[-4] > 4 * norms[128]
+    table = accuracy.matrix_table({"m": (w, x)}, [32, 128], ["tinygemm", "clip"]).splitlines()
+    assert table[0] == "| matrix | group | tinygemm SQNR dB | clip SQNR dB | best |" and len(table) == 4
+    for line in table[2:]:
+        cells = line.split(" | ")
+        # "clip" never has a worse group than min-max; its output is clearly closer (measured +0.7, +1.1 dB)
+        assert float(cells[3]) > float(cells[2])
 
 
 def test_gptq_rows_use_the_calibration():

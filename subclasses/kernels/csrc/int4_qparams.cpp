@@ -1,4 +1,4 @@
-// unwrap_qparams::int4_mse: the int4 "mse" qparams search of subclasses/int4_qparams.py
+// unwrap_qparams::int4_mse: the int4 "mse" and "clip" qparams searches of subclasses/int4_qparams.py
 // (_mse_chunk), one group at a time, in C++. It must return exactly what the eager PyTorch code
 // returns (tested on every dtype and group size), so each step below is that code's ops in that
 // code's order and precision: no fused multiply-adds (built with -ffp-contract=off), no fast-math.
@@ -83,8 +83,8 @@ void error(const Lanes* x, const uint8_t (*q)[kLanes], const T* scale, const T* 
 // The groups [first, first + count) (count <= kLanes) of w [groups, g]: the C++ _mse_chunk.
 template <typename T>
 void block(const T* w, const uint8_t* old_q, const T* old_scale, const T* old_zero, int64_t first, int64_t count,
-           int64_t g, const std::vector<double>& candidates, int64_t refinements, uint8_t* out_q, T* out_scale,
-           T* out_zero) {
+           int64_t g, const std::vector<double>& candidates, const std::vector<double>& offsets, int64_t refinements,
+           bool importance, uint8_t* out_q, T* out_scale, T* out_zero) {
   alignas(64) Lanes x[kMaxGroup], u[kMaxGroup], h[kMaxGroup];
   alignas(64) uint8_t q[kMaxGroup][kLanes], oq[kMaxGroup][kLanes];
   alignas(64) double t[kMaxGroup][kLanes];
@@ -116,7 +116,7 @@ void block(const T* w, const uint8_t* old_q, const T* old_scale, const T* old_ze
   double sum_h[kLanes] = {}, sum_hu[kLanes] = {};
   for (int64_t i = 0; i < g; ++i)
     for (int64_t j = 0; j < kLanes; ++j) {
-      h[i][j] = static_cast<float>(g) * std::abs(u[i][j]) + sum_abs[j];
+      h[i][j] = importance ? static_cast<float>(g) * std::abs(u[i][j]) + sum_abs[j] : 1.0f;
       sum_h[j] += static_cast<double>(h[i][j]);
       sum_hu[j] += static_cast<double>(h[i][j]) * static_cast<double>(u[i][j]);
     }
@@ -127,11 +127,12 @@ void block(const T* w, const uint8_t* old_q, const T* old_scale, const T* old_ze
     span[j] = std::max(high[j] - low[j], 1.0f);
     best.gain[j] = -1.0, best.s[j] = 0.0, best.qbar[j] = 0.0;
   }
-  for (double d : candidates) {
+  for (size_t c = 0; c < candidates.size(); ++c) {
     float a[kLanes], b[kLanes];
+    const float offset = static_cast<float>(offsets[c]);
     for (int64_t j = 0; j < kLanes; ++j) {
-      a[j] = (1.0f / span[j]) * static_cast<float>(15 + d);  // (15 + d) / span: reciprocal, times
-      b[j] = -low[j] * a[j];
+      a[j] = (1.0f / span[j]) * static_cast<float>(candidates[c]);  // c / span: reciprocal, times
+      b[j] = -low[j] * a[j] + offset;
     }
     fit<float>(u, h, g, sum_h, sum_hu, a, b, best);
   }
@@ -170,8 +171,8 @@ void block(const T* w, const uint8_t* old_q, const T* old_scale, const T* old_ze
 
 template <typename T>
 void search(const at::Tensor& w, const at::Tensor& old_q, const at::Tensor& old_scale, const at::Tensor& old_zero,
-            const std::vector<double>& candidates, int64_t refinements, at::Tensor& q, at::Tensor& scale,
-            at::Tensor& zero) {
+            const std::vector<double>& candidates, const std::vector<double>& offsets, int64_t refinements,
+            bool importance, at::Tensor& q, at::Tensor& scale, at::Tensor& zero) {
   const int64_t groups = w.size(0), g = w.size(1);
   const T* pw = w.const_data_ptr<T>();
   const uint8_t* pq = old_q.const_data_ptr<uint8_t>();
@@ -180,14 +181,15 @@ void search(const at::Tensor& w, const at::Tensor& old_q, const at::Tensor& old_
   T *os = scale.data_ptr<T>(), *oz = zero.data_ptr<T>();
   at::parallel_for(0, (groups + kLanes - 1) / kLanes, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      block<T>(pw, pq, ps, pz, b * kLanes, std::min(kLanes, groups - b * kLanes), g, candidates, refinements, oq, os,
-               oz);
+      block<T>(pw, pq, ps, pz, b * kLanes, std::min(kLanes, groups - b * kLanes), g, candidates, offsets, refinements,
+               importance, oq, os, oz);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_mse(const at::Tensor& w_in, const at::Tensor& q_in,
                                                          const at::Tensor& scale_in, const at::Tensor& zero_in,
-                                                         at::ArrayRef<double> candidates, int64_t refinements) {
+                                                         at::ArrayRef<double> candidates, at::ArrayRef<double> offsets,
+                                                         int64_t refinements, bool importance) {
   const at::Tensor w = w_in.contiguous(), old_q = q_in.contiguous();
   const at::Tensor old_scale = scale_in.contiguous(), old_zero = zero_in.contiguous();
   TORCH_CHECK(w.dim() == 2, "int4_mse: w must be [groups, group_size], got ", w.sizes());
@@ -201,11 +203,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_mse(const at::Tensor& w_in, 
                 "int4_mse: scale and zero must be [", groups, "] in w's dtype, got ", t->sizes(), " ",
                 t->scalar_type());
   at::Tensor q = at::empty_like(old_q), scale = at::empty_like(old_scale), zero = at::empty_like(old_zero);
-  const std::vector<double> cands(candidates.begin(), candidates.end());
+  TORCH_CHECK(offsets.size() == candidates.size(), "int4_mse: ", candidates.size(), " candidates but ", offsets.size(),
+              " offsets");
+  const std::vector<double> cands(candidates.begin(), candidates.end()), offs(offsets.begin(), offsets.end());
   switch (w.scalar_type()) {
-    case at::kFloat: search<float>(w, old_q, old_scale, old_zero, cands, refinements, q, scale, zero); break;
-    case at::kBFloat16: search<c10::BFloat16>(w, old_q, old_scale, old_zero, cands, refinements, q, scale, zero); break;
-    case at::kHalf: search<c10::Half>(w, old_q, old_scale, old_zero, cands, refinements, q, scale, zero); break;
+    case at::kFloat: search<float>(w, old_q, old_scale, old_zero, cands, offs, refinements, importance, q, scale, zero); break;
+    case at::kBFloat16: search<c10::BFloat16>(w, old_q, old_scale, old_zero, cands, offs, refinements, importance, q, scale, zero); break;
+    case at::kHalf: search<c10::Half>(w, old_q, old_scale, old_zero, cands, offs, refinements, importance, q, scale, zero); break;
     default: TORCH_CHECK(false, "int4_mse: w dtype must be float32, bfloat16 or float16, got ", w.scalar_type());
   }
   return {q, scale, zero};
@@ -214,8 +218,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_mse(const at::Tensor& w_in, 
 }  // namespace
 
 TORCH_LIBRARY(unwrap_qparams, m) {
-  m.def("int4_mse(Tensor w, Tensor q, Tensor scale, Tensor zero, float[] candidates, int refinements) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("int4_mse(Tensor w, Tensor q, Tensor scale, Tensor zero, float[] candidates, float[] offsets, "
+        "int refinements, bool importance) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(unwrap_qparams, CPU, m) { m.impl("int4_mse", &int4_mse); }
