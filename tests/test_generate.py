@@ -1,0 +1,165 @@
+"""subclasses.runtime.generate: ``model.generate(..., custom_generate=decoder)`` through the compiled
+decode step: greedy tokens equal ``GreedyDecoder.generate``'s and transformers' own, seeded sampling
+repeats, streamers get every token, left-padded rows equal their prompts alone, bad input raises."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from tests.optional import import_or_fail_in_ci
+
+import_or_fail_in_ci("transformers", "hf")
+
+from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
+from subclasses.decode import compile_for_decode  # noqa: E402
+from unwrap import unwrap  # noqa: E402
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 250]])
+NEW = 8
+SLOTS = PROMPT.shape[1] + NEW  # every call below sizes its cache to this: one compiled trace per batch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset_dynamo():
+    """Seeded as everywhere, but Dynamo is not reset between these tests: they share one compiled
+    decoder (its step has a code object of its own, so no other test's traces mix with it)."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A tiny random Llama (4 heads over 2 KV heads, 2 layers), int4, unwrapped; eager and compiled."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = unwrap(quantize_(LlamaForCausalLM(config).to(torch.bfloat16).eval(), Int4WeightOnlyConfig()))
+    decoder = compile_for_decode(copy.deepcopy(eager), max_len=SLOTS)
+    return eager, decoder
+
+
+def test_greedy_through_generate_equals_the_decoder_and_transformers(models):
+    eager, decoder = models
+    reference = eager.generate(PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=None)
+    ours = decoder.generate(PROMPT, NEW)
+    cache = decoder.cache_for(1, SLOTS)
+    through = decoder.model.generate(
+        PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=None, custom_generate=decoder
+    )
+    assert ours.tolist() == reference.tolist()
+    assert through.tolist() == ours.tolist() and through.dtype == torch.long
+    out = decoder.model.generate(
+        PROMPT,
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=None,
+        custom_generate=decoder,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert out.sequences.tolist() == ours.tolist()
+    assert [int(s.argmax()) for s in out.scores] == ours[0, PROMPT.shape[1] :].tolist()
+    assert decoder.cache_for(1, SLOTS) is cache and len(decoder.caches) == 1  # sized to the request, reused
+
+
+def test_eos_list_stops_and_max_length_counts_the_prompt(models):
+    _, decoder = models
+    full = decoder.generate(PROMPT, NEW)[0].tolist()
+    eos = full[PROMPT.shape[1] + 2]  # the third generated token
+    stopped = decoder.model.generate(
+        PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=[511, eos], custom_generate=decoder
+    )
+    assert stopped[0].tolist() == full[: full.index(eos, PROMPT.shape[1]) + 1]
+    short = decoder.model.generate(
+        PROMPT, max_length=SLOTS, do_sample=False, eos_token_id=None, custom_generate=decoder
+    )
+    assert short[0].tolist() == full
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(models):
+    _, decoder = models
+    greedy = decoder.generate(PROMPT, NEW)
+    kwargs = dict(max_new_tokens=NEW, do_sample=True, eos_token_id=None, custom_generate=decoder)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        runs.append(decoder.model.generate(PROMPT, temperature=5.0, top_p=0.99, repetition_penalty=1.3, **kwargs))
+    assert runs[0].tolist() == runs[1].tolist()
+    assert runs[0].tolist() != greedy.tolist()  # at temperature 5 over 512 tokens, 8 greedy draws in a row: never
+    assert decoder.model.generate(PROMPT, top_k=1, **kwargs).tolist() == greedy.tolist()
+
+
+def test_text_streamer_gets_the_new_tokens(models, capsys):
+    from transformers import TextStreamer
+
+    class Digits:  # what TextStreamer asks of a tokenizer
+        def decode(self, ids, **kwargs):
+            return "".join(f"<{i}>" for i in ids)
+
+    _, decoder = models
+    ids = decoder.model.generate(
+        PROMPT,
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=None,
+        custom_generate=decoder,
+        token_streamer=TextStreamer(Digits(), skip_prompt=True),
+    )
+    assert capsys.readouterr().out == "".join(f"<{i}>" for i in ids[0, PROMPT.shape[1] :].tolist()) + "\n"
+
+
+def test_left_padded_batch_rows_equal_their_prompts_alone(models):
+    _, decoder = models
+    short = [7, 8, 9]
+    batch = torch.tensor([[0, 0, *short], PROMPT[0].tolist()])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    both = decoder.model.generate(
+        batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None, custom_generate=decoder
+    )
+    # alone, the short prompt gets 2 more new tokens: the same cache size, so the same compiled step
+    alone = decoder.model.generate(
+        torch.tensor([short]), max_new_tokens=NEW + 2, do_sample=False, eos_token_id=None, custom_generate=decoder
+    )
+    assert both[0, 2:].tolist() == alone[0, : len(short) + NEW].tolist()
+    assert both[1].tolist() == decoder.generate(PROMPT, NEW)[0].tolist()
+
+
+def test_bad_input_names_the_value(models):
+    from transformers import DynamicCache, StaticCache
+
+    eager, decoder = models
+    model = decoder.model
+    padded = torch.tensor([[2, 2, 7], [4, 5, 6]])  # pad = eos: transformers cannot infer the mask
+    with pytest.raises(ValueError, match="a batch of 2 prompts holding pad_token_id 2 needs their attention_mask"):
+        model.generate(padded, max_new_tokens=2, pad_token_id=2, custom_generate=decoder)
+    small = StaticCache(config=model.config, max_cache_len=6)
+    with pytest.raises(ValueError, match=r"holds 6 tokens; prompt \+ max_new_tokens - 1 = 7 do not fit"):
+        model.generate(PROMPT, max_new_tokens=3, cache=small, custom_generate=decoder)
+    with pytest.raises(ValueError, match="needs a StaticCache; got a DynamicCache"):
+        model.generate(PROMPT, max_new_tokens=3, cache=DynamicCache(config=model.config), custom_generate=decoder)
+    with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
+        model.generate(PROMPT, max_new_tokens=3, cache_implementation="offloaded", custom_generate=decoder)
+    with pytest.raises(ValueError, match="does not return attentions; got output_attentions=True"):
+        model.generate(
+            PROMPT, max_new_tokens=3, output_attentions=True, return_dict_in_generate=True, custom_generate=decoder
+        )
+    with pytest.raises(ValueError, match="compiled for another model; got a LlamaForCausalLM"):
+        eager.generate(PROMPT, max_new_tokens=3, custom_generate=decoder)
