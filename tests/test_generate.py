@@ -33,14 +33,14 @@ def _seed_and_reset_dynamo():
 
 @pytest.fixture(scope="module")
 def models():
-    """A tiny random Llama (4 heads over 2 KV heads, 2 layers), int4, unwrapped; eager and compiled."""
+    """A tiny random Llama (4 heads over 2 KV heads, 1 layer: compiling is most of these tests' time), int4, unwrapped; eager and compiled."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
+        num_hidden_layers=1,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=512,
