@@ -163,3 +163,46 @@ def test_bad_input_names_the_value(models):
         )
     with pytest.raises(ValueError, match="compiled for another model; got a LlamaForCausalLM"):
         eager.generate(PROMPT, max_new_tokens=3, custom_generate=decoder)
+
+
+def test_sampling_after_top_k_keeps_the_whole_vocabulary_distribution():
+    """The processors after top-k run on its survivors only: the probabilities equal those of the
+    whole list on the whole vocabulary, ties at the k-th value kept as transformers keeps them."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from subclasses.runtime.generate import split_at_top_k
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1000, generator=generator) * 3  # fp32 draws: no ties but the one made below
+    low = int(logits[1].argmin())  # not in row 1's top 40, nor penalized (ids below)
+    logits[1, low] = logits[1].topk(40).values[-1]  # a tie with the 40th value: both survive top-k
+    ids = torch.tensor([[3, 5], [7, 9]])
+    processors = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.3),
+            TemperatureLogitsWarper(0.7),
+            TopKLogitsWarper(40),
+            TopPLogitsWarper(0.9),
+            MinPLogitsWarper(0.01),
+        ]
+    )
+    split = split_at_top_k(processors)
+    assert split is not None and len(split[1]) == 2
+    full = torch.softmax(processors(ids, logits.clone()), dim=-1)
+    head = split[0](ids, logits.clone())
+    kept = int(head.isfinite().sum(-1).max())
+    assert kept == 41
+    values, indices = head.topk(kept, dim=-1)
+    compact = torch.zeros_like(full).scatter(-1, indices, torch.softmax(split[1](ids, values), dim=-1))
+    assert torch.equal(compact > 0, full > 0)
+    # the same exponentials summed over 41 terms in another order: within 41 fp32 roundings
+    torch.testing.assert_close(compact, full, rtol=41 * torch.finfo(torch.float32).eps, atol=0)
+    assert split_at_top_k(LogitsProcessorList([TopPLogitsWarper(0.9)])) is None
+    assert split_at_top_k(LogitsProcessorList([TopKLogitsWarper(4), RepetitionPenaltyLogitsProcessor(1.3)])) is None
