@@ -264,7 +264,9 @@ class GreedyDecoder:
             )
         check_request(generation_config, model_kwargs, input_ids)
         batch, slots = input_ids.shape[0], generation_config.max_length
-        cache = user_cache(model_kwargs, batch, slots - 1) or self.cache_for(batch, slots)
+        cache = user_cache(model_kwargs, batch, slots - 1)
+        if cache is None:
+            cache = self.cache_for(batch, slots)
         if streamer is None and token_streamer is not None:
             streamer = token_streamer  # transformers put the prompt to a `streamer` it was given; not to this one
             streamer.put(input_ids.cpu())
@@ -290,7 +292,8 @@ def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) ->
     """The fast way to decode greedily on CPU, in one call: switch ``model`` (in place) to the
     grouped-KV decode attention, and return a ``GreedyDecoder`` with a static cache of ``max_len``
     slots (prompt + new tokens: attention reads every slot) whose one-token step is compiled with
-    the model's guards skipped. ``decoder.generate(ids, max_new_tokens)``; the first call compiles."""
+    the model's guards skipped. ``decoder.generate(ids, max_new_tokens)``, or
+    ``model.generate(ids, ..., custom_generate=decoder)``; the first call compiles."""
     use_gqa_decode_attention(model)
     fuse_decode_projections(model)
     return GreedyDecoder(model, max_len, compile_decode_step(model, **compile_kwargs))
