@@ -76,7 +76,7 @@ def build_line() -> str:
 
 
 def available() -> bool:
-    """True when ``llama_cpp`` (``pip install 'unwrap[llama]'``, built from source) can be imported."""
+    """True when ``llama_cpp`` (``make llama``: built from source for this CPU) can be imported."""
     return importlib.util.find_spec("llama_cpp") is not None
 
 

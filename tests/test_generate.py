@@ -1,130 +1,208 @@
-"""``model.generate(..., custom_generate=decoder)`` (subclasses.runtime.generate): transformers' options
-on the compiled decode step, checked against transformers' own loop on the same model."""
+"""subclasses.runtime.generate: ``model.generate(..., custom_generate=decoder)`` through the compiled
+decode step: greedy tokens equal ``GreedyDecoder.generate``'s and transformers' own, seeded sampling
+repeats, streamers get every token, left-padded rows equal their prompts alone, bad input raises."""
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 
-from tests.conftest import QWEN2_ONE_LAYER, sqnr
 from tests.optional import import_or_fail_in_ci
 
 import_or_fail_in_ci("transformers", "hf")
 
-from perf.qwen import build_qwen2  # noqa: E402
 from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
 from subclasses.decode import compile_for_decode  # noqa: E402
 from unwrap import unwrap  # noqa: E402
 
-PROMPT = torch.tensor([[5, 17, 99, 3, 250, 61]])
-NEW = 6
+PROMPT = torch.tensor([[5, 17, 99, 3, 250]])
+NEW = 8
+SLOTS = PROMPT.shape[1] + NEW  # every call below sizes its cache to this: one compiled trace per batch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset_dynamo():
+    """Seeded as everywhere, but Dynamo is not reset between these tests: they share one compiled
+    decoder (its step has a code object of its own, so no other test's traces mix with it)."""
+    torch.manual_seed(0)
+    yield
 
 
 @pytest.fixture(scope="module")
 def models():
-    """(eager reference, the same weights switched by compile_for_decode, its decoder)."""
-    reference = unwrap(quantize_(build_qwen2(QWEN2_ONE_LAYER), Int4WeightOnlyConfig()))
-    model = copy.deepcopy(reference)
-    return reference, model, compile_for_decode(model, max_len=24)
+    """A tiny random Llama (4 heads over 2 KV heads, 1 layer: compiling is most of these tests' time), int4, unwrapped; eager and compiled."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def greedy(model, ids, **kwargs):
-    return model.generate(
-        ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True, **kwargs
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = unwrap(quantize_(LlamaForCausalLM(config).to(torch.bfloat16).eval(), Int4WeightOnlyConfig()))
+    decoder = compile_for_decode(copy.deepcopy(eager), max_len=SLOTS)
+    return eager, decoder
 
 
-def test_greedy_equals_the_decoder_and_transformers_generate(models):
-    reference, model, decoder = models
-    theirs = greedy(reference, PROMPT)
-    ours = greedy(model, PROMPT, custom_generate=decoder)
-    assert ours.sequences.tolist() == theirs.sequences.tolist() == decoder.generate(PROMPT, NEW).tolist()
-    assert len(ours.logits) == NEW
-    for step, (a, b) in enumerate(zip(theirs.logits, ours.logits)):
-        assert sqnr(a, b) > 30, step  # the same bf16 model, compiled: roundings apart
+def test_greedy_through_generate_equals_the_decoder_and_transformers(models):
+    eager, decoder = models
+    reference = eager.generate(PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=None)
+    ours = decoder.generate(PROMPT, NEW)
+    cache = decoder.cache_for(1, SLOTS)
+    through = decoder.model.generate(
+        PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=None, custom_generate=decoder
+    )
+    assert ours.tolist() == reference.tolist()
+    assert through.tolist() == ours.tolist() and through.dtype == torch.long
+    out = decoder.model.generate(
+        PROMPT,
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=None,
+        custom_generate=decoder,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert out.sequences.tolist() == ours.tolist()
+    assert [int(s.argmax()) for s in out.scores] == ours[0, PROMPT.shape[1] :].tolist()
+    assert decoder.cache_for(1, SLOTS) is cache and len(decoder.caches) == 1  # sized to the request, reused
 
 
-def test_sampling_is_seeded_and_draws_from_the_processed_distribution(models):
-    _, model, decoder = models
-    options = dict(do_sample=True, temperature=0.7, top_k=3, repetition_penalty=1.3, max_new_tokens=NEW)
+def test_eos_list_stops_and_max_length_counts_the_prompt(models):
+    _, decoder = models
+    full = decoder.generate(PROMPT, NEW)[0].tolist()
+    eos = full[PROMPT.shape[1] + 2]  # the third generated token
+    stopped = decoder.model.generate(
+        PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=[511, eos], custom_generate=decoder
+    )
+    assert stopped[0].tolist() == full[: full.index(eos, PROMPT.shape[1]) + 1]
+    short = decoder.model.generate(
+        PROMPT, max_length=SLOTS, do_sample=False, eos_token_id=None, custom_generate=decoder
+    )
+    assert short[0].tolist() == full
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(models):
+    _, decoder = models
+    greedy = decoder.generate(PROMPT, NEW)
+    kwargs = dict(max_new_tokens=NEW, do_sample=True, eos_token_id=None, custom_generate=decoder)
     runs = []
     for _ in range(2):
-        torch.manual_seed(7)
-        runs.append(
-            model.generate(PROMPT, return_dict_in_generate=True, output_scores=True, custom_generate=decoder, **options)
-        )
-    assert runs[0].sequences.tolist() == runs[1].sequences.tolist()
-    for step, scores in enumerate(runs[0].scores):  # top-k left 3 finite scores; the token is one of them
-        token = runs[0].sequences[0, PROMPT.shape[1] + step]
-        assert int(torch.isfinite(scores).sum()) == 3 and torch.isfinite(scores[0, token]), step
+        torch.manual_seed(1)
+        runs.append(decoder.model.generate(PROMPT, temperature=5.0, top_p=0.99, repetition_penalty=1.3, **kwargs))
+    assert runs[0].tolist() == runs[1].tolist()
+    assert runs[0].tolist() != greedy.tolist()  # at temperature 5 over 512 tokens, 8 greedy draws in a row: never
+    assert decoder.model.generate(PROMPT, top_k=1, **kwargs).tolist() == greedy.tolist()
 
 
-def test_streamer_gets_the_prompt_then_each_token_and_one_end(models):
-    from transformers.generation.streamers import BaseStreamer
+def test_text_streamer_gets_the_new_tokens(models, capsys):
+    from transformers import TextStreamer
 
-    class Recorder(BaseStreamer):
-        def __init__(self):
-            self.puts, self.ends = [], 0
+    class Digits:  # what TextStreamer asks of a tokenizer
+        def decode(self, ids, **kwargs):
+            return "".join(f"<{i}>" for i in ids)
 
-        def put(self, value):
-            self.puts.append(value.tolist())
-
-        def end(self):
-            self.ends += 1
-
-    _, model, decoder = models
-    recorder = Recorder()
-    out = model.generate(PROMPT, max_new_tokens=NEW, do_sample=False, streamer=recorder, custom_generate=decoder)
-    assert recorder.puts[0] == PROMPT.tolist() and recorder.ends == 1
-    assert [p[0] for p in recorder.puts[1:]] == out[0, PROMPT.shape[1] :].tolist()
-
-
-def test_eos_stops_the_batch_and_pads_finished_rows(models):
-    reference, model, decoder = models
-    full = decoder.generate(PROMPT, NEW)
-    eos = int(full[0, PROMPT.shape[1] + 1])  # the second new token
-    ours = model.generate(
-        PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=[eos, 4095], custom_generate=decoder
+    _, decoder = models
+    ids = decoder.model.generate(
+        PROMPT,
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=None,
+        custom_generate=decoder,
+        streamer=TextStreamer(Digits(), skip_prompt=True),
     )
-    theirs = reference.generate(PROMPT, max_new_tokens=NEW, do_sample=False, eos_token_id=[eos, 4095])
-    assert ours.tolist() == theirs.tolist() and int(ours[0, -1]) == eos
+    assert capsys.readouterr().out == "".join(f"<{i}>" for i in ids[0, PROMPT.shape[1] :].tolist()) + "\n"
 
 
-def test_left_padded_batch_rows_equal_each_prompt_alone(models):
-    reference, model, decoder = models
-    short = torch.tensor([[40, 41, 42]])
-    batch = torch.cat([PROMPT, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)])
-    mask = torch.ones_like(batch)
-    mask[1, :3] = 0
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    ours = greedy(model, batch, attention_mask=mask, pad_token_id=0, custom_generate=decoder)
-    again = greedy(model, batch, attention_mask=mask, pad_token_id=0, custom_generate=decoder)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 1  # batch 2 compiles once
-    theirs = greedy(reference, batch, attention_mask=mask, pad_token_id=0)
-    assert ours.sequences.tolist() == again.sequences.tolist() == theirs.sequences.tolist()
-    for row, prompt in enumerate((PROMPT, short)):
-        alone = greedy(model, prompt, custom_generate=decoder)
-        assert ours.sequences[row, -NEW:].tolist() == alone.sequences[0, -NEW:].tolist(), row
-        for step in range(NEW):
-            assert sqnr(alone.logits[step][0], ours.logits[step][row]) > 30, (row, step)
+def test_left_padded_batch_rows_equal_their_prompts_alone(models):
+    _, decoder = models
+    short = [7, 8, 9]
+    batch = torch.tensor([[0, 0, *short], PROMPT[0].tolist()])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    both = decoder.model.generate(
+        batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None, custom_generate=decoder
+    )
+    # alone, the short prompt gets 2 more new tokens: the same cache size, so the same compiled step
+    alone = decoder.model.generate(
+        torch.tensor([short]), max_new_tokens=NEW + 2, do_sample=False, eos_token_id=None, custom_generate=decoder
+    )
+    assert both[0, 2:].tolist() == alone[0, : len(short) + NEW].tolist()
+    assert both[1].tolist() == decoder.generate(PROMPT, NEW)[0].tolist()
 
 
-def test_bad_requests_name_the_value(models):
-    from transformers import DynamicCache
+def test_bad_input_names_the_value(models):
+    from transformers import DynamicCache, StaticCache
 
-    reference, model, decoder = models
-    with pytest.raises(ValueError, match=r"prompt \(6\) \+ max_new_tokens \(30\) = 36 exceeds .*max_len=24"):
-        model.generate(PROMPT, max_new_tokens=30, custom_generate=decoder)
-    with pytest.raises(ValueError, match="pad on the left"):
+    eager, decoder = models
+    model = decoder.model
+    padded = torch.tensor([[2, 2, 7], [4, 5, 6]])  # pad = eos: transformers cannot infer the mask
+    with pytest.raises(ValueError, match="a batch of 2 prompts holding pad_token_id 2 needs their attention_mask"):
+        model.generate(padded, max_new_tokens=2, pad_token_id=2, custom_generate=decoder)
+    small = StaticCache(config=model.config, max_cache_len=6)
+    with pytest.raises(ValueError, match=r"holds 6 tokens; prompt \+ max_new_tokens - 1 = 7 do not fit"):
+        model.generate(PROMPT, max_new_tokens=3, cache=small, custom_generate=decoder)
+    with pytest.raises(ValueError, match="needs a StaticCache; got a DynamicCache"):
+        model.generate(PROMPT, max_new_tokens=3, cache=DynamicCache(config=model.config), custom_generate=decoder)
+    with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
+        model.generate(PROMPT, max_new_tokens=3, cache_implementation="offloaded", custom_generate=decoder)
+    with pytest.raises(ValueError, match="does not return attentions; got output_attentions=True"):
         model.generate(
-            PROMPT.expand(2, -1),
-            attention_mask=torch.tensor([[1] * 6, [1] * 5 + [0]]),
-            max_new_tokens=2,
-            custom_generate=decoder,
+            PROMPT, max_new_tokens=3, output_attentions=True, return_dict_in_generate=True, custom_generate=decoder
         )
-    with pytest.raises(ValueError, match="must be called on the model compile_for_decode was given"):
-        reference.generate(PROMPT, max_new_tokens=2, custom_generate=decoder)
-    with pytest.raises(ValueError, match="uses its own StaticCache; got a DynamicCache"):
-        model.generate(PROMPT, max_new_tokens=2, past_key_values=DynamicCache(), custom_generate=decoder)
+    with pytest.raises(ValueError, match="compiled for another model; got a LlamaForCausalLM"):
+        eager.generate(PROMPT, max_new_tokens=3, custom_generate=decoder)
+
+
+def test_sampling_after_top_k_keeps_the_whole_vocabulary_distribution():
+    """The processors after top-k run on its survivors only: the probabilities equal those of the
+    whole list on the whole vocabulary, ties at the k-th value kept as transformers keeps them."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from subclasses.runtime.generate import split_at_top_k
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1000, generator=generator) * 3  # fp32 draws: no ties but the one made below
+    low = int(logits[1].argmin())  # not in row 1's top 40, nor penalized (ids below)
+    logits[1, low] = logits[1].topk(40).values[-1]  # a tie with the 40th value: both survive top-k
+    ids = torch.tensor([[3, 5], [7, 9]])
+    processors = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.3),
+            TemperatureLogitsWarper(0.7),
+            TopKLogitsWarper(40),
+            TopPLogitsWarper(0.9),
+            MinPLogitsWarper(0.01),
+        ]
+    )
+    split = split_at_top_k(processors)
+    assert split is not None and len(split[1]) == 2
+    full = torch.softmax(processors(ids, logits.clone()), dim=-1)
+    head = split[0](ids, logits.clone())
+    kept = int(head.isfinite().sum(-1).max())
+    assert kept == 41
+    values, indices = head.topk(kept, dim=-1)
+    compact = torch.zeros_like(full).scatter(-1, indices, torch.softmax(split[1](ids, values), dim=-1))
+    assert torch.equal(compact > 0, full > 0)
+    # the same exponentials summed over 41 terms in another order: within 41 fp32 roundings
+    torch.testing.assert_close(compact, full, rtol=41 * torch.finfo(torch.float32).eps, atol=0)
+    assert split_at_top_k(LogitsProcessorList([TopPLogitsWarper(0.9)])) is None
+    assert split_at_top_k(LogitsProcessorList([TopKLogitsWarper(4), RepetitionPenaltyLogitsProcessor(1.3)])) is None

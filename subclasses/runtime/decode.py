@@ -182,7 +182,14 @@ class FrozenStep:
 
 class GreedyDecoder:
     """Greedy generation with a ``StaticCache`` of ``max_len`` slots: the prompt in eager (any length,
-    nothing to recompile), each next token through ``step`` (a compiled one-token forward)."""
+    nothing to recompile), each next token through ``step`` (a compiled one-token forward).
+
+    Also transformers' ``custom_generate``: ``model.generate(ids, custom_generate=decoder, ...)`` runs
+    ``generate.decode`` (sampling, logits processors, stopping criteria, left-padded batches) through
+    the same step, with a cache sized to the request (prompt + new tokens), kept for later calls."""
+
+    # Caches kept per (batch, slots): Dynamo's recompile limit (8) bounds the step's traces anyway.
+    MAX_CACHES = 8
 
     def __init__(self, model: nn.Module, max_len: int, step: Callable | None = None) -> None:
         from transformers import StaticCache
@@ -192,35 +199,7 @@ class GreedyDecoder:
         self.model, self.max_len = model, max_len
         self.step = model if step is None else step
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self._batch_caches: dict[int, Any] = {1: self.cache}  # a static cache holds one batch size
-
-    def cache_for(self, batch: int) -> Any:
-        """The static cache for ``batch`` rows (made at the first request of that size, then reused)."""
-        from transformers import StaticCache
-
-        if batch not in self._batch_caches:
-            self._batch_caches[batch] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
-        return self._batch_caches[batch]
-
-    def __call__(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor,
-        logits_processor: Any,
-        stopping_criteria: Any,
-        generation_config: Any,
-        synced_gpus: bool = False,
-        streamer: Any = None,
-        **model_kwargs: Any,
-    ) -> Any:
-        """``model.generate(input_ids, ..., custom_generate=decoder)``: transformers' sampling options,
-        stopping criteria, streamers and left-padded batches on this decoder's cache and step
-        (``runtime.generate``). transformers calls this; users pass the decoder."""
-        from .generate import generate
-
-        return generate(
-            self, model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, **model_kwargs
-        )
+        self.caches: dict[tuple[int, int], Any] = {(1, max_len): self.cache}
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> torch.Tensor:
@@ -251,12 +230,67 @@ class GreedyDecoder:
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
         return torch.cat([input_ids, *tokens], dim=1)
 
+    def cache_for(self, batch: int, slots: int) -> Any:
+        """The ``StaticCache`` of ``slots`` slots for ``batch`` rows, made on first request and kept."""
+        from transformers import StaticCache
+
+        key = (batch, slots)
+        if key not in self.caches:
+            if len(self.caches) >= self.MAX_CACHES:
+                self.caches.pop(next(iter(self.caches)))
+            self.caches[key] = StaticCache(config=self.model.config, max_cache_len=slots)
+        return self.caches[key]
+
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        logits_processor: Any,
+        stopping_criteria: Any,
+        generation_config: Any,
+        synced_gpus: bool = False,
+        streamer: Any = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        """transformers' ``custom_generate`` callable (``generate`` calls it with what it prepared).
+        A ``streamer=`` given to ``generate`` gets the prompt (from transformers), each token, then ``end()``."""
+        from .generate import check_request, decode, streamer_of_generate, user_cache
+
+        if model is not self.model:
+            raise ValueError(
+                f"this decoder was compiled for another model; got a {type(model).__name__} it does not own"
+            )
+        check_request(generation_config, model_kwargs, input_ids)
+        batch, slots = input_ids.shape[0], generation_config.max_length
+        cache = user_cache(model_kwargs, batch, slots - 1)
+        if cache is None:
+            cache = self.cache_for(batch, slots)
+        if streamer is None:
+            streamer = streamer_of_generate()
+        with torch.inference_mode():  # as generate(): the same compiled traces, the cache's inference tensors
+            out = decode(
+                self.model,
+                self.step,
+                cache,
+                input_ids,
+                attention_mask=model_kwargs.get("attention_mask"),
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                generation_config=generation_config,
+                streamer=streamer,
+            )
+        if isinstance(out, torch.Tensor):
+            return out.clone()  # a normal tensor: callers may edit it in place outside inference mode
+        out.sequences = out.sequences.clone()
+        return out
+
 
 def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) -> GreedyDecoder:
     """The fast way to decode greedily on CPU, in one call: switch ``model`` (in place) to the
     grouped-KV decode attention, and return a ``GreedyDecoder`` with a static cache of ``max_len``
     slots (prompt + new tokens: attention reads every slot) whose one-token step is compiled with
-    the model's guards skipped. ``decoder.generate(ids, max_new_tokens)``; the first call compiles."""
+    the model's guards skipped. ``decoder.generate(ids, max_new_tokens)``, or
+    ``model.generate(ids, ..., custom_generate=decoder)``; the first call compiles."""
     use_gqa_decode_attention(model)
     fuse_decode_projections(model)
     return GreedyDecoder(model, max_len, compile_decode_step(model, **compile_kwargs))

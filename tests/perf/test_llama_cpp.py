@@ -25,7 +25,7 @@ def test_without_llama_cpp_the_report_says_so(monkeypatch, capsys):
     assert cli.llama_blocks(quick=True, progress=lambda m: None) == []
     assert "llama-cpp-python is not installed (the 'llama' extra)" in capsys.readouterr().err
     assert llama.main(["--types", "Q4_0"]) == 2
-    assert "pip install 'unwrap[llama]'" in capsys.readouterr().out
+    assert "`make llama`" in capsys.readouterr().out
 
 
 def test_decode_vs_llama_checks_its_arguments_and_needs_llama_cpp(monkeypatch, capsys):
