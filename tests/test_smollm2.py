@@ -54,21 +54,17 @@ def first_layers(model: torch.nn.Module, count: int) -> torch.nn.Module:
 
 
 def test_unwrapped_compiled_matches_eager(smollm2):
-    """2 of the 30 layers, to stay within CI's budget: logits of a prompt and the first greedy
-    tokens. (A truncated model's logits are near-tied after a few tokens, where one rounding
-    flips the argmax; the whole model's 12 greedy tokens are compared in docs/accuracy.md.)"""
+    """2 of the 30 layers, to stay within CI's budget: the logits of a 64-token text, compiled against
+    eager. (Greedy tokens under a compiled forward: tests.test_qwen2; on these real weights through
+    the recommended decode: the next test. Each extra length here is one more compile.)"""
     bf16, tokenizer = smollm2
     model = unwrap(quantize_(first_layers(copy.deepcopy(bf16), 2), Int4WeightOnlyConfig()))
-    prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
     ids = eval_token_ids(tokenizer)[:, :64]
     with torch.inference_mode():
         eager_logits = model(ids).logits
-        eager = model.generate(prompt, max_new_tokens=3, do_sample=False)
         model.forward = torch.compile(model.forward)
         compiled_logits = model(ids).logits
-        compiled = model.generate(prompt, max_new_tokens=3, do_sample=False)
     assert sqnr(eager_logits, compiled_logits) > 30
-    assert compiled.tolist() == eager.tolist()
 
 
 def test_compile_for_decode_tokens_equal_eager(smollm2):
