@@ -116,7 +116,11 @@ def measure_headline(
     progress(f"{MODEL}: timing {len(engines)} engines' tokens, interleaved")
     decode = time_tokens(decoders, rounds=rounds, tokens=tokens)
     rows = [Row(e.name, {MODE: decode[e.name]}, note=e.how, ttft={MODE: ttft[e.name] * 1e3}) for e in engines]
-    notes = [f"decode ms/token after a {DECODE_PROMPT_TOKENS}-token prompt, {torch.get_num_threads()} thread(s)"]
+    notes = [
+        f"decode ms/token after a {DECODE_PROMPT_TOKENS}-token prompt, {torch.get_num_threads()} thread(s), in a"
+        f" {max_len}-slot static cache (sized for the TTFT prompt; PyTorch's attention reads every slot, so"
+        " these rows can be slower than --full's, whose caches hold 256; llama.cpp reads the filled ones only)"
+    ]
     if llama:
         from ..llama_cpp import BUSY_NOTE, build_line
 
