@@ -150,6 +150,9 @@ def test_bad_input_names_the_value(models):
     padded = torch.tensor([[2, 2, 7], [4, 5, 6]])  # pad = eos: transformers cannot infer the mask
     with pytest.raises(ValueError, match="a batch of 2 prompts holding pad_token_id 2 needs their attention_mask"):
         model.generate(padded, max_new_tokens=2, pad_token_id=2, custom_generate=decoder)
+    right = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    with pytest.raises(ValueError, match=r"rows \[0\] are right-padded; pad on the left"):
+        model.generate(padded, attention_mask=right, max_new_tokens=2, pad_token_id=2, custom_generate=decoder)
     small = StaticCache(config=model.config, max_cache_len=6)
     with pytest.raises(ValueError, match=r"holds 6 tokens; prompt \+ max_new_tokens - 1 = 7 do not fit"):
         model.generate(PROMPT, max_new_tokens=3, cache=small, custom_generate=decoder)

@@ -42,7 +42,7 @@ def streamer_of_generate() -> Any:
 def check_request(config: Any, model_kwargs: dict[str, Any], input_ids: torch.Tensor) -> None:
     """Raise a ``ValueError`` naming the value for what the loop does not do: outputs it does not
     compute, a cache other than transformers' default or a ``StaticCache``, a padded batch without its
-    attention mask."""
+    attention mask, right padding."""
     batch = input_ids.shape[0]
     for name in ("output_attentions", "output_hidden_states"):
         if getattr(config, name, False):
@@ -54,10 +54,14 @@ def check_request(config: Any, model_kwargs: dict[str, Any], input_ids: torch.Te
             f"custom_generate=GreedyDecoder decodes through a StaticCache; got cache_implementation="
             f"{config.cache_implementation!r} (use None or 'static')"
         )
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and bool((mask[:, -1] == 0).any()):  # the next token would follow a pad
+        rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} are right-padded; pad on the left (tokenizer(..., padding_side='left'))")
     # transformers drops an all-ones mask before calling us, so a batch without one is fine unless its
     # rows hold the pad token: then they are padded and the mask that says where is missing.
     pad = config._pad_token_tensor
-    if batch > 1 and model_kwargs.get("attention_mask") is None and pad is not None and bool((input_ids == pad).any()):
+    if batch > 1 and mask is None and pad is not None and bool((input_ids == pad).any()):
         raise ValueError(
             f"a batch of {batch} prompts holding pad_token_id {int(pad)} needs their attention_mask; got None"
         )
