@@ -22,10 +22,6 @@ def _num(t: float) -> str:
     return f"{t:.0f}" if abs(t) >= 100 else f"{t:.3g}"
 
 
-def _maybe(t: float | None) -> str:
-    return "-" if t is None else _num(t)
-
-
 def _cell(t: float | None, floor: float | None) -> str:
     if t is None:
         return "-"
@@ -113,9 +109,9 @@ def format_headline(block: Block, stamp: Stamp | None = None) -> str:
         [
             row.variant,
             row.note,
-            _maybe(row.times.get(MODE)),
+            _cell(row.times.get(MODE), None),
             _ratio(row.times.get(MODE), base[0]),
-            _maybe(row.ttft.get(MODE)),
+            _cell(row.ttft.get(MODE), None),
             _ratio(row.ttft.get(MODE), base[1]),
         ]
         for row in block.rows
