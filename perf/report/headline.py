@@ -28,6 +28,7 @@ from .synthetic import measure_workload
 MODEL = "SmolLM2 135M"
 PROMPT_TOKENS = 512
 DECODE_PROMPT_TOKENS = 8
+DECODE_SLOTS = 256  # the static cache --full decodes in (harness.decode.Decoder's default)
 OVERHEAD_WORKLOAD = "W1 8x256"
 OVERHEAD_VARIANTS = ("floor", "ours wrapped", "ours unwrapped")
 OVERHEAD_MODES = ("eager", "compiled")
@@ -38,20 +39,15 @@ ESTIMATE_S = {"load": 25, "bf16": 8, "ours": 70, "torchao": 25, "llama.cpp": 10,
 
 @dataclass(frozen=True)
 class Engine:
-    """A headline row: its name, how it runs, and its decoder (``reset``: a prompt, ``next``: a token)."""
+    """A headline row: its name, how it runs, and two decoders of it (``reset``: a prompt, ``next``: a
+    token): one whose prompt is the TTFT prompt, one that decodes from a short prompt in a cache as
+    large as ``--full``'s (PyTorch's attention reads every slot of a static cache: a cache sized for
+    the long prompt would slow its tokens down)."""
 
     name: str
     how: str
-    decoder: Stepper
-
-
-def shorten_prompt(decoder: Stepper, tokens: int) -> None:
-    """Make ``decoder``'s prompt its first ``tokens`` tokens and prefill it."""
-    if isinstance(decoder, Decoder):
-        decoder.prompt_len = tokens
-    else:  # a llama_cpp.LlamaDecoder: the prompt's token ids
-        decoder.prompt = decoder.prompt[:tokens]  # type: ignore[attr-defined]
-    decoder.reset()
+    prompt: Stepper
+    tokens: Stepper
 
 
 def plan(*, torchao: bool, llama: bool) -> list[str]:
@@ -64,17 +60,20 @@ def estimate_s(steps: list[str]) -> float:
     return float(sum(ESTIMATE_S[step] for step in steps))
 
 
-def llama_engine(max_len: int) -> Engine:
+def llama_engine() -> Engine:
     """llama.cpp on the shipped Q4_1 GGUF (SmolLM2's own file), the same prompt's tokens."""
     from ..llama_cpp import LlamaDecoder, prompt_tokens
     from ..real_model import smollm2_gguf_path
 
     source = smollm2_gguf_path()
     assert source is not None  # load_smollm2 read it already
-    decoder = LlamaDecoder(
-        source, threads=torch.get_num_threads(), prompt=prompt_tokens(source, PROMPT_TOKENS), max_len=max_len
+    threads, prompt = torch.get_num_threads(), prompt_tokens(source, PROMPT_TOKENS)
+    return Engine(
+        "llama.cpp Q4_1",
+        "llama-cpp-python, the shipped GGUF (build below)",
+        LlamaDecoder(source, threads=threads, prompt=prompt, max_len=PROMPT_TOKENS + 8),
+        LlamaDecoder(source, threads=threads, prompt=prompt[:DECODE_PROMPT_TOKENS], max_len=DECODE_SLOTS),
     )
-    return Engine("llama.cpp Q4_1", "llama-cpp-python, the shipped GGUF (build below)", decoder)
 
 
 def measure_headline(
@@ -82,44 +81,40 @@ def measure_headline(
 ) -> list[Block]:
     """The headline blocks: SmolLM2's engines (ms/token and time to first token, each row's one way of
     running under the ``"headline"`` key), then the synthetic overhead block."""
-    max_len = PROMPT_TOKENS + 8
+
+    def eager(model: torch.nn.Module) -> tuple[Decoder, Decoder]:
+        # The prompt decoder's construction prefills the prompt once: the warm-up.
+        return Decoder(model, max_len=PROMPT_TOKENS, prompt_len=PROMPT_TOKENS), Decoder(
+            model, max_len=DECODE_SLOTS, prompt_len=DECODE_PROMPT_TOKENS
+        )
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         progress(f"{MODEL}: loading the real checkpoint")
         bf16, _ = build_llm(MODEL)
         progress(f"{MODEL}: bf16, warming up a {PROMPT_TOKENS}-token prompt")
-        engines = [Engine("bf16", "transformers eager", Decoder(bf16, max_len=max_len, prompt_len=PROMPT_TOKENS))]
+        engines = [Engine("bf16", "transformers eager", *eager(bf16))]
         progress(f"{MODEL}: ours, quantizing and compiling (compile_for_decode)")
-        ours = Decoder.for_mode(quantized(copy.deepcopy(bf16), "int4"), "decode", max_len=max_len)
-        ours.prompt_len = PROMPT_TOKENS
+        ours = Decoder.for_mode(quantized(copy.deepcopy(bf16), "int4"), "decode", max_len=DECODE_SLOTS)
         ours.next()  # compiles the step
-        ours.reset()  # warms the prompt pass
-        engines.append(Engine("ours", "default int4, unwrap, compile_for_decode", ours))
+        # compile_for_decode's prompt pass is its model's eager forward: the same model, a cache of its own.
+        prompt = Decoder(ours.model, max_len=PROMPT_TOKENS, prompt_len=PROMPT_TOKENS)
+        engines.append(Engine("ours", "default int4, unwrap, compile_for_decode", prompt, ours))
         if torchao_available():
             progress(f"{MODEL}: torchao int4, quantizing")
-            model = torchao_model(bf16, "int4")
-            engines.append(
-                Engine(
-                    "torchao",
-                    "PrototypeInt4WeightOnlyConfig(group_size=128), eager",
-                    Decoder(model, max_len=max_len, prompt_len=PROMPT_TOKENS),
-                )
-            )
+            how = "PrototypeInt4WeightOnlyConfig(group_size=128), eager"
+            engines.append(Engine("torchao", how, *eager(torchao_model(bf16, "int4"))))
         if llama:
             progress(f"{MODEL}: llama.cpp, loading")
-            engines.append(llama_engine(max_len))
-    decoders = {engine.name: engine.decoder for engine in engines}
+            engines.append(llama_engine())
     progress(f"{MODEL}: timing {len(engines)} engines' {PROMPT_TOKENS}-token prompts, interleaved")
-    ttft = interleaved_min({name: d.reset for name, d in decoders.items()}, rounds=prompt_rounds, warmup=0)
-    for engine in engines:  # decode from a short prompt, as the full report's decode columns do
-        shorten_prompt(engine.decoder, DECODE_PROMPT_TOKENS)
+    ttft = interleaved_min({e.name: e.prompt.reset for e in engines}, rounds=prompt_rounds, warmup=0)
     progress(f"{MODEL}: timing {len(engines)} engines' tokens, interleaved")
-    decode = time_tokens(decoders, rounds=rounds, tokens=tokens)
+    decode = time_tokens({e.name: e.tokens for e in engines}, rounds=rounds, tokens=tokens)
     rows = [Row(e.name, {MODE: decode[e.name]}, note=e.how, ttft={MODE: ttft[e.name] * 1e3}) for e in engines]
     notes = [
-        f"decode ms/token after a {DECODE_PROMPT_TOKENS}-token prompt, {torch.get_num_threads()} thread(s), in a"
-        f" {max_len}-slot static cache (sized for the TTFT prompt; PyTorch's attention reads every slot, so"
-        " these rows can be slower than --full's, whose caches hold 256; llama.cpp reads the filled ones only)"
+        f"decode ms/token after a {DECODE_PROMPT_TOKENS}-token prompt in a {DECODE_SLOTS}-slot cache (as"
+        f" --full's), {torch.get_num_threads()} thread(s); the first token's time in a cache of the prompt's size"
     ]
     if llama:
         from ..llama_cpp import BUSY_NOTE, build_line
