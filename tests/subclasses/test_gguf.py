@@ -19,7 +19,7 @@ def require(name):
 gguf = require("gguf")
 transformers = require("transformers")
 
-from perf.real_model import smollm2_gguf_path  # noqa: E402
+from perf.real_model import shared_gguf_name_map, smollm2_gguf_path  # noqa: E402
 from subclasses import Int4WeightTensor, load_gguf  # noqa: E402
 from subclasses.io.gguf import int4_from_q4, read_gguf, tensor_bytes  # noqa: E402
 
@@ -90,7 +90,8 @@ def test_smollm2_q4_1_weights_are_imported_bit_exact(smollm2):
 
     path, model, _ = smollm2
     processor = LlamaTensorProcessor(config=model.config.to_dict())
-    names = get_gguf_hf_weights_map(model, processor)
+    with shared_gguf_name_map():
+        names = get_gguf_hf_weights_map(model, processor)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     file = read_gguf(path)
     assert len(file.tensors) == 272 and {names[t.name] for t in file.tensors} | {"lm_head.weight"} == set(parameters)
