@@ -68,6 +68,12 @@ def quantized_after_load(bf16_dir, fmt):
     return model
 
 
+@pytest.fixture(scope="module")
+def reference(bf16_dir):
+    """Per format, the checkpoint quantized after loading: built once, only read by the tests."""
+    return {fmt: quantized_after_load(bf16_dir, fmt) for fmt in FORMATS}
+
+
 def logits(model):
     with torch.inference_mode():
         return model(IDS).logits
@@ -87,7 +93,7 @@ def assert_same_weights(a, b):
 
 @pytest.mark.parametrize("unwrapped", [False, True], ids=["wrapped", "unwrapped"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_save_pretrained_then_from_pretrained_gives_identical_logits(bf16_dir, fmt, unwrapped, tmp_path):
+def test_save_pretrained_then_from_pretrained_gives_identical_logits(bf16_dir, reference, fmt, unwrapped, tmp_path):
     source = quantized_after_load(bf16_dir, fmt)
     expected = logits(source)
     if unwrapped:
@@ -113,13 +119,13 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(bf16_dir, f
         assert weight.packing == "cpu"  # packed for the local kernel
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(logits(loaded), expected)
-    assert_same_weights(loaded, quantized_after_load(bf16_dir, fmt))
+    assert_same_weights(loaded, reference[fmt])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_quantize_on_load_equals_quantize_after_load(bf16_dir, fmt, tmp_path):
+def test_quantize_on_load_equals_quantize_after_load(bf16_dir, reference, fmt, tmp_path):
     on_load = load(bf16_dir, quantization_config=FORMATS[fmt][1])
-    after_load = quantized_after_load(bf16_dir, fmt)
+    after_load = reference[fmt]
     assert_same_weights(on_load, after_load)
     assert on_load.lm_head.weight is on_load.model.embed_tokens.weight
     assert torch.equal(logits(on_load), logits(after_load))
