@@ -193,7 +193,7 @@ void gemv(const at::Tensor& x, const std::vector<Weight<T>>& weights, int64_t gr
       }
     });
   } else {
-    unwrap_cpu::full_blocks_avx2<T>(xp, k, group, weights, yf.data());
+    unwrap_cpu::full_blocks_avx2<T>(xf.data(), k, group, weights, yf.data());
   }
   const int64_t block = avx512 ? kBlock : 32;
   for (const auto& w : weights) {
