@@ -11,8 +11,8 @@ larger than the L3 with the GEMV's own loads and threads (``read_bandwidth_gbs``
 timed alone; a sweep's time is the sum of each call's minimum over the rounds (``time_paths``).
 
 Paths: ``aten`` (``torch._weight_int4pack_mm_for_cpu``), ``unwrap`` (``unwrap_cpu::int4_gemv``,
-subclasses/kernels/int4_gemv.py; what ``F.linear`` on an int4 weight calls at M = 1 when it is
-available) and, for reference, ``int8`` (``torch._weight_int8pack_mm`` on the same shapes, twice
+subclasses/kernels/int4_gemv.py, its AVX512 or AVX2 kernel as torch's CPU capability packs; what
+``F.linear`` on an int4 weight calls at M = 1 when it is available) and, for reference, ``int8`` (``torch._weight_int8pack_mm`` on the same shapes, twice
 the bytes: its own floor is in the ``int8 floor`` column).
 """
 
@@ -30,7 +30,7 @@ import torch
 from perf.harness.tables import markdown_table
 from perf.harness.timing import interleaved_min
 from subclasses.formats.int4 import Int4WeightTensor
-from subclasses.kernels.int4_gemv import kernel_available
+from subclasses.kernels.int4_gemv import kernel_available, kernel_isa
 
 DEFAULT_THREADS = 2  # BENCH_THREADS overrides (perf/conftest.py)
 GROUP_SIZE = 32  # the default int4 config's
@@ -269,9 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bandwidth = read_bandwidth_gbs()
+    kernel = f"{kernel_isa()} kernel" if kernel_available() else "NOT available"
     print(
         f"threads {args.threads}, read bandwidth {bandwidth:.1f} GB/s (read_bandwidth_gbs: {BANDWIDTH_BYTES >> 20} MiB), "
-        f"int4 group {GROUP_SIZE}, bf16, unwrap kernel {'available' if kernel_available() else 'NOT available'}\n"
+        f"int4 group {GROUP_SIZE}, bf16, CPU capability {torch.backends.cpu.get_cpu_capability()}, unwrap {kernel}\n"
     )
     for name in args.models.split(","):
         model = MODELS[name]

@@ -1,20 +1,23 @@
 """The int4 decode (M = 1) kernel: ``unwrap_cpu::int4_gemv``, a small C++ op (csrc/int4_gemv.cpp).
 
 Why: at M = 1 a linear should run at memory bandwidth. ``aten._weight_int4pack_mm_for_cpu`` spends
-~2x the CPU time per weight of this kernel and ran at 1.2-2.1x the bytes / bandwidth floor on the
-project's machine where this one ran at 1.0-1.2x on large weights (``python -m perf.bench_gemv``).
-The op reads the same packed bytes (the AVX512 CPU packing, unchanged: checkpoints and every other
-path are untouched); activations are rounded to 15 bits per 32 features (VNNI integer dot
-products), the rest is fp32: bf16/fp16 outputs match aten's kernel to their rounding.
+~2x the CPU time per weight of this kernel and ran at 1.2-2.1x the bytes / bandwidth floor on an
+AVX512 machine where this one ran at 1.0-1.2x on large weights (``python -m perf.bench_gemv``).
+The op reads the same packed bytes (aten's CPU packing, unchanged: checkpoints and every other
+path are untouched), which depends on torch's CPU capability, so the capability picks the kernel:
+AVX512 (with VNNI and VBMI; csrc/int4_gemv.cpp) or AVX2 (with FMA and F16C; csrc/int4_gemv_avx2.cpp).
+Both round activations to 15 bits per 32 features and sum q * x exactly in integers (VNNI
+``vpdpbusd``; AVX2 ``vpmaddubsw``), the rest is fp32: bf16/fp16 outputs match aten's kernel to their
+rounding. (8-bit activations, llama.cpp's choice, ran no faster on AVX2 and lost ~15 dB.)
 
 The same library holds the decode step's other ops: ``unwrap_cpu::int4_gemv_cat`` (several weights of
 one input in one call, ``int4_gemv_cat`` below; used by ``decode_fusion``) and
 ``unwrap_cpu::decode_attention`` (csrc/decode_attention.cpp; used by ``decode.gqa_sdpa_attention``).
 
-It is compiled at first use with ``torch.utils.cpp_extension.load`` (~30 s, cached under
-``TORCH_EXTENSIONS_DIR``, ~/.cache/torch_extensions by default). Where it cannot be used (a CPU
-without AVX512 VNNI/VBMI, whose packing may differ; no compiler; ``UNWRAP_INT4_GEMV=0``)
-``int4_gemv`` runs the aten kernel instead.
+It is compiled at first use with ``torch.utils.cpp_extension.load`` (~30-60 s, cached under
+``TORCH_EXTENSIONS_DIR``, ~/.cache/torch_extensions by default). Where it cannot be used (capability
+DEFAULT, e.g. ``ATEN_CPU_CAPABILITY=default``; an AVX512 CPU without VNNI/VBMI; no compiler;
+``UNWRAP_INT4_GEMV=0``) ``int4_gemv`` runs the aten kernel instead.
 """
 
 from __future__ import annotations
@@ -30,62 +33,55 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from .cpp_build import build_library
 from .int4_packing import pack_cpu
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int4_gemv.cpp", "decode_attention.cpp")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / name for name in ("int4_gemv.cpp", "int4_gemv_avx2.cpp", "decode_attention.cpp")
+]
 ENV_SWITCH = "UNWRAP_INT4_GEMV"  # "0": never build or use the C++ op
 
 
 @functools.cache
 def kernel_available() -> bool:
-    """Whether ``unwrap_cpu::int4_gemv`` is loaded (built on first call): an AVX512 CPU (the only
-    packing the kernel reads), not switched off by ``UNWRAP_INT4_GEMV=0``, and a working compiler.
-    A failed build warns once and answers False from then on."""
+    """Whether ``unwrap_cpu::int4_gemv`` is loaded (built on first call) with a kernel for this
+    process's packing: torch's CPU capability (``ATEN_CPU_CAPABILITY`` can lower it) AVX512 with
+    VNNI and VBMI, or AVX2 with FMA and F16C; not switched off by ``UNWRAP_INT4_GEMV=0``; a working
+    compiler. A failed build warns once and answers False from then on."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return False
-    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not _has_vnni_and_vbmi():
+    capability = torch.backends.cpu.get_cpu_capability()
+    # VBMI has no torch query: the library's own check (int4_gemv_kernel) decides that one.
+    if capability not in ("AVX512", "AVX2") or (capability == "AVX512" and not torch.cpu._is_vnni_supported()):
         return False
-    if hasattr(torch.ops.unwrap_cpu, "int4_gemv"):  # loaded by another copy of this module
-        return True
-    if not build_library(
-        "unwrap_int4_gemv", SOURCES, ["-O3"], "the int4 GEMV kernel", "using aten's int4 kernel at M = 1"
-    ):
-        return False
-    _register_fake()
-    return _agrees_with_aten()
+    if not hasattr(torch.ops.unwrap_cpu, "int4_gemv"):  # else loaded by another copy of this module
+        if not build_library(
+            "unwrap_int4_gemv", SOURCES, ["-O3"], "the int4 GEMV kernel", "using aten's int4 kernel at M = 1"
+        ):
+            return False
+        _register_fake()
+    return kernel_isa() != "none" and _agrees_with_aten()
+
+
+def kernel_isa() -> str:
+    """The loaded library's kernel for this process's packing: "avx512", "avx2", or "none"."""
+    return str(torch.ops.unwrap_cpu.int4_gemv_kernel())
 
 
 def _agrees_with_aten() -> bool:
-    """Check the kernel once against aten's on every packing case it reads (a full block, a
-    partial one): it assumes the AVX512 byte layout, which torch does not promise."""
+    """Check the kernel once against aten's on every packing case it reads (full blocks, a
+    partial one) in the running capability's packing, which torch does not promise to keep."""
     generator = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (64 + 32 + 16, 128), generator=generator)
     scale_and_zero = torch.rand(128 // 32, q.shape[0], 2, generator=generator)
     x = torch.randn(1, 128, generator=generator)
     packed = pack_cpu(q)
-    try:
-        ours = torch.ops.unwrap_cpu.int4_gemv(x, packed, 32, scale_and_zero)
-    except RuntimeError as error:  # the CPU lacks an instruction the kernel needs
-        warnings.warn(
-            f"the int4 GEMV kernel cannot run here ({error}); using aten's int4 kernel at M = 1", stacklevel=3
-        )
-        return False
+    ours = torch.ops.unwrap_cpu.int4_gemv(x, packed, 32, scale_and_zero)
     expected = torch._weight_int4pack_mm_for_cpu(x, packed, 32, scale_and_zero)
     if not (ours - expected).norm() <= 1e-4 * expected.norm():  # a layout error is ~100 %, rounding ~1e-5
         warnings.warn(
-            "the int4 GEMV kernel disagrees with aten's on this machine's packing; using aten's", stacklevel=3
+            f"the int4 GEMV kernel ({kernel_isa()}) disagrees with aten's on this machine's packing; using aten's",
+            stacklevel=3,
         )
         return False
     return True
-
-
-def _has_vnni_and_vbmi() -> bool:
-    """The CPU flags the kernel needs besides AVX512F/BW (Skylake-X and Cascade Lake lack VBMI),
-    from /proc/cpuinfo; where that file does not exist, the kernel's own check decides."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), None)
-    except OSError:
-        return True
-    return flags is None or {"avx512_vnni", "avx512vbmi"} <= set(flags)
 
 
 @torch.compiler.assume_constant_result

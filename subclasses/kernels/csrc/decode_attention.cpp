@@ -18,18 +18,21 @@
 #include <limits>
 #include <vector>
 
+#include "avx2_load.h"
 #include "avx512_load.h"
+#include "int4_gemv.h"
 
 namespace {
 
 using unwrap_cpu::load16;
+using unwrap_cpu::load8;
 
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kParallelWork = 1 << 16;  // below ~this many multiply-adds one thread is faster
 // Above this many (query head, slot) pairs aten's flash kernel (blocked GEMMs) beats the loop
 // below, whose per-slot cost is ~1.5x flash's: measured in SmolLM2's decode step (9 heads), one
-// thread, flash ~14 us per call at ~200 slots vs ~21 us here; ~9 us here at 16 slots, where flash
-// still pays its fixed ~14 us.
+// thread, AVX512, flash ~14 us per call at ~200 slots vs ~21 us here; ~9 us here at 16 slots,
+// where flash still pays its fixed ~14 us. The AVX2 loop uses the same threshold (not re-tuned).
 constexpr int64_t kFlashPairs = 9 * 96;
 
 // e^x for x <= 0 (scores minus their maximum), fp32 to ~2 ulp (Cephes expf): x = n ln2 + r, 2^n p(r).
@@ -82,6 +85,59 @@ AVX512 void attend(const float* q, const T* k, const T* v, int64_t slot_stride, 
   for (int64_t c = 0; c < d; ++c) out[c] = static_cast<T>(row[c]);
 }
 
+// The AVX2 twin of exp_nonpositive: 2^n built in the exponent bits (n >= -126 here: a normal float).
+AVX2 inline __m256 exp_nonpositive8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// attend, 8 lanes at a time (AVX2 + FMA).
+template <typename T>
+AVX2 void attend8(const float* q, const T* k, const T* v, int64_t slot_stride, const std::vector<int64_t>& slots,
+                  const std::vector<float>& bias, int64_t d, float* scores, T* out) {
+  const int64_t count = static_cast<int64_t>(slots.size());
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < count; ++i) {
+    const T* key = k + slots[i] * slot_stride;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;  // two chains: d / 8 dependent FMAs halved
+    for (int64_t c = 0; c < d; c += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), load8(key + c), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8), load8(key + c + 8), acc1);
+    }
+    scores[i] = unwrap_cpu::reduce_add8(_mm256_add_ps(acc0, acc1)) + bias[i];
+    top = std::max(top, scores[i]);
+  }
+  __m256 sum = _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t i = 0; i < count; i += 8) {
+    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count - i)), lane));
+    const __m256 p = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(scores + i), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(scores + i, p);
+    sum = _mm256_add_ps(sum, _mm256_and_ps(p, live));
+  }
+  const float total = unwrap_cpu::reduce_add8(sum);
+  __m256 acc[kMaxHeadDim / 8];
+  for (int64_t c = 0; c < d / 8; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < count; ++i) {
+    const __m256 p = _mm256_set1_ps(scores[i]);
+    const T* value = v + slots[i] * slot_stride;
+    for (int64_t c = 0; c < d / 8; ++c) acc[c] = _mm256_fmadd_ps(p, load8(value + 8 * c), acc[c]);
+  }
+  const float inv = total > 0 ? 1.f / total : 0.f;  // no slot allowed: zeros
+  alignas(32) float row[kMaxHeadDim];
+  for (int64_t c = 0; c < d / 8; ++c) _mm256_store_ps(row + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+  for (int64_t c = 0; c < d; ++c) out[c] = static_cast<T>(row[c]);
+}
+
 template <typename T>
 void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double scale,
          at::Tensor& out) {
@@ -112,6 +168,7 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     return;
   }
   const int64_t grain = heads * static_cast<int64_t>(slots.size()) * d < kParallelWork ? heads : 1;
+  const bool avx512 = unwrap_cpu::kernel_isa() == "avx512";
   at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float qf[kMaxHeadDim];
     std::vector<float> scores(slots.size() + 16, 0.f);
@@ -119,15 +176,20 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       const T* qh = q.const_data_ptr<T>() + h * q.stride(1);
       for (int64_t c = 0; c < d; ++c) qf[c] = static_cast<float>(qh[c]) * static_cast<float>(scale);
       const int64_t g = h / (heads / kv_heads);
-      attend<T>(qf, k.const_data_ptr<T>() + g * k.stride(1), v.const_data_ptr<T>() + g * v.stride(1), k.stride(2), slots,
-                bias, d, scores.data(), out.data_ptr<T>() + h * d);
+      const T* kg = k.const_data_ptr<T>() + g * k.stride(1);
+      const T* vg = v.const_data_ptr<T>() + g * v.stride(1);
+      if (avx512)
+        attend<T>(qf, kg, vg, k.stride(2), slots, bias, d, scores.data(), out.data_ptr<T>() + h * d);
+      else
+        attend8<T>(qf, kg, vg, k.stride(2), slots, bias, d, scores.data(), out.data_ptr<T>() + h * d);
     }
   });
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                             double scale) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512f"), "unwrap_cpu::decode_attention needs an AVX512 CPU");
+  TORCH_CHECK(unwrap_cpu::kernel_isa() != "none",
+              "unwrap_cpu::decode_attention needs the CPU capability the int4 GEMV runs under (AVX512 or AVX2)");
   TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1 && q.stride(3) == 1,
               "decode_attention: q must be [1, H, 1, D] with unit stride in D, got ", q.sizes(), " strides ", q.strides());
   const int64_t heads = q.size(1), d = q.size(3);

@@ -1,5 +1,7 @@
 // unwrap_cpu::int4_gemv: y[1, N] = x[1, K] @ W^T for the int4 weight in the packing of
-// aten::_convert_weight_to_int4pack_for_cpu on an AVX512 CPU (see subclasses/int4_packing.py):
+// aten::_convert_weight_to_int4pack_for_cpu, which depends on torch's CPU capability: this file
+// holds the op, its checks and the AVX512 kernel; int4_gemv_avx2.cpp the AVX2 one. Under AVX512
+// (see subclasses/int4_packing.py):
 // rows in blocks of 64, each block stored [K, 32] bytes, byte j of column k holding row j (low
 // nibble) and row j + 32 (high nibble); a last partial block of R rows is [K, R/2] bytes with
 // rows 2j (low) and 2j + 1 (high). scale_and_zero is [K/g, N, 2]; w = (q - 8) * scale + zero.
@@ -8,6 +10,7 @@
 // exact in int32 (AVX512-VNNI dot products), then scaled in fp32: scale * sum(q x) + (zero - 8 *
 // scale) * sum(x), with sum(x) in fp32. Memory-bound at M = 1: each packed byte is read once.
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -15,14 +18,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "avx512_load.h"
+#include "int4_gemv.h"
 
 namespace {
 
 using unwrap_cpu::load16;
 using unwrap_cpu::to_float;
+using unwrap_cpu::kernel_isa;
+using unwrap_cpu::Weight;
 
 constexpr int64_t kBlock = 64;
 // Software prefetch distance in the weight stream, bytes: on the project's 2-core Xeon the
@@ -162,43 +169,44 @@ AVX512 void quantize_activation(const T* x, int64_t k, int64_t group, float* xf,
   }
 }
 
-// One weight of a (possibly fused) GEMV: its bytes, its scales, its rows, where its rows start in y.
-template <typename T> struct Weight {
-  const uint8_t* packed;
-  const T* scale_and_zero;
-  int64_t n, offset;
-};
-
-// y = x @ [W_0; W_1; ...]^T: the activation is quantized once, and the full 64-row blocks of
-// every weight are one parallel loop, so a fused q/k/v or gate/up projection is a single call.
+// y = x @ [W_0; W_1; ...]^T: the activation is quantized once, and the full blocks of every
+// weight are one parallel loop, so a fused q/k/v or gate/up projection is a single call.
 template <typename T>
 void gemv(const at::Tensor& x, const std::vector<Weight<T>>& weights, int64_t group, at::Tensor& out) {
   const int64_t k = x.size(1), n = out.size(1);
-  std::vector<float> xf(k), xsum(k / group), xscale(k / 32), yf(n);
-  std::vector<int8_t> xh(k), xl(k);
-  quantize_activation<T>(x.const_data_ptr<T>(), k, group, xf.data(), xh.data(), xl.data(), xscale.data(), xsum.data());
-  std::vector<int64_t> first_block{0};  // the global index of each weight's first full block
-  for (const auto& w : weights) first_block.push_back(first_block.back() + w.n / kBlock);
-  at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
-      const Weight<T>& w = weights[i];
-      full_block<T>(w.packed, w.scale_and_zero, xh.data(), xl.data(), xscale.data(), xsum.data(), b - first_block[i],
-                    w.n, k, group, yf.data() + w.offset);
-    }
-  });
+  std::vector<float> xf(k), yf(n);
+  const T* xp = x.const_data_ptr<T>();
+  for (int64_t i = 0; i < k; ++i) xf[i] = to_float(xp[i]);
+  const bool avx512 = kernel_isa() == "avx512";
+  if (avx512) {
+    std::vector<float> xsum(k / group), xscale(k / 32);
+    std::vector<int8_t> xh(k), xl(k);
+    quantize_activation<T>(xp, k, group, xf.data(), xh.data(), xl.data(), xscale.data(), xsum.data());
+    std::vector<int64_t> first_block{0};  // the global index of each weight's first full block
+    for (const auto& w : weights) first_block.push_back(first_block.back() + w.n / kBlock);
+    at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
+        const Weight<T>& w = weights[i];
+        full_block<T>(w.packed, w.scale_and_zero, xh.data(), xl.data(), xscale.data(), xsum.data(), b - first_block[i],
+                      w.n, k, group, yf.data() + w.offset);
+      }
+    });
+  } else {
+    unwrap_cpu::full_blocks_avx2<T>(xf.data(), k, group, weights, yf.data());
+  }
+  const int64_t block = avx512 ? kBlock : 32;
   for (const auto& w : weights) {
-    if (w.n % kBlock)
-      partial_block<T>(w.packed, w.scale_and_zero, xf.data(), w.n / kBlock * kBlock, w.n, k, group, yf.data() + w.offset);
+    if (w.n % block)
+      partial_block<T>(w.packed, w.scale_and_zero, xf.data(), w.n / block * block, w.n, k, group, yf.data() + w.offset);
   }
   T* o = out.data_ptr<T>();
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(yf[i]);
 }
 
 void check_x(const at::Tensor& x) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
-                  __builtin_cpu_supports("avx512vbmi"),
-              "unwrap_cpu::int4_gemv needs an AVX512 BW/VNNI/VBMI CPU");
+  TORCH_CHECK(kernel_isa() != "none", "unwrap_cpu::int4_gemv needs CPU capability AVX512 (with BW/VNNI/VBMI) or "
+              "AVX2 (with FMA/F16C); torch reports ", at::get_cpu_capability());
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(), "int4_gemv: x must be a contiguous [1, K], got ",
               x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
@@ -271,11 +279,15 @@ AVX512 int64_t read_lines(const char* base, int64_t begin, int64_t end) {
 }
 
 int64_t read_bytes(const at::Tensor& buffer) {
+  TORCH_CHECK(kernel_isa() != "none", "read_bytes: no GEMV kernel on this CPU capability");
   TORCH_CHECK(buffer.is_contiguous() && buffer.nbytes() % 64 == 0, "read_bytes: a contiguous buffer of 64-byte lines");
   const char* base = static_cast<const char*>(buffer.const_data_ptr());
   const int64_t lines = buffer.nbytes() / 64;
   std::vector<int64_t> sums(at::get_num_threads() + 1, 0);
-  at::parallel_for(0, lines, 1024, [&](int64_t begin, int64_t end) { sums[at::get_thread_num()] ^= read_lines(base, begin, end); });
+  const bool avx512 = kernel_isa() == "avx512";
+  at::parallel_for(0, lines, 1024, [&](int64_t begin, int64_t end) {
+    sums[at::get_thread_num()] ^= avx512 ? read_lines(base, begin, end) : unwrap_cpu::read_lines_avx2(base, begin, end);
+  });
   int64_t total = 0;
   for (int64_t v : sums) total ^= v;
   return total;
@@ -283,10 +295,32 @@ int64_t read_bytes(const at::Tensor& buffer) {
 
 }  // namespace
 
+namespace unwrap_cpu {
+
+// The kernel that reads this process's packing: aten packs for torch's CPU capability
+// (ATEN_CPU_CAPABILITY can lower it), so the capability picks the kernel, and the CPU must have
+// the kernel's instructions. "none": no kernel here (the Python side runs aten's).
+const std::string& kernel_isa() {
+  static const std::string isa = [] {
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512" && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni") &&
+        __builtin_cpu_supports("avx512vbmi"))
+      return std::string("avx512");
+    if (capability == "AVX2" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+      return std::string("avx2");
+    return std::string("none");
+  }();
+  return isa;
+}
+
+}  // namespace unwrap_cpu
+
 TORCH_LIBRARY(unwrap_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scale_and_zero) -> Tensor");
   m.def("int4_gemv_cat(Tensor x, Tensor[] packed, int group_size, Tensor[] scale_and_zero) -> Tensor");
   m.def("read_bytes(Tensor buffer) -> int");
+  m.def("int4_gemv_kernel() -> str", [] { return unwrap_cpu::kernel_isa(); });  // no tensors: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(unwrap_cpu, CPU, m) {

@@ -1,0 +1,28 @@
+// Shared by the int4 GEMV's sources: one weight of a (possibly fused) GEMV, and the per-ISA
+// kernels int4_gemv.cpp dispatches to (each reads the packing aten makes under its capability).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace unwrap_cpu {
+
+// One weight: its packed bytes, its [K/g, N, 2] scales, its rows, where its rows start in y.
+template <typename T> struct Weight {
+  const uint8_t* packed;
+  const T* scale_and_zero;
+  int64_t n, offset;
+};
+
+// The kernel that reads this process's packing (int4_gemv.cpp): "avx512", "avx2" or "none".
+const std::string& kernel_isa();
+
+// y[w.offset + r] (fp32) for the rows of every full 32-row block of every weight, in the AVX2
+// packing (int4_gemv_avx2.cpp), from xf (x in fp32); rows of a last partial block are left to the caller.
+template <typename T>
+void full_blocks_avx2(const float* xf, int64_t k, int64_t group, const std::vector<Weight<T>>& weights, float* y);
+
+// Read [begin, end) 64-byte lines from base as the AVX2 GEMV reads its weights; a checksum.
+int64_t read_lines_avx2(const char* base, int64_t begin, int64_t end);
+
+}  // namespace unwrap_cpu

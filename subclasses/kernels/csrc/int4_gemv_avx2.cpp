@@ -1,0 +1,250 @@
+// The AVX2 (+FMA, F16C) kernel of unwrap_cpu::int4_gemv, for the packing aten makes under CPU
+// capability AVX2 (subclasses/kernels/int4_packing.py): rows in blocks of 32, each block stored
+// [K, 16] bytes, byte j of column k holding row j (low nibble) and row j + 16 (high nibble).
+//
+// Per 32 input features the activation is rounded to integers, each sum of q * x is exact in
+// integer arithmetic (vpmaddubsw: u8 x s8 pairs into int16), then scaled in fp32:
+// scale * sum(q x) + (zero - 8 * scale) * sum(x), with sum(x) in fp32. With kSplit the activation
+// is 15-bit (x16 = 256 * xh + xl, two int8 halves, as the AVX512 kernel's); without it 8-bit
+// (llama.cpp's Q8 activations: rounding ~1/254 of the 32-block's largest |x|).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "avx2_load.h"
+#include "int4_gemv.h"
+
+// The kernel built: 1 (15-bit integer) is the one used. The measured alternatives stay buildable
+// (-DUNWRAP_AVX2_VARIANT=0 or 2) to repeat the comparison on another CPU: 0, fp32 FMA dequantization,
+// was ~1.5x slower on SmolLM2's shapes (compute-bound); 2, 8-bit activations, no faster and ~15 dB
+// less accurate (38.5 vs 53 dB in bf16).
+#ifndef UNWRAP_AVX2_VARIANT
+#define UNWRAP_AVX2_VARIANT 1
+#endif
+
+namespace unwrap_cpu {
+namespace {
+
+using unwrap_cpu::load8;
+
+constexpr int64_t kRows = 32;
+constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream (as the AVX512 kernel's)
+// Fewer weights than this per thread cost more in fork/join than they save: on the 2-core EPYC a
+// 192x576 GEMV took 10.7 us on one thread, 12.6 us on two; 576x576 21.3 vs 17.7.
+constexpr int64_t kParallelWeights = 1 << 17;
+constexpr bool kSplit = UNWRAP_AVX2_VARIANT == 1;
+constexpr float kXMax = kSplit ? 127 * 256 + 127 : 127;  // so that xh = (x16 - xl) / 256 stays in int8
+
+// 8 consecutive (scale, zero) pairs as two fp32 vectors.
+template <typename T> AVX2 inline void load_pairs(const T* p, __m256& s, __m256& z) {
+  const __m256 a = load8(p), b = load8(p + 8);
+  // shuffle_ps leaves [0 1 4 5 | 2 3 6 7]; the 64-bit permute puts the pairs of columns in order.
+  s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+  z = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+}
+
+// int16 lanes [rows 0-7 | the same rows] -> int32 rows 0-7, the two halves added.
+AVX2 inline __m256i widen(__m256i v) {
+  return _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)),
+                          _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+}
+
+// out[0, 32) += s * gsum + (z - 8 s) * xsum over one group: w = (q - 8) s + z.
+template <typename T> AVX2 inline void scale_group(const T* pairs, const float* gsum, float xsum, float* out) {
+  const __m256 xs = _mm256_set1_ps(xsum);
+  for (int i = 0; i < 4; ++i) {
+    __m256 s, z;
+    load_pairs<T>(pairs + 16 * i, s, z);
+    const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z);
+    const __m256 acc = _mm256_fmadd_ps(offset, xs, _mm256_loadu_ps(out + 8 * i));
+    _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(s, _mm256_loadu_ps(gsum + 8 * i), acc));
+  }
+}
+
+// Rows [32 * block, 32 * block + 32) of y, fp32, integer dot products. Four columns are 64
+// contiguous bytes A = [k | k+1], B = [k+2 | k+3]; unpacking bytes of A and B gives int16 lanes
+// (column k, k+2) in the low 128 bits and (k+1, k+3) in the high ones, rows 0-7 (C) and 8-15 (D),
+// high nibbles rows 16-31. vpmaddubsw against the activation arranged the same way (`arrange`, read as
+// a memory operand: two registers fewer than a broadcast and shuffle here, ~0-7 % faster) sums each pair;
+// 8 such steps (one 32-block) stay below 8 * 2 * 15 * 128 = 30720 in int16, exact.
+template <typename T>
+AVX2 void full_block_int(const uint8_t* packed, const T* sz, const __m256i* xh, const __m256i* xl, const float* xscale,
+                         const float* xsum, int64_t block, int64_t n, int64_t k, int64_t group, float* out) {
+  const __m256i nibble = _mm256_set1_epi8(15);
+  const uint8_t* p = packed + block * k * (kRows / 2);
+  alignas(32) float gsum[kRows];
+  for (int i = 0; i < kRows; ++i) out[i] = 0.f;
+  for (int64_t g0 = 0; g0 < k; g0 += group) {
+    const T* pairs = sz + ((g0 / group) * n + block * kRows) * 2;
+    if (g0 + group < k) {  // the next group's scales: scattered lines, not in any stream
+      for (int i = 0; i < static_cast<int>(sizeof(T)); ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(pairs + n * 2) + 64 * i, _MM_HINT_T0);
+    }
+    for (int i = 0; i < kRows; ++i) gsum[i] = 0.f;
+    for (int64_t b0 = g0; b0 < g0 + group; b0 += 32) {
+      __m256i h0 = _mm256_setzero_si256(), h1 = h0, h2 = h0, h3 = h0, l0 = h0, l1 = h0, l2 = h0, l3 = h0;
+      for (int64_t kk = b0; kk < b0 + 32; kk += 4, p += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+        const __m256i c = _mm256_unpacklo_epi8(a, b), d = _mm256_unpackhi_epi8(a, b);
+        const __m256i q0 = _mm256_and_si256(c, nibble), q1 = _mm256_and_si256(d, nibble);
+        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(c, 4), nibble);
+        const __m256i q3 = _mm256_and_si256(_mm256_srli_epi16(d, 4), nibble);
+        const __m256i xa = _mm256_load_si256(xh + kk / 4);
+        h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(q0, xa));
+        h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(q1, xa));
+        h2 = _mm256_add_epi16(h2, _mm256_maddubs_epi16(q2, xa));
+        h3 = _mm256_add_epi16(h3, _mm256_maddubs_epi16(q3, xa));
+        if constexpr (kSplit) {
+          const __m256i xb = _mm256_load_si256(xl + kk / 4);
+          l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(q0, xb));
+          l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(q1, xb));
+          l2 = _mm256_add_epi16(l2, _mm256_maddubs_epi16(q2, xb));
+          l3 = _mm256_add_epi16(l3, _mm256_maddubs_epi16(q3, xb));
+        }
+      }
+      const __m256 a = _mm256_set1_ps(xscale[b0 / 32]);
+      const __m256i hs[4] = {h0, h1, h2, h3}, ls[4] = {l0, l1, l2, l3};
+      const int order[4] = {0, 8, 16, 24};  // C: rows 0-7, D: 8-15, then the high nibbles
+      for (int i = 0; i < 4; ++i) {
+        __m256i total = widen(hs[i]);
+        if constexpr (kSplit) total = _mm256_add_epi32(_mm256_slli_epi32(total, 8), widen(ls[i]));
+        float* g = gsum + order[i];
+        _mm256_store_ps(g, _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(total), _mm256_load_ps(g)));
+      }
+    }
+    scale_group<T>(pairs, gsum, xsum[g0 / group], out);
+  }
+}
+
+// The same rows with fp32 FMAs on dequantized codes: per column, 16 bytes -> 32 codes in fp32.
+template <typename T>
+AVX2 void full_block_fp32(const uint8_t* packed, const T* sz, const float* xf, const float* xsum, int64_t block,
+                          int64_t n, int64_t k, int64_t group, float* out) {
+  const __m256i nibble = _mm256_set1_epi32(15);
+  const uint8_t* p = packed + block * k * (kRows / 2);
+  alignas(32) float gsum[kRows];
+  for (int i = 0; i < kRows; ++i) out[i] = 0.f;
+  for (int64_t g0 = 0; g0 < k; g0 += group) {
+    const T* pairs = sz + ((g0 / group) * n + block * kRows) * 2;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t kk = g0; kk < g0 + group; ++kk, p += 16) {
+      if (kk % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes));
+      const __m256 x = _mm256_broadcast_ss(xf + kk);
+      s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lo, nibble)), x, s0);
+      s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, nibble)), x, s1);
+      s2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4)), x, s2);
+      s3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4)), x, s3);
+    }
+    _mm256_store_ps(gsum, s0), _mm256_store_ps(gsum + 8, s1), _mm256_store_ps(gsum + 16, s2);
+    _mm256_store_ps(gsum + 24, s3);
+    scale_group<T>(pairs, gsum, xsum[g0 / group], out);
+  }
+}
+
+// The largest of the 8 lanes.
+AVX2 inline float reduce_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// 32 int32 (4 vectors, in order) -> 32 int8, in order (the values fit: no saturation).
+AVX2 inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // undo the lane interleave
+}
+
+// Per 32-block b of xf: xscale[b] and the integers (xh, and xl with kSplit); per group: xsum.
+// Vectorized: per call this is K elements against the weight's N * K, but a scalar loop (libm
+// nearbyintf per element) cost more than the GEMV itself on small weights.
+AVX2 void quantize_activation(const float* xf, int64_t k, int64_t group, int8_t* xh, int8_t* xl, float* xscale,
+                              float* xsum) {
+  for (int64_t g = 0; g < k / group; ++g) xsum[g] = 0.f;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t b = 0; b < k / 32; ++b) {
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xf + 32 * b + 8 * i);
+    xsum[32 * b / group] += reduce_add8(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    const float amax = reduce_max8(m);
+    xscale[b] = amax / kXMax;
+    const __m256 inv = _mm256_set1_ps(amax > 0 ? kXMax / amax : 0.f);
+    __m256i q[4], low[4];
+    for (int i = 0; i < 4; ++i) {
+      q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // to nearest even (the default rounding mode)
+      if constexpr (kSplit) {
+        low[i] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(q[i], _mm256_set1_epi32(128)), _mm256_set1_epi32(255)),
+                                  _mm256_set1_epi32(128));
+        q[i] = _mm256_srai_epi32(_mm256_sub_epi32(q[i], low[i]), 8);  // exact: q - low is a multiple of 256
+      }
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xh + 32 * b), pack32(q[0], q[1], q[2], q[3]));
+    if constexpr (kSplit)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xl + 32 * b), pack32(low[0], low[1], low[2], low[3]));
+  }
+}
+
+// Per 4 features, the 32 bytes full_block_int multiplies their columns by: (x[k], x[k+2]) in every
+// int16 lane of the low half, (x[k+1], x[k+3]) in the high half.
+AVX2 void arrange(const int8_t* x, int64_t k, __m256i* out) {
+  const __m256i spread = _mm256_setr_epi8(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2,  //
+                                          1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3);
+  for (int64_t i = 0; i < k / 4; ++i)
+    _mm256_store_si256(out + i, _mm256_shuffle_epi8(_mm256_set1_epi32(*reinterpret_cast<const int32_t*>(x + 4 * i)), spread));
+}
+
+}  // namespace
+
+template <typename T>
+void full_blocks_avx2(const float* xf, int64_t k, int64_t group, const std::vector<Weight<T>>& weights, float* y) {
+  std::vector<float> xsum(k / group), xscale(k / 32);
+  std::vector<int8_t> xh(k), xl(k);
+  quantize_activation(xf, k, group, xh.data(), xl.data(), xscale.data(), xsum.data());
+  // 32 bytes per 4 features, 32-byte aligned (std::vector<__m256i> would drop the vector type's alignment).
+  std::vector<int8_t> arranged(2 * 8 * k + 32);
+  __m256i* ah = reinterpret_cast<__m256i*>((reinterpret_cast<uintptr_t>(arranged.data()) + 31) & ~uintptr_t{31});
+  __m256i* al = ah + k / 4;
+  arrange(xh.data(), k, ah);
+  if (kSplit) arrange(xl.data(), k, al);
+  std::vector<int64_t> first_block{0};  // the global index of each weight's first full block
+  for (const auto& w : weights) first_block.push_back(first_block.back() + w.n / kRows);
+  const int64_t grain = std::max<int64_t>(1, kParallelWeights / (kRows * k));
+  at::parallel_for(0, first_block.back(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
+      const Weight<T>& w = weights[i];
+      const int64_t local = b - first_block[i];
+      float* out = y + w.offset + local * kRows;
+      if constexpr (UNWRAP_AVX2_VARIANT == 0) {
+        full_block_fp32<T>(w.packed, w.scale_and_zero, xf, xsum.data(), local, w.n, k, group, out);
+      } else {
+        full_block_int<T>(w.packed, w.scale_and_zero, ah, al, xscale.data(), xsum.data(), local, w.n, k,
+                          group, out);
+      }
+    }
+  });
+}
+
+template void full_blocks_avx2<float>(const float*, int64_t, int64_t, const std::vector<Weight<float>>&, float*);
+template void full_blocks_avx2<c10::BFloat16>(const float*, int64_t, int64_t, const std::vector<Weight<c10::BFloat16>>&,
+                                              float*);
+template void full_blocks_avx2<c10::Half>(const float*, int64_t, int64_t, const std::vector<Weight<c10::Half>>&, float*);
+
+AVX2 int64_t read_lines_avx2(const char* base, int64_t begin, int64_t end) {
+  __m256i acc = _mm256_setzero_si256();
+  for (int64_t i = begin; i < end; ++i) {
+    _mm_prefetch(base + i * 64 + kPrefetch, _MM_HINT_T0);
+    acc = _mm256_xor_si256(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + i * 64)));
+    acc = _mm256_xor_si256(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(base + i * 64 + 32)));
+  }
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3];
+}
+
+}  // namespace unwrap_cpu
