@@ -10,7 +10,7 @@ import sys
 import torch
 
 from .harness.models import LLMS, WORKLOADS
-from .harness.tables import Stamp, machine
+from .harness.tables import Stamp, kernels, machine
 from .harness.timing import Progress
 from .real_model import smollm2_dir
 from .report import format_report, run_report, write_json, write_plot
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "cpu": machine(),
+        "kernels": kernels(),
         "quick": args.quick,
         "formats": fmts,
         "headline": headline,

@@ -44,6 +44,15 @@ def machine() -> str:
     return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()})"
 
 
+def kernels() -> str:
+    """Which int4 kernels this process runs: the one-row (decode) GEMV and the prompt's compute dtype."""
+    from subclasses.kernels.compute_dtype import describe_prefill
+    from subclasses.kernels.int4_gemv import kernel_available, kernel_isa
+
+    gemv = f"unwrap_cpu::int4_gemv ({kernel_isa()})" if kernel_available() else "aten's _weight_int4pack_mm_for_cpu"
+    return f"int4 one-row GEMV: {gemv}; {describe_prefill(torch.bfloat16)}"
+
+
 @dataclass(frozen=True)
 class Stamp:
     """Where and how a table was measured: machine, torch threads, torch version, date, command."""

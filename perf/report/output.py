@@ -125,6 +125,8 @@ def format_report(blocks: list[Block], meta: dict[str, Any], stamp: Stamp | None
     """The whole report: a header line with the setup, then one table per block. With ``stamp``, a
     Markdown page (the results page): a title, and each table stamped with where it was measured."""
     setup = f"torch {meta['torch']}, {meta['threads']} thread(s), batch 1, minimum of repeated timings"
+    if "kernels" in meta:
+        setup += f"; {meta['kernels']}"
     if stamp is None:
         header = f"unwrap overhead report: {setup}"
     else:

@@ -93,3 +93,17 @@ def test_measure_headline_times_every_engine(monkeypatch):
         assert row.times[MODE] > 0 and row.ttft[MODE] > 0 and row.note
     assert [r.variant for r in overhead.rows] == list(headline.OVERHEAD_VARIANTS)
     assert all(r.times["eager"] > 0 and r.kernel is not None for r in overhead.rows)
+
+
+def test_the_report_header_names_the_kernels_this_process_runs():
+    from perf.harness.tables import kernels
+    from subclasses.kernels.int4_gemv import kernel_available, kernel_isa
+
+    line = kernels()
+    if kernel_available():
+        assert f"unwrap_cpu::int4_gemv ({kernel_isa()})" in line and "aten's" not in line
+    else:
+        assert "aten's _weight_int4pack_mm_for_cpu" in line and "unwrap_cpu" not in line
+    assert "prefill GEMMs in " in line
+    header = format_report([headline_block()], {"torch": "2.x", "threads": 2, "kernels": line}).splitlines()[0]
+    assert header.endswith(f"; {line}")
