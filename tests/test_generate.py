@@ -142,6 +142,20 @@ def test_left_padded_batch_rows_equal_their_prompts_alone(models):
     assert both[1].tolist() == decoder.generate(PROMPT, NEW)[0].tolist()
 
 
+def test_batch_rows_finished_at_eos_are_padded(models):
+    _, decoder = models
+    batch = torch.tensor([[0, 0, 7, 8, 9], PROMPT[0].tolist()])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, custom_generate=decoder, pad_token_id=0)
+    free = decoder.model.generate(batch, eos_token_id=None, **kwargs)[:, PROMPT.shape[1] :].tolist()
+    eos = free[0][2]  # row 0's third new token
+    stopped = decoder.model.generate(batch, eos_token_id=eos, **kwargs)[:, PROMPT.shape[1] :].tolist()
+    ends = [row.index(eos) + 1 if eos in row else NEW for row in free]
+    assert ends[0] == free[0].index(eos) + 1 <= 3
+    expected = [row[:end] + [0] * (max(ends) - end) for row, end in zip(free, ends)]
+    assert stopped == expected
+
+
 def test_bad_input_names_the_value(models):
     from transformers import DynamicCache, StaticCache
 
