@@ -4,6 +4,10 @@
 (temperature 0.7, top-p 0.9, a ``TextStreamer`` into a null sink); transformers' own ``generate``
 with a static cache (eager on CPU: it compiles on accelerators only). One process, interleaved
 rounds, minimum per engine; greedy tokens of the first two are checked equal.
+
+``--batch 4``: Qwen2.5-0.5B's shapes (random weights), int4: tokens/s of ``--batch`` left-padded
+prompts of different lengths through ``generate(custom_generate=decoder)`` against one prompt
+through ``GreedyDecoder.generate``, and each row's greedy tokens against its prompt decoded alone.
 """
 
 from __future__ import annotations
@@ -77,13 +81,83 @@ def engines(new: int, progress: Callable[[str], None]) -> tuple[dict[str, Callab
     return calls, notes
 
 
+def batch_engines(batch: int, new: int) -> tuple[dict[str, Callable[[], Any]], list[str]]:
+    """{"batch 1": GreedyDecoder on the longest prompt, "batch N": N left-padded prompts through
+    generate}, and a note per row on its tokens against the prompt decoded alone."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain: Any = quantized(build_llm("Qwen2 0.5B")[0], "int4")
+    generator = torch.Generator().manual_seed(0)
+    lengths = [5 + 3 * row for row in range(batch)]
+    prompts = [torch.randint(3, plain.config.vocab_size, (n,), generator=generator) for n in lengths]
+    longest = max(lengths)
+    ids = torch.zeros(batch, longest, dtype=torch.long)  # pad id 0, on the left
+    mask = torch.zeros(batch, longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :], mask[row, longest - len(prompt) :] = prompt, 1
+    slots = longest + new  # every call below sizes its cache to this: one compiled step per batch size
+    decoder = compile_for_decode(plain, max_len=slots)
+    common: dict[str, Any] = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, "custom_generate": decoder}
+    calls: dict[str, Callable[[], Any]] = {
+        "batch 1 (GreedyDecoder.generate)": lambda: decoder.generate(prompts[-1][None], new),
+        f"batch {batch} (generate, left-padded)": lambda: plain.generate(
+            ids, attention_mask=mask, max_new_tokens=new, **common
+        ),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        together = calls[f"batch {batch} (generate, left-padded)"]()[:, longest:]
+        notes = []
+        for row, prompt in enumerate(prompts):
+            alone = plain.generate(
+                prompt[None],
+                max_new_tokens=slots - len(prompt),
+                return_dict_in_generate=True,
+                output_logits=True,
+                **common,
+            )
+            mine, theirs = together[row].tolist(), alone.sequences[0, len(prompt) : len(prompt) + new].tolist()
+            first = next((j for j in range(new) if mine[j] != theirs[j]), new)
+            note = f"row {row} ({len(prompt)} tokens): {first}/{new} equal"
+            if first < new:  # M = batch and M = 1 GEMMs round differently: a near-tie may flip
+                top = alone.logits[first][0].float().topk(2).values
+                gap, ulp = float(top[0] - top[1]), 2.0**-8 * abs(float(top[0]))
+                note += f", then top-2 gap {gap:.4f} ({gap / ulp:.1f} bf16 ulps of the top logit)"
+            notes.append(note)
+    return calls, notes
+
+
+def main_batch(args: argparse.Namespace) -> int:
+    """``--batch``: tokens/s of the batch against batch 1, and the rows' token checks."""
+    calls, notes = batch_engines(args.batch, args.new)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seconds = interleaved_min(calls, rounds=args.rounds, warmup=1)
+    rates = {
+        name: (args.batch if name.startswith(f"batch {args.batch}") else 1) * args.new / s
+        for name, s in seconds.items()
+    }
+    base = next(iter(rates.values()))
+    print(f"{machine()}, {args.threads} threads, torch {torch.__version__}; " + "; ".join(notes))
+    print(
+        markdown_table(
+            ["engine (Qwen2.5-0.5B shapes, int4)", "new tokens/s", "ratio to batch 1"],
+            [[name, f"{rate:.1f}", f"{rate / base:.2f}"] for name, rate in rates.items()],
+        )
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m perf.bench_generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new", type=int, default=64, help="new tokens per generation")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="above 1: the batched Qwen2 comparison instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.batch > 1:
+        return main_batch(args)
     progress = Progress()
     calls, notes = engines(args.new, progress)
     progress(f"timing {len(calls)} engines, {args.rounds} interleaved rounds")

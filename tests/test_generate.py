@@ -142,6 +142,20 @@ def test_left_padded_batch_rows_equal_their_prompts_alone(models):
     assert both[1].tolist() == decoder.generate(PROMPT, NEW)[0].tolist()
 
 
+def test_batch_rows_finished_at_eos_are_padded(models):
+    _, decoder = models
+    batch = torch.tensor([[0, 0, 7, 8, 9], PROMPT[0].tolist()])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW, do_sample=False, custom_generate=decoder, pad_token_id=0)
+    free = decoder.model.generate(batch, eos_token_id=None, **kwargs)[:, PROMPT.shape[1] :].tolist()
+    eos = free[0][2]  # row 0's third new token
+    stopped = decoder.model.generate(batch, eos_token_id=eos, **kwargs)[:, PROMPT.shape[1] :].tolist()
+    ends = [row.index(eos) + 1 if eos in row else NEW for row in free]
+    assert ends[0] == free[0].index(eos) + 1 <= 3
+    expected = [row[:end] + [0] * (max(ends) - end) for row, end in zip(free, ends)]
+    assert stopped == expected
+
+
 def test_bad_input_names_the_value(models):
     from transformers import DynamicCache, StaticCache
 
@@ -169,8 +183,9 @@ def test_bad_input_names_the_value(models):
 
 
 def test_sampling_after_top_k_keeps_the_whole_vocabulary_distribution():
-    """The processors after top-k run on its survivors only: the probabilities equal those of the
-    whole list on the whole vocabulary, ties at the k-th value kept as transformers keeps them."""
+    """The value-only warpers from temperature on run on the head's largest k + margin scores only:
+    the probabilities equal those of the whole list on the whole vocabulary, ties at the k-th value
+    kept as transformers keeps them (in the slice, or past the margin on the whole vocabulary)."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         MinPLogitsWarper,
@@ -180,32 +195,38 @@ def test_sampling_after_top_k_keeps_the_whole_vocabulary_distribution():
         TopPLogitsWarper,
     )
 
-    from subclasses.runtime.generate import split_at_top_k
+    from subclasses.runtime.generate import TIE_MARGIN, split_at_top_k, top_k_probabilities
 
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 1000, generator=generator) * 3  # fp32 draws: no ties but the one made below
-    low = int(logits[1].argmin())  # not in row 1's top 40, nor penalized (ids below)
-    logits[1, low] = logits[1].topk(40).values[-1]  # a tie with the 40th value: both survive top-k
+    # fp32 draws (no ties but those made below), flat enough that top-p / min-p keep the top 40
+    logits = torch.randn(2, 1000, generator=generator) * 0.5
     ids = torch.tensor([[3, 5], [7, 9]])
     processors = LogitsProcessorList(
         [
             RepetitionPenaltyLogitsProcessor(1.3),
             TemperatureLogitsWarper(0.7),
             TopKLogitsWarper(40),
-            TopPLogitsWarper(0.9),
-            MinPLogitsWarper(0.01),
+            TopPLogitsWarper(0.99),
+            MinPLogitsWarper(0.001),
         ]
     )
     split = split_at_top_k(processors)
-    assert split is not None and len(split[1]) == 2
-    full = torch.softmax(processors(ids, logits.clone()), dim=-1)
-    head = split[0](ids, logits.clone())
-    kept = int(head.isfinite().sum(-1).max())
-    assert kept == 41
-    values, indices = head.topk(kept, dim=-1)
-    compact = torch.zeros_like(full).scatter(-1, indices, torch.softmax(split[1](ids, values), dim=-1))
-    assert torch.equal(compact > 0, full > 0)
-    # the same exponentials summed over 41 terms in another order: within 41 fp32 roundings
-    torch.testing.assert_close(compact, full, rtol=41 * torch.finfo(torch.float32).eps, atol=0)
+    assert split is not None and len(split[0]) == 1 and len(split[1]) == 4 and split[2] == 40
+    penalized = {3, 5, 7, 9}
+    for ties in (1, TIE_MARGIN + 4):  # within the margin; past it (the whole vocabulary again)
+        tied = logits.clone()
+        kth = float(tied[1].topk(40).values[-1])
+        low = [int(i) for i in tied[1].argsort()[: ties + 4] if int(i) not in penalized][:ties]
+        tied[1, low] = kth  # ties with row 1's 40th value: top-k keeps them all
+        full = torch.softmax(processors(ids, tied.clone()), dim=-1)
+        probs, indices = top_k_probabilities(ids, tied.clone(), split)
+        assert (indices is None) == (ties > TIE_MARGIN)
+        compact = probs if indices is None else torch.zeros_like(full).scatter(-1, indices, probs)
+        assert bool((full[1, low] > 0).all()) and int((full[1] > 0).sum()) == 40 + ties  # every tie survives
+        assert torch.equal(compact > 0, full > 0)
+        # the same exponentials summed over at most k + margin terms in another order: within as many
+        # fp32 roundings
+        torch.testing.assert_close(compact, full, rtol=(40 + TIE_MARGIN) * torch.finfo(torch.float32).eps, atol=0)
     assert split_at_top_k(LogitsProcessorList([TopPLogitsWarper(0.9)])) is None
     assert split_at_top_k(LogitsProcessorList([TopKLogitsWarper(4), RepetitionPenaltyLogitsProcessor(1.3)])) is None
+    assert split_at_top_k(LogitsProcessorList([TopPLogitsWarper(0.9), TopKLogitsWarper(4)])) is None

@@ -216,7 +216,8 @@ class GreedyDecoder:
         out = self.model(
             input_ids, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(length), logits_to_keep=1
         )
-        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        # argmax in fp32: over bf16 it is a slow path on CPUs without native bf16 (~7x the copy + argmax)
+        tokens = [out.logits[:, -1].float().argmax(-1, keepdim=True)]
         for position in range(length, length + max_new_tokens - 1):
             if eos_token_id is not None and int(tokens[-1]) == eos_token_id:
                 break
@@ -227,7 +228,7 @@ class GreedyDecoder:
                 cache_position=torch.tensor([position]),
                 logits_to_keep=1,
             )
-            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+            tokens.append(out.logits[:, -1].float().argmax(-1, keepdim=True))
         return torch.cat([input_ids, *tokens], dim=1)
 
     def cache_for(self, batch: int, slots: int) -> Any:
@@ -274,6 +275,7 @@ class GreedyDecoder:
                 cache,
                 input_ids,
                 attention_mask=model_kwargs.get("attention_mask"),
+                position_ids=model_kwargs.get("position_ids"),
                 logits_processor=logits_processor,
                 stopping_criteria=stopping_criteria,
                 generation_config=generation_config,

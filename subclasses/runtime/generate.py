@@ -14,6 +14,7 @@ cache size rather than once per token.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -89,11 +90,14 @@ def user_cache(model_kwargs: dict[str, Any], batch: int, needed: int) -> Any:
     return cache
 
 
-def split_at_top_k(processors: Any) -> tuple[Any, Any] | None:
-    """``(head, tail)`` of a ``LogitsProcessorList`` split after its first top-k warper, when every
-    processor after it only looks at the values (temperature, top-k, top-p, min-p): the tail then
-    gives the same result on the top-k survivors alone as on the whole vocabulary, whose other
-    entries are -inf (zero probability). None when the list has no such split."""
+def split_at_top_k(processors: Any) -> tuple[Processors, Processors, int] | None:
+    """``(head, tail, k)``: a ``LogitsProcessorList`` split where its run of value-only warpers
+    (temperature, top-k, top-p, min-p, each filtering to -inf) begins, when that run is the end of
+    the list, holds a top-k warper (``k`` its count) and has nothing but temperature before it.
+    The tail then gives the same probabilities on the largest ``k`` (and any ties) of the head's
+    scores as on the whole vocabulary, whose other entries it sets to -inf (zero probability):
+    temperature keeps the order, and after top-k the others only see the survivors. None when the
+    list has no such split."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
         MinPLogitsWarper,
@@ -102,27 +106,115 @@ def split_at_top_k(processors: Any) -> tuple[Any, Any] | None:
         TopPLogitsWarper,
     )
 
-    kinds = [type(p) for p in processors]
-    if TopKLogitsWarper not in kinds:
-        return None
-    cut = kinds.index(TopKLogitsWarper) + 1
     value_only = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
-    if processors[cut - 1].filter_value != float("-inf") or any(kind not in value_only for kind in kinds[cut:]):
+    kinds = [type(p) for p in processors]
+    start = len(kinds)
+    while start > 0 and kinds[start - 1] in value_only:
+        start -= 1
+    tail = list(processors[start:])
+    if TopKLogitsWarper not in kinds[start:]:
         return None
-    return LogitsProcessorList(processors[:cut]), LogitsProcessorList(processors[cut:])
+    cut = kinds.index(TopKLogitsWarper, start)
+    if any(kind is not TemperatureLogitsWarper for kind in kinds[start:cut]):
+        return None
+    if any(getattr(p, "filter_value", float("-inf")) != float("-inf") for p in tail):
+        return None
+    return (
+        Processors(LogitsProcessorList(processors[:start])),
+        Processors(LogitsProcessorList(tail)),
+        processors[cut].top_k,
+    )
 
 
-def sample(ids: torch.Tensor, logits: torch.Tensor, split: tuple[Any, Any]) -> torch.Tensor:
-    """One token per row drawn as ``softmax(processors(ids, logits))`` gives it, the processors split by
-    ``split_at_top_k``: the tail runs on the top-k survivors only (top-p sorts ~50 values instead of the
-    whole vocabulary: ~5 ms a token on a 49k vocabulary, more than the rest of sampling)."""
-    head, tail = split
+# Top-k candidates taken past k: ties at the k-th value (frequent in bf16 logits) stay in the slice.
+TIE_MARGIN = 16
+
+
+def top_k_probabilities(
+    ids: torch.Tensor, logits: torch.Tensor, split: tuple[Processors, Processors, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``softmax(processors(ids, logits))`` on the candidates that can get any probability:
+    ``(probs, indices)`` [batch, k + ``TIE_MARGIN``], the processors split by ``split_at_top_k`` and the
+    tail run on the head's largest scores only (top-p sorts ~66 values instead of the whole
+    vocabulary: milliseconds a token on a 49k vocabulary). When the slice's last entry survives the
+    tail (more ties at the k-th value than the margin), the tail runs on the whole vocabulary and
+    ``indices`` is None."""
+    head, tail, k = split
     scores = head(ids, logits)
-    kept = int(scores.isfinite().sum(-1).max())  # top-k keeps every tie of the k-th value: maybe > k
-    values, indices = scores.topk(kept, dim=-1)
+    width = min(k + TIE_MARGIN, scores.shape[-1])
+    values, indices = scores.topk(width, dim=-1)
     values = tail(ids, values)
-    picked = torch.multinomial(nn.functional.softmax(values, dim=-1), num_samples=1)
-    return indices.gather(-1, picked).squeeze(1)
+    if width < scores.shape[-1] and not bool(torch.isneginf(values[:, -1]).all()):
+        return nn.functional.softmax(tail(ids, scores), dim=-1), None
+    return nn.functional.softmax(values, dim=-1), indices
+
+
+def sample(ids: torch.Tensor, logits: torch.Tensor, split: tuple[Processors, Processors, int]) -> torch.Tensor:
+    """One token per row drawn from ``top_k_probabilities``."""
+    probs, indices = top_k_probabilities(ids, logits, split)
+    picked = torch.multinomial(probs, num_samples=1)
+    return (picked if indices is None else indices.gather(-1, picked)).squeeze(1)
+
+
+class Processors:
+    """A ``LogitsProcessorList`` called without its signature inspection of every processor at every
+    token (tens of µs each): checked once here. A list whose processors need more arguments than
+    ``(ids, scores)`` is called as itself, so it raises as transformers does."""
+
+    def __init__(self, processors: Any) -> None:
+        self.processors = processors
+        self.plain = all(len(inspect.signature(p.__call__).parameters) <= 2 for p in processors)
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.plain:
+            return self.processors(ids, scores)
+        for processor in self.processors:
+            scores = processor(ids, scores)
+        return scores
+
+    def __len__(self) -> int:
+        return len(self.processors)
+
+
+class Stops:
+    """A ``StoppingCriteriaList`` read once: transformers' max-length and eos criteria become a
+    length and a set of ids checked in Python (``int`` compares at batch 1), the others are called
+    as usual."""
+
+    def __init__(self, criteria: Any, batch: int) -> None:
+        from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+        self.max_length = min((c.max_length for c in criteria if isinstance(c, MaxLengthCriteria)), default=None)
+        eos = [c.eos_token_id.flatten() for c in criteria if isinstance(c, EosTokenCriteria)]
+        self.eos = torch.cat(eos) if eos else None
+        self.eos_ids = set(self.eos.tolist()) if self.eos is not None else set()
+        self.others = [c for c in criteria if not isinstance(c, (EosTokenCriteria, MaxLengthCriteria))]
+        self.batch = batch
+
+    def finished(self, tokens: torch.Tensor, ids: torch.Tensor, scores: Any) -> torch.Tensor | bool:
+        """Which rows stop after ``tokens`` (the last column of ``ids``): a bool at batch 1, else a
+        bool tensor [batch]. The max length is the caller's."""
+        if self.batch == 1:
+            if self.eos is not None and int(tokens) in self.eos_ids:
+                return True
+            return any(bool(c(ids, scores)[0]) for c in self.others)
+        done = torch.isin(tokens, self.eos) if self.eos is not None else torch.zeros(self.batch, dtype=torch.bool)
+        for criteria in self.others:
+            done = done | criteria(ids, scores)
+        return done
+
+
+def choose(
+    ids: torch.Tensor, logits: torch.Tensor, processors: Any, split: Any, do_sample: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row and the processed scores (the raw fp32 logits when sampling went
+    through ``split``: the whole-vocabulary scores are never made then)."""
+    if split is not None:
+        return sample(ids, logits, split), logits
+    scores = processors(ids, logits)
+    if do_sample:
+        return torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1), scores
+    return scores.argmax(-1), scores
 
 
 def decode(
@@ -136,12 +228,14 @@ def decode(
     stopping_criteria: Any,
     generation_config: Any,
     streamer: Any = None,
+    position_ids: torch.Tensor | None = None,
 ) -> Any:
     """Generate after ``input_ids`` [batch, T] as transformers' ``_sample`` does, the prompt through
     ``model`` and each next token through ``step`` (same arguments), into ``cache`` (a ``StaticCache``
-    of at least ``generation_config.max_length - 1`` slots, emptied first). Returns the sequences
-    [batch, T + new] (a ``LongTensor``), or a ``GenerateDecoderOnlyOutput`` with the scores and logits
-    asked for when ``generation_config.return_dict_in_generate``."""
+    of at least ``generation_config.max_length - 1`` slots, emptied first). ``position_ids`` are
+    those ``generate`` made for the prompt (counted from the mask's real tokens). Returns the
+    sequences [batch, T + new] (a ``LongTensor``), or a ``GenerateDecoderOnlyOutput`` with the
+    scores and logits asked for when ``generation_config.return_dict_in_generate``."""
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     config = generation_config
@@ -154,14 +248,20 @@ def decode(
     scores: tuple[torch.Tensor, ...] = ()
     raw_logits: tuple[torch.Tensor, ...] = ()
     pad = config._pad_token_tensor
-    pad_finished = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
-    if pad_finished and pad is None:
+    stops = Stops(stopping_criteria, batch)
+    if stops.eos is not None and pad is None:
         raise ValueError("stopping at eos_token_id needs a pad_token_id for the finished rows; got None")
-    unfinished = torch.ones(batch, dtype=torch.long)
+    unfinished = torch.ones(batch, dtype=torch.bool)
     split = split_at_top_k(logits_processor) if config.do_sample and not want_scores else None
+    processors = Processors(logits_processor)
+    # Every token goes into one buffer (no concatenation per token); the cache holds size tokens,
+    # so at most size + 1 are ever made (the last is never fed back).
+    total = min(stops.max_length or size + 1, size + 1)
+    sequences = input_ids.new_empty(batch, max(total, length + 1))
+    sequences[:, :length] = input_ids
 
     cache.reset()
-    common: dict[str, Any] = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+    kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
     prefill: dict[str, Any] = {}
     mask = positions = None
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -169,44 +269,48 @@ def decode(
         # positions count only the real tokens, as transformers' own generate counts them.
         mask = torch.zeros(batch, size, dtype=attention_mask.dtype)
         mask[:, :length] = attention_mask
-        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-        prefill = {"attention_mask": mask, "position_ids": positions}
-        positions = positions[:, -1:]
-    out = model(input_ids, cache_position=torch.arange(length), **common, **prefill)
-    ids, position = input_ids, length
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        prefill = {"attention_mask": mask, "position_ids": position_ids}
+        positions = position_ids[:, -1:].clone()
+    out = model(input_ids, cache_position=torch.arange(length), **kwargs, **prefill)
+    if mask is not None:
+        kwargs["attention_mask"], kwargs["position_ids"] = mask, positions
+    position = length
     while True:
+        # fp32 as transformers' processors expect (and argmax over bf16 is a slow path on CPU).
         logits = out.logits[:, -1].to(copy=True, dtype=torch.float32)
+        ids = sequences[:, :position]
         if want_logits:
             raw_logits += (logits,)
-        if split is not None:
-            tokens = sample(ids, logits, split)
-        else:
-            next_scores = logits_processor(ids, logits)
-            if want_scores:
-                scores += (next_scores,)
-            if config.do_sample:
-                tokens = torch.multinomial(nn.functional.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
-            else:
-                tokens = next_scores.argmax(-1)
-        if pad_finished:
-            tokens = tokens * unfinished + pad * (1 - unfinished)
-        ids = torch.cat([ids, tokens[:, None]], dim=-1)
+        tokens, next_scores = choose(ids, logits, processors, split, config.do_sample)
+        if want_scores:
+            scores += (next_scores,)
+        if stops.eos is not None and batch > 1:
+            tokens = torch.where(unfinished, tokens, pad)
+        sequences[:, position] = tokens
+        position += 1
         if streamer is not None:
             streamer.put(tokens.cpu())
-        unfinished = unfinished & ~stopping_criteria(ids, scores if want_scores else None)
-        if unfinished.max() == 0:
+        if stops.max_length is not None and position >= stops.max_length:
             break
-        if position >= size:  # only a StoppingCriteriaList without transformers' max_length gets here
+        done = stops.finished(tokens, sequences[:, :position], scores if want_scores else None)
+        if isinstance(done, bool):
+            if done:
+                break
+        else:
+            unfinished &= ~done
+            if not bool(unfinished.any()):
+                break
+        if position > size:  # only a StoppingCriteriaList without transformers' max_length gets here
             raise ValueError(f"generation passed the cache's {size} slots; set max_new_tokens or max_length")
-        kwargs: dict[str, Any] = {}
-        if mask is not None and positions is not None:
-            mask[:, position] = 1
-            positions = positions + 1
-            kwargs = {"attention_mask": mask, "position_ids": positions}
-        out = step(tokens[:, None], cache_position=torch.tensor([position]), **common, **kwargs)
-        position += 1
+        if positions is not None and mask is not None:
+            mask[:, position - 1] = 1
+            positions += 1
+        out = step(tokens[:, None], cache_position=torch.tensor([position - 1]), **kwargs)
     if streamer is not None:
         streamer.end()
+    ids = sequences[:, :position]
     if not config.return_dict_in_generate:
         return ids
     return GenerateDecoderOnlyOutput(
@@ -214,4 +318,15 @@ def decode(
     )
 
 
-__all__ = ["check_request", "decode", "sample", "split_at_top_k", "streamer_of_generate", "user_cache"]
+__all__ = [
+    "Processors",
+    "Stops",
+    "check_request",
+    "choose",
+    "decode",
+    "sample",
+    "split_at_top_k",
+    "streamer_of_generate",
+    "top_k_probabilities",
+    "user_cache",
+]
