@@ -4,9 +4,8 @@
 //
 // Per 32 input features the activation is rounded to integers, each sum of q * x is exact in
 // integer arithmetic (vpmaddubsw: u8 x s8 pairs into int16), then scaled in fp32:
-// scale * sum(q x) + (zero - 8 * scale) * sum(x), with sum(x) in fp32. With kSplit the activation
-// is 15-bit (x16 = 256 * xh + xl, two int8 halves, as the AVX512 kernel's); without it 8-bit
-// (llama.cpp's Q8 activations: rounding ~1/254 of the 32-block's largest |x|).
+// scale * sum(q x) + (zero - 8 * scale) * sum(x), with sum(x) in fp32. The activation is 15-bit
+// (x16 = 256 * xh + xl, two int8 halves, as the AVX512 kernel's).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -14,13 +13,9 @@
 #include "avx2_load.h"
 #include "int4_gemv.h"
 
-// The kernel built: 1 (15-bit integer) is the one used. The measured alternatives stay buildable
-// (-DUNWRAP_AVX2_VARIANT=0 or 2) to repeat the comparison on another CPU: 0, fp32 FMA dequantization,
-// was ~1.5x slower on SmolLM2's shapes (compute-bound); 2, 8-bit activations, no faster and ~15 dB
-// less accurate (38.5 vs 53 dB in bf16).
-#ifndef UNWRAP_AVX2_VARIANT
-#define UNWRAP_AVX2_VARIANT 1
-#endif
+// Measured and dropped on a 2-core AVX2 EPYC: fp32 FMAs on dequantized codes, ~1.5x slower on
+// SmolLM2's shapes (compute-bound); 8-bit activations (llama.cpp's Q8: rounding ~1/254 of the
+// 32-block's largest |x|), no faster and ~15 dB less accurate (38.5 vs 53 dB in bf16).
 
 namespace unwrap_cpu {
 namespace {
@@ -32,8 +27,7 @@ constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream (as the
 // Fewer weights than this per thread cost more in fork/join than they save: on the 2-core EPYC a
 // 192x576 GEMV took 10.7 us on one thread, 12.6 us on two; 576x576 21.3 vs 17.7.
 constexpr int64_t kParallelWeights = 1 << 17;
-constexpr bool kSplit = UNWRAP_AVX2_VARIANT == 1;
-constexpr float kXMax = kSplit ? 127 * 256 + 127 : 127;  // so that xh = (x16 - xl) / 256 stays in int8
+constexpr float kXMax = 127 * 256 + 127;  // so that xh = (x16 - xl) / 256 stays in int8
 
 // 8 consecutive (scale, zero) pairs as two fp32 vectors.
 template <typename T> AVX2 inline void load_pairs(const T* p, __m256& s, __m256& z) {
@@ -96,51 +90,21 @@ AVX2 void full_block_int(const uint8_t* packed, const T* sz, const __m256i* xh, 
         h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(q1, xa));
         h2 = _mm256_add_epi16(h2, _mm256_maddubs_epi16(q2, xa));
         h3 = _mm256_add_epi16(h3, _mm256_maddubs_epi16(q3, xa));
-        if constexpr (kSplit) {
-          const __m256i xb = _mm256_load_si256(xl + kk / 4);
-          l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(q0, xb));
-          l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(q1, xb));
-          l2 = _mm256_add_epi16(l2, _mm256_maddubs_epi16(q2, xb));
-          l3 = _mm256_add_epi16(l3, _mm256_maddubs_epi16(q3, xb));
-        }
+        const __m256i xb = _mm256_load_si256(xl + kk / 4);
+        l0 = _mm256_add_epi16(l0, _mm256_maddubs_epi16(q0, xb));
+        l1 = _mm256_add_epi16(l1, _mm256_maddubs_epi16(q1, xb));
+        l2 = _mm256_add_epi16(l2, _mm256_maddubs_epi16(q2, xb));
+        l3 = _mm256_add_epi16(l3, _mm256_maddubs_epi16(q3, xb));
       }
       const __m256 a = _mm256_set1_ps(xscale[b0 / 32]);
       const __m256i hs[4] = {h0, h1, h2, h3}, ls[4] = {l0, l1, l2, l3};
       const int order[4] = {0, 8, 16, 24};  // C: rows 0-7, D: 8-15, then the high nibbles
       for (int i = 0; i < 4; ++i) {
-        __m256i total = widen(hs[i]);
-        if constexpr (kSplit) total = _mm256_add_epi32(_mm256_slli_epi32(total, 8), widen(ls[i]));
+        const __m256i total = _mm256_add_epi32(_mm256_slli_epi32(widen(hs[i]), 8), widen(ls[i]));
         float* g = gsum + order[i];
         _mm256_store_ps(g, _mm256_fmadd_ps(a, _mm256_cvtepi32_ps(total), _mm256_load_ps(g)));
       }
     }
-    scale_group<T>(pairs, gsum, xsum[g0 / group], out);
-  }
-}
-
-// The same rows with fp32 FMAs on dequantized codes: per column, 16 bytes -> 32 codes in fp32.
-template <typename T>
-AVX2 void full_block_fp32(const uint8_t* packed, const T* sz, const float* xf, const float* xsum, int64_t block,
-                          int64_t n, int64_t k, int64_t group, float* out) {
-  const __m256i nibble = _mm256_set1_epi32(15);
-  const uint8_t* p = packed + block * k * (kRows / 2);
-  alignas(32) float gsum[kRows];
-  for (int i = 0; i < kRows; ++i) out[i] = 0.f;
-  for (int64_t g0 = 0; g0 < k; g0 += group) {
-    const T* pairs = sz + ((g0 / group) * n + block * kRows) * 2;
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t kk = g0; kk < g0 + group; ++kk, p += 16) {
-      if (kk % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes));
-      const __m256 x = _mm256_broadcast_ss(xf + kk);
-      s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lo, nibble)), x, s0);
-      s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(hi, nibble)), x, s1);
-      s2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4)), x, s2);
-      s3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4)), x, s3);
-    }
-    _mm256_store_ps(gsum, s0), _mm256_store_ps(gsum + 8, s1), _mm256_store_ps(gsum + 16, s2);
-    _mm256_store_ps(gsum + 24, s3);
     scale_group<T>(pairs, gsum, xsum[g0 / group], out);
   }
 }
@@ -158,7 +122,7 @@ AVX2 inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
   return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // undo the lane interleave
 }
 
-// Per 32-block b of xf: xscale[b] and the integers (xh, and xl with kSplit); per group: xsum.
+// Per 32-block b of xf: xscale[b] and the integers xh and xl; per group: xsum.
 // Vectorized: per call this is K elements against the weight's N * K, but a scalar loop (libm
 // nearbyintf per element) cost more than the GEMV itself on small weights.
 AVX2 void quantize_activation(const float* xf, int64_t k, int64_t group, int8_t* xh, int8_t* xl, float* xscale,
@@ -177,15 +141,12 @@ AVX2 void quantize_activation(const float* xf, int64_t k, int64_t group, int8_t*
     __m256i q[4], low[4];
     for (int i = 0; i < 4; ++i) {
       q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // to nearest even (the default rounding mode)
-      if constexpr (kSplit) {
-        low[i] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(q[i], _mm256_set1_epi32(128)), _mm256_set1_epi32(255)),
-                                  _mm256_set1_epi32(128));
-        q[i] = _mm256_srai_epi32(_mm256_sub_epi32(q[i], low[i]), 8);  // exact: q - low is a multiple of 256
-      }
+      low[i] = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(q[i], _mm256_set1_epi32(128)), _mm256_set1_epi32(255)),
+                                _mm256_set1_epi32(128));
+      q[i] = _mm256_srai_epi32(_mm256_sub_epi32(q[i], low[i]), 8);  // exact: q - low is a multiple of 256
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xh + 32 * b), pack32(q[0], q[1], q[2], q[3]));
-    if constexpr (kSplit)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xl + 32 * b), pack32(low[0], low[1], low[2], low[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xl + 32 * b), pack32(low[0], low[1], low[2], low[3]));
   }
 }
 
@@ -210,7 +171,7 @@ void full_blocks_avx2(const float* xf, int64_t k, int64_t group, const std::vect
   __m256i* ah = reinterpret_cast<__m256i*>((reinterpret_cast<uintptr_t>(arranged.data()) + 31) & ~uintptr_t{31});
   __m256i* al = ah + k / 4;
   arrange(xh.data(), k, ah);
-  if (kSplit) arrange(xl.data(), k, al);
+  arrange(xl.data(), k, al);
   std::vector<int64_t> first_block{0};  // the global index of each weight's first full block
   for (const auto& w : weights) first_block.push_back(first_block.back() + w.n / kRows);
   const int64_t grain = std::max<int64_t>(1, kParallelWeights / (kRows * k));
@@ -220,12 +181,7 @@ void full_blocks_avx2(const float* xf, int64_t k, int64_t group, const std::vect
       const Weight<T>& w = weights[i];
       const int64_t local = b - first_block[i];
       float* out = y + w.offset + local * kRows;
-      if constexpr (UNWRAP_AVX2_VARIANT == 0) {
-        full_block_fp32<T>(w.packed, w.scale_and_zero, xf, xsum.data(), local, w.n, k, group, out);
-      } else {
-        full_block_int<T>(w.packed, w.scale_and_zero, ah, al, xscale.data(), xsum.data(), local, w.n, k,
-                          group, out);
-      }
+      full_block_int<T>(w.packed, w.scale_and_zero, ah, al, xscale.data(), xsum.data(), local, w.n, k, group, out);
     }
   });
 }
