@@ -130,22 +130,28 @@ def batch_engines(batch: int, new: int) -> tuple[dict[str, Callable[[], Any]], l
 def main_batch(args: argparse.Namespace) -> int:
     """``--batch``: tokens/s of the batch against batch 1, and the rows' token checks."""
     calls, notes = batch_engines(args.batch, args.new)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        seconds = interleaved_min(calls, rounds=args.rounds, warmup=1)
+    seconds = timed(calls, args.rounds)
     rates = {
         name: (args.batch if name.startswith(f"batch {args.batch}") else 1) * args.new / s
         for name, s in seconds.items()
     }
     base = next(iter(rates.values()))
-    print(f"{machine()}, {args.threads} threads, torch {torch.__version__}; " + "; ".join(notes))
-    print(
-        markdown_table(
-            ["engine (Qwen2.5-0.5B shapes, int4)", "new tokens/s", "ratio to batch 1"],
-            [[name, f"{rate:.1f}", f"{rate / base:.2f}"] for name, rate in rates.items()],
-        )
-    )
+    head = ["engine (Qwen2.5-0.5B shapes, int4)", "new tokens/s", "ratio to batch 1"]
+    show(args, notes, head, [[name, f"{rate:.1f}", f"{rate / base:.2f}"] for name, rate in rates.items()])
     return 0
+
+
+def timed(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Seconds per call of each engine: the minimum over ``rounds`` interleaved rounds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return interleaved_min(calls, rounds=rounds, warmup=1)
+
+
+def show(args: argparse.Namespace, notes: list[str], head: list[str], rows: list[list[str]]) -> None:
+    """Print the setup and ``notes`` on one line, then the table."""
+    print(f"{machine()}, {args.threads} threads, torch {torch.__version__}; " + "; ".join(notes))
+    print(markdown_table(head, rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,18 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
     calls, notes = engines(args.new, progress)
     progress(f"timing {len(calls)} engines, {args.rounds} interleaved rounds")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        seconds = interleaved_min(calls, rounds=args.rounds, warmup=1)
-    ms = {name: s * 1e3 / args.new for name, s in seconds.items()}
+    ms = {name: s * 1e3 / args.new for name, s in timed(calls, args.rounds).items()}
     base = ms["GreedyDecoder.generate"]
-    print(f"{machine()}, {args.threads} threads, torch {torch.__version__}; " + "; ".join(notes))
-    print(
-        markdown_table(
-            ["engine (SmolLM2-135M int4)", "ms/token", "ratio to GreedyDecoder"],
-            [[name, f"{value:.2f}", f"{value / base:.3f}"] for name, value in ms.items()],
-        )
-    )
+    head = ["engine (SmolLM2-135M int4)", "ms/token", "ratio to GreedyDecoder"]
+    show(args, notes, head, [[name, f"{value:.2f}", f"{value / base:.3f}"] for name, value in ms.items()])
     return 0
 
 

@@ -113,9 +113,8 @@ def measure_headline(
     # spin-wait after its call and slow the other's next one (every row ~25 % slower, measured).
     ttft: dict[str, float] = {}
     decode: dict[str, float] = {}
-    for group in ([e for e in engines if e is not llama_row], [llama_row] if llama_row else []):
-        if not group:
-            continue
+    pytorch = [e for e in engines if e is not llama_row]
+    for group in [pytorch, [llama_row]] if llama_row else [pytorch]:
         progress(f"{MODEL}: timing {len(group)} engine(s)' {PROMPT_TOKENS}-token prompts, interleaved")
         ttft |= interleaved_min({e.name: e.prompt.reset for e in group}, rounds=prompt_rounds, warmup=0)
         progress(f"{MODEL}: timing {len(group)} engine(s)' tokens, interleaved")
