@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import operator
+import pickle
 from collections.abc import Callable
 from typing import Any, ClassVar, SupportsIndex
 
@@ -123,6 +125,20 @@ class QuantizedWeight(torch.Tensor):
     ) -> QuantizedWeight:
         constructor: Callable[..., QuantizedWeight] = cls  # a format's typed constructor
         return constructor(*(inner_tensors[name] for name in cls.tensor_data_names), *meta)
+
+    def traced_choices(self) -> tuple:
+        """What this weight's ``F.linear`` decides from the process rather than from its inputs
+        while torch.compile traces it (the kernel, the compute dtype: switches, CPU capability),
+        as picklable values. Part of the compiled-graph cache key (``_stable_hash_for_caching``)."""
+        return ()
+
+    def _stable_hash_for_caching(self) -> str:
+        # AOTAutograd's cache keys a graph that calls F.linear on this weight by the weight's
+        # metadata alone: a graph traced with another kernel choice (UNWRAP_INT4_GEMV=0, another
+        # ATEN_CPU_CAPABILITY, another UNWRAP_PREFILL_DTYPE) would be reused. So the choices join it.
+        inner = [(tuple(t.shape), t.stride(), t.dtype, str(t.device)) for t in self.inner_tensors()]
+        payload = (type(self).__qualname__, self.attributes(), inner, self.traced_choices())
+        return hashlib.blake2b(pickle.dumps(payload), digest_size=16).hexdigest()
 
     def inner_tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.tensor_data_names]

@@ -13,6 +13,7 @@ from torch import nn
 
 import subclasses.kernels.int4_gemv as gemv
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, quantize_
+from subclasses.kernels import int4_packing
 from tests.conftest import sqnr
 from unwrap import unwrap
 
@@ -184,3 +185,49 @@ def test_linear_at_one_row_uses_the_kernel(shape, bias, unwrapped, compiled):
 def _aten_model(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with mock.patch.object(gemv, "traced_kernel_available", return_value=False), torch.inference_mode():
         return model(x)
+
+
+def test_the_first_kernel_checks_may_run_inside_torch_compile():
+    """In a fresh process the first int4 call may be a compiled one: the kernel's self-check and
+    the packing probe, first run while Dynamo traces (under its fake tensors), check real tensors;
+    one row and a prompt's rows compile and give the eager model's results."""
+    weight = weight_of(192, 256, 64, torch.bfloat16)
+    gemv.kernel_available.cache_clear()
+    int4_packing.cpu_layout.cache_clear()
+    compiled = torch.compile(lambda x: F.linear(x, weight), fullgraph=True)
+    with torch.inference_mode():
+        one_row = torch.randn(1, 256, dtype=torch.bfloat16)
+        assert torch.equal(compiled(one_row), F.linear(one_row, weight))
+        rows = torch.randn(64, 256, dtype=torch.bfloat16)
+        assert sqnr(reference(rows, weight), compiled(rows)) > MIN_SQNR[torch.bfloat16]
+
+
+def test_a_graph_compiled_without_the_kernel_is_not_reused_with_it(monkeypatch, tmp_path):
+    """torch.compile's on-disk cache keys a wrapped model's graph by its inputs, and the kernel
+    F.linear picks while traced is not one: the weight's cache key carries that choice
+    (``traced_choices``), so a graph compiled with ``UNWRAP_INT4_GEMV=0`` is not the one served
+    without it; compiled again with the same choice, the graph comes from the cache."""
+    require_kernel()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # empty: no earlier test's graphs
+    model = _model(bias=False)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+
+    def compiled_output() -> torch.Tensor:
+        torch._dynamo.reset()  # the next call compiles (or loads) anew
+        with torch.inference_mode():
+            return torch.compile(model, fullgraph=True)(x)
+
+    aten = _aten_model(model, x)
+    monkeypatch.setenv(gemv.ENV_SWITCH, "0")
+    gemv.kernel_available.cache_clear()
+    try:
+        assert torch.equal(compiled_output(), aten)
+    finally:
+        monkeypatch.delenv(gemv.ENV_SWITCH)
+        gemv.kernel_available.cache_clear()
+    hits = torch._dynamo.utils.counters["aot_autograd"]
+    hits.clear()
+    assert torch.equal(compiled_output(), _expected(model, x))
+    assert hits["autograd_cache_hit"] == 0 and hits["autograd_cache_miss"] == 1
+    assert torch.equal(compiled_output(), _expected(model, x))
+    assert hits["autograd_cache_hit"] == 1
