@@ -68,7 +68,9 @@ def attention_reference(q, k, v, mask, scale):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "heads, kv_heads, length, filled", [(9, 3, 256, 1), (9, 3, 256, 37), (14, 2, 64, 64), (4, 4, 300, 290)]
+    "heads, kv_heads, length, filled",
+    # the kernel's own loop; the last two: aten's flash on AVX512, then on every ISA (past both thresholds)
+    [(9, 3, 256, 1), (9, 3, 256, 37), (14, 2, 64, 64), (4, 4, 300, 290), (16, 4, 4096, 4000)],
 )
 def test_decode_attention_matches_reference_and_reads_only_allowed_slots(dtype, heads, kv_heads, length, filled):
     require_kernel()
@@ -85,11 +87,12 @@ def test_decode_attention_matches_reference_and_reads_only_allowed_slots(dtype, 
         assert sqnr(expected, out) > sqnr(expected, theirs) - 1.0
 
 
-@pytest.mark.parametrize("length, filled", [(64, 40), (128, 120)])  # the kernel's own loop; aten's flash
-def test_decode_attention_takes_additive_masks(length, filled):
+# the kernel's own loop; aten's flash on AVX512; aten's flash on every ISA
+@pytest.mark.parametrize("heads, kv_heads, length, filled", [(9, 3, 64, 40), (9, 3, 128, 120), (16, 4, 4096, 4000)])
+def test_decode_attention_takes_additive_masks(heads, kv_heads, length, filled):
     """A float mask: -inf slots skipped, finite values added to the scores (as SDPA does)."""
     require_kernel()
-    q, k, v, mask = cache_case(torch.bfloat16, 9, 3, length, filled)
+    q, k, v, mask = cache_case(torch.bfloat16, heads, kv_heads, length, filled)
     bias = torch.zeros(1, 1, 1, length).masked_fill(~mask, float("-inf"))
     bias[..., 3] = -2.0
     bias[..., 5] = float("-inf")  # a hole: skipped by the loop, masked in flash
@@ -98,8 +101,8 @@ def test_decode_attention_takes_additive_masks(length, filled):
     finite = slice(0, filled)
     theirs = F.scaled_dot_product_attention(
         q.double(),
-        k[:, :, finite].double().repeat_interleave(3, 1),
-        v[:, :, finite].double().repeat_interleave(3, 1),
+        k[:, :, finite].double().repeat_interleave(heads // kv_heads, 1),
+        v[:, :, finite].double().repeat_interleave(heads // kv_heads, 1),
         attn_mask=bias[..., finite].double(),
         scale=0.125,
     ).transpose(1, 2)

@@ -32,8 +32,13 @@ constexpr int64_t kParallelWork = 1 << 16;  // below ~this many multiply-adds on
 // Above this many (query head, slot) pairs aten's flash kernel (blocked GEMMs) beats the loop
 // below, whose per-slot cost is ~1.5x flash's: measured in SmolLM2's decode step (9 heads), one
 // thread, AVX512, flash ~14 us per call at ~200 slots vs ~21 us here; ~9 us here at 16 slots,
-// where flash still pays its fixed ~14 us. The AVX2 loop uses the same threshold (not re-tuned).
+// where flash still pays its fixed ~14 us.
 constexpr int64_t kFlashPairs = 9 * 96;
+// The same under AVX2, where flash costs ~40 us per call before any slot and more per slot than the
+// loop: on a 2-core AVX2 EPYC, 2 threads, bf16, head_dim 64, the loop won at every length measured up
+// to 4096 slots with 9 heads over 3 (SmolLM2: 27 vs 71 us at 256 slots, 311 vs 585 at 4096) and up to
+// 2048 with 14 over 2 (Qwen2.5-0.5B: 223 vs 242 us; 422 vs 404 at 4096).
+constexpr int64_t kFlashPairsAvx2 = 14 * 4096;
 
 // e^x for x <= 0 (scores minus their maximum), fp32 to ~2 ulp (Cephes expf): x = n ln2 + r, 2^n p(r).
 AVX512 inline __m512 exp_nonpositive(__m512 x) {
@@ -156,7 +161,9 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
       if (b != -std::numeric_limits<float>::infinity()) slots.push_back(j), bias.push_back(b);
     }
   }
-  if (heads * static_cast<int64_t>(slots.size()) > kFlashPairs) {  // flash, over the slots up to the last allowed
+  const bool avx512 = unwrap_cpu::kernel_isa() == "avx512";
+  if (heads * static_cast<int64_t>(slots.size()) > (avx512 ? kFlashPairs : kFlashPairsAvx2)) {
+    // flash, over the slots up to the last allowed
     const int64_t end = slots.back() + 1;
     at::Tensor additive = at::full({1, 1, 1, end}, -std::numeric_limits<float>::infinity(), q.options());
     T* row = additive.data_ptr<T>();
@@ -168,7 +175,6 @@ void run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at
     return;
   }
   const int64_t grain = heads * static_cast<int64_t>(slots.size()) * d < kParallelWork ? heads : 1;
-  const bool avx512 = unwrap_cpu::kernel_isa() == "avx512";
   at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
     alignas(64) float qf[kMaxHeadDim];
     std::vector<float> scores(slots.size() + 16, 0.f);
