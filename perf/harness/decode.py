@@ -76,25 +76,28 @@ class Decoder:
         return decoder
 
     @classmethod
-    def for_mode(cls, model: nn.Module, mode: str, *, max_len: int = 256, counts: list[int] | None = None) -> Decoder:
-        """``model`` decoded the way ``mode`` (a key of ``MODES``) says; ``counts`` receives the guard
-        count of each compiled frame. Modes with the grouped-KV decode attention run on a copy of
+    def for_mode(
+        cls, model: nn.Module, mode: str, *, max_len: int = 256, counts: list[int] | None = None, prompt_len: int = 8
+    ) -> Decoder:
+        """``model`` decoded the way ``mode`` (a key of ``MODES``) says, after a ``prompt_len``-token
+        prompt; ``counts`` receives the guard count of each compiled frame. Modes with the grouped-KV decode attention run on a copy of
         ``model`` (the attention implementation is per model). Not compiled yet: the first ``next`` is."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
         counts = [] if counts is None else counts
         if mode == "eager":
-            return cls(model, max_len=max_len)
+            return cls(model, max_len=max_len, prompt_len=prompt_len)
         if mode == "compiled":
-            return cls(model, compile_forward(model, counts), max_len=max_len)
+            return cls(model, compile_forward(model, counts), max_len=max_len, prompt_len=prompt_len)
         if mode == "compiled+gqa":
             gqa = use_gqa_decode_attention(copy.deepcopy(model))
             options: dict[str, Any] = {"guard_filter_fn": counting_guards(counts)}
-            return cls(gqa, compile_decode_step(gqa, skip_module_guards=False, options=options), max_len=max_len)
+            step = compile_decode_step(gqa, skip_module_guards=False, options=options)
+            return cls(gqa, step, max_len=max_len, prompt_len=prompt_len)
         options = {"guard_filter_fn": counting_guards(counts, frozen_model_guards)}
         if mode == "decode+cpp_wrapper":
             options["cpp_wrapper"] = True
-        return cls.of(compile_for_decode(copy.deepcopy(model), max_len, options=options))
+        return cls.of(compile_for_decode(copy.deepcopy(model), max_len, options=options), prompt_len=prompt_len)
 
     def _start(self, greedy: GreedyDecoder, prompt_len: int, prefill: Callable[..., Any] | None) -> None:
         self.greedy, self.prompt_len = greedy, prompt_len

@@ -36,6 +36,9 @@ def test_decode_vs_llama_checks_its_arguments_and_needs_llama_cpp(monkeypatch, c
         versus.main(["--rounds", "0"])
     assert "must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        versus.main(["--context", "0"])
+    assert "--context must be positive, got 2, 7, 16, 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         versus.main(["--modes", "decode,fast"])
     assert "--modes 'decode,fast': choose from eager" in capsys.readouterr().err
     monkeypatch.setattr(llama, "available", lambda: False)
