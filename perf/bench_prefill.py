@@ -2,7 +2,9 @@
 
 Run: ``pytest perf/bench_prefill.py --benchmark-only`` (2 threads; ``BENCH_THREADS`` to change).
 Each case is ``(format, mode, M)``; ``compiled`` compiles the unwrapped layer once per format with
-dynamic M, so one graph serves every M above the int4 crossover (see ``subclasses.kernels.int4_prefill``).
+dynamic M, so one graph serves every M above the int4 crossover (see ``subclasses.kernels.int4_prefill``);
+``wrapped eager`` / ``wrapped dynamic=True``: the layer as ``quantize_`` leaves it (no ``unwrap``), eager and
+compiled with ``dynamic=True``.
 ``prefill_ms`` times a whole model's prefill (time to first token).
 """
 
@@ -21,7 +23,9 @@ from subclasses import quantize_
 from unwrap import unwrap
 
 FORMATS = ("bf16", "int4", "int8", "int8-dyn")  # bf16 beside each format of perf.harness.models.FORMATS
-MODES = ("eager", "compiled")
+# "compiled": unwrapped, default torch.compile; the "wrapped" pair: the quantized weight kept as its tensor
+# subclass, eager and compiled with dynamic=True (one graph for every M, what a server's prompts get)
+MODES = ("eager", "compiled", "wrapped eager", "wrapped dynamic=True")
 ROWS = (1, 8, 32, 128, 512)
 SIZE = 2048
 DEFAULT_THREADS = 2  # BENCH_THREADS overrides (perf/conftest.py)
@@ -36,13 +40,17 @@ def prefill_ms(model: Callable[..., object], *args: object, repeats: int = 5, wa
 
 @functools.cache
 def layer(fmt: str, mode: str, size: int = SIZE) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A bias-free bf16 ``nn.Linear(size, size)`` in ``fmt``, unwrapped, compiled if asked
-    (cached, so that every M of a format shares one compiled model)."""
+    """A bias-free bf16 ``nn.Linear(size, size)`` in ``fmt``, unwrapped unless ``mode`` says "wrapped",
+    compiled if it says so (cached, so that every M of a format shares one compiled model)."""
     torch.manual_seed(0)
     model: nn.Module = nn.Linear(size, size, bias=False).to(torch.bfloat16).eval()
     if fmt != "bf16":
-        unwrap(quantize_(model, report_config(fmt)))
-    return torch.compile(model) if mode == "compiled" else model
+        quantize_(model, report_config(fmt))
+        if not mode.startswith("wrapped"):
+            unwrap(model)
+    if mode == "compiled":
+        return torch.compile(model)
+    return torch.compile(model, dynamic=True) if mode.endswith("dynamic=True") else model
 
 
 def run_prefill(benchmark: Callable[..., object], fmt: str, mode: str, rows: int, size: int = SIZE) -> None:

@@ -118,7 +118,8 @@ def test_prefill_benchmark_bodies_run_once():
         for mode in bench_prefill.MODES:
             for rows in bench_prefill.ROWS:
                 bench_prefill.run_prefill(once, fmt, mode, rows, size=256)
-    assert calls == [(rows, 256) for _ in range(len(bench_prefill.FORMATS) * 2) for rows in bench_prefill.ROWS]
+    cases = len(bench_prefill.FORMATS) * len(bench_prefill.MODES)
+    assert calls == [(rows, 256) for _ in range(cases) for rows in bench_prefill.ROWS]
     assert bench_prefill.prefill_ms(lambda: None, repeats=1) >= 0
 
 
