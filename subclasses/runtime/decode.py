@@ -21,6 +21,7 @@ the int4 q/k/v and gate/up projections (``decode_fusion``), and a one-token quer
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 
 from .decode_fusion import fuse_decode_projections
+
+logger = logging.getLogger(__name__)
 
 ATTENTION = "unwrap_sdpa"
 
@@ -292,9 +295,35 @@ def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) ->
     grouped-KV decode attention, and return a ``GreedyDecoder`` with a static cache of ``max_len``
     slots (prompt + new tokens: attention reads every slot) whose one-token step is compiled with
     the model's guards skipped. ``decoder.generate(ids, max_new_tokens)``, or
-    ``model.generate(ids, ..., custom_generate=decoder)``; the first call compiles."""
-    use_gqa_decode_attention(model)
-    fuse_decode_projections(model)
+    ``model.generate(ids, ..., custom_generate=decoder)``; the first call compiles.
+
+    A model whose attention is not SDPA (e.g. Gemma 2's eager attention, for its soft-capping) keeps
+    its own; a family whose modules ``decode_fusion`` does not know keeps its separate projections.
+    Either way it decodes correctly, and one log line says what was not applied."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    grouped = attention in ("sdpa", ATTENTION)
+    if grouped:
+        use_gqa_decode_attention(model)
+    fused = fuse_decode_projections(model)
+    if not grouped or not fused:
+        logger.warning(
+            "compile_for_decode(%s): %s",
+            type(model).__name__,
+            "; ".join(
+                (
+                    []
+                    if grouped
+                    else [f"its {attention!r} attention kept (the grouped-KV decode attention replaces 'sdpa')"]
+                )
+                + (
+                    []
+                    if fused
+                    else [
+                        "its modules keep their own projections (decode_fusion fuses Llama, Qwen2/3, Mistral, Gemma 2/3 ones)"
+                    ]
+                )
+            ),
+        )
     return GreedyDecoder(model, max_len, compile_decode_step(model, **compile_kwargs))
 
 

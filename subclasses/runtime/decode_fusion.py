@@ -11,7 +11,9 @@ forward that projects through it (an instance attribute: the class, the paramete
 state_dict are untouched; weights are read on every call, as before). Any call it cannot fuse
 (more than one row, weights that are not int4 in the CPU packing, fp32 activations, no kernel)
 runs the separate linears, so prefill and other models keep their own path. The attention forward
-is transformers' (Llama, Qwen2) with the projections swapped; keep it in step with theirs.
+is transformers' (Llama, Qwen2, Mistral) with the projections swapped; keep it in step with theirs. The MLP
+forward is theirs too (Llama, Qwen2, Qwen3, Mistral, Gemma 2 and 3). Phi-3 stores q/k/v and gate/up as
+one weight each already.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from ..formats.int4 import Int4WeightTensor, Packing
 from ..kernels.int4_gemv import int4_gemv_cat, traced_kernel_available
 
 # transformers classes whose forward the fused one reproduces (same projections, same steps).
-ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention")
-MLP_CLASSES = ("LlamaMLP", "Qwen2MLP")
+ATTENTION_CLASSES = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+# the same forward as LlamaMLP's: down(act(gate(x)) * up(x))
+MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP", "Gemma2MLP", "Gemma3MLP")
 
 
 def _fusable(x2d: torch.Tensor, weights: Sequence[Any]) -> bool:
@@ -79,8 +82,8 @@ def attention_forward(
     cache: Any = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' ``LlamaAttention.forward`` / ``Qwen2Attention.forward`` (5.x) with q, k and v
-    projected together."""
+    """transformers' ``LlamaAttention.forward`` / ``Qwen2Attention.forward`` / ``MistralAttention.forward``
+    (5.x) with q, k and v projected together."""
     if cache is None:  # the name before transformers 5.40
         cache = kwargs.pop("past_key_values", None)
     family = sys.modules[type(self).__module__]  # its apply_rotary_pos_emb, attention functions
@@ -98,6 +101,8 @@ def attention_forward(
     )
     if hasattr(self, "sliding_window"):  # Qwen2
         kwargs["sliding_window"] = self.sliding_window
+    elif type(self).__name__ == "MistralAttention":
+        kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
     attn_output, attn_weights = attention(
         self,
         query_states,
@@ -113,8 +118,8 @@ def attention_forward(
 
 
 def fuse_decode_projections(model: nn.Module) -> int:
-    """Give every Llama/Qwen2 attention and MLP module of ``model`` the fused forward (in place, an
-    instance attribute; parameters and state_dict unchanged). Returns how many modules got it."""
+    """Give every attention and MLP module of ``model`` of a family above the fused forward (in place,
+    an instance attribute; parameters and state_dict unchanged). Returns how many modules got it."""
     count = 0
     for module in model.modules():
         name = type(module).__name__
