@@ -28,11 +28,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .cpp_build import build_library
 from .int4_packing import pack_cpu
+from .traced import traced_constant
 
 SOURCES = [
     Path(__file__).parent / "csrc" / name for name in ("int4_gemv.cpp", "int4_gemv_avx2.cpp", "decode_attention.cpp")
@@ -85,13 +85,8 @@ def _agrees_with_aten() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
-def traced_kernel_available() -> bool:
-    """``kernel_available()`` for code that torch.compile traces: a constant to Dynamo (building
-    and loading a library is not traceable). Dynamo calls it under its fake tensor mode: a first
-    call's self-check (``_agrees_with_aten``) needs real tensors."""
-    with unset_fake_temporarily():
-        return kernel_available()
+# ``kernel_available()`` for code that torch.compile traces (its self-check runs real tensors)
+traced_kernel_available = traced_constant(kernel_available)
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from .traced import traced_constant
 
 # capability -> (rows per full block, pairing inside a full block); remainder blocks are adjacent.
 CPU_LAYOUTS: dict[str, tuple[int, str]] = {
@@ -95,13 +96,8 @@ def cpu_layout() -> tuple[int, str]:
     return layout
 
 
-@torch.compiler.assume_constant_result
-def traced_cpu_layout() -> tuple[int, str]:
-    """``cpu_layout()`` for code that torch.compile traces: a constant to Dynamo (the cached probe
-    itself is not traceable and would break the graph). Dynamo calls it under its fake tensor mode: a
-    first call's probe needs real tensors."""
-    with unset_fake_temporarily():
-        return cpu_layout()
+# ``cpu_layout()`` for code that torch.compile traces (its probe runs real tensors)
+traced_cpu_layout = traced_constant(cpu_layout)
 
 
 def unpack_cpu(packed: torch.Tensor) -> torch.Tensor:
