@@ -102,6 +102,10 @@ def _decode_kernel_applies(
     )
 
 
+# the attention implementations ``ATTENTION`` replaces (transformers' SDPA), or itself
+REPLACED_ATTENTION = ("sdpa", ATTENTION)
+
+
 def use_gqa_decode_attention(model: nn.Module) -> nn.Module:
     """Register ``ATTENTION`` with transformers (attention and mask) and switch ``model`` to it, in
     place; returns the model. The model must use SDPA attention now (its default on CPU)."""
@@ -109,7 +113,7 @@ def use_gqa_decode_attention(model: nn.Module) -> nn.Module:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     current = getattr(model.config, "_attn_implementation", None)
-    if current not in ("sdpa", ATTENTION):
+    if current not in REPLACED_ATTENTION:
         raise ValueError(f"the grouped-KV decode attention replaces 'sdpa'; this model uses {current!r}")
     AttentionInterface.register(ATTENTION, gqa_sdpa_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
@@ -301,29 +305,17 @@ def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) ->
     its own; a family whose modules ``decode_fusion`` does not know keeps its separate projections.
     Either way it decodes correctly, and one log line says what was not applied."""
     attention = getattr(model.config, "_attn_implementation", None)
-    grouped = attention in ("sdpa", ATTENTION)
-    if grouped:
+    not_applied = []
+    if attention in REPLACED_ATTENTION:
         use_gqa_decode_attention(model)
-    fused = fuse_decode_projections(model)
-    if not grouped or not fused:
-        logger.warning(
-            "compile_for_decode(%s): %s",
-            type(model).__name__,
-            "; ".join(
-                (
-                    []
-                    if grouped
-                    else [f"its {attention!r} attention kept (the grouped-KV decode attention replaces 'sdpa')"]
-                )
-                + (
-                    []
-                    if fused
-                    else [
-                        "its modules keep their own projections (decode_fusion fuses Llama, Qwen2/3, Mistral, Gemma 2/3 ones)"
-                    ]
-                )
-            ),
+    else:
+        not_applied.append(f"its {attention!r} attention kept (the grouped-KV decode attention replaces 'sdpa')")
+    if not fuse_decode_projections(model):
+        not_applied.append(
+            "its modules keep their own projections (decode_fusion fuses Llama, Qwen2/3, Mistral, Gemma 2/3 ones)"
         )
+    if not_applied:
+        logger.warning("compile_for_decode(%s): %s", type(model).__name__, "; ".join(not_applied))
     return GreedyDecoder(model, max_len, compile_decode_step(model, **compile_kwargs))
 
 
