@@ -36,9 +36,10 @@ test-default-isa: setup
 # AVX2 int4 kernels and packing). Elsewhere `make test` ran them at the machine's own level already.
 AVX2_TESTS := $(PORTABLE_TESTS) tests/subclasses/test_int4_gemv.py tests/subclasses/test_decode_kernels.py
 test-avx2-isa: setup
-	@if [ "$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')" = AVX512 ]; then \
+	@capability=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'); \
+	if [ "$$capability" = AVX512 ]; then \
 		ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(AVX2_TESTS); \
-	else echo "test-avx2-isa: torch dispatches to $$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())') here, not AVX512: make test ran these"; fi
+	else echo "test-avx2-isa: torch dispatches to $$capability here, not AVX512: make test ran these"; fi
 
 # ruff (lint + format) and mypy (the library packages; configuration in pyproject.toml)
 lint: setup
