@@ -85,8 +85,11 @@ def _agrees_with_aten() -> bool:
     return True
 
 
-# ``kernel_available()`` for code that torch.compile traces (its self-check runs real tensors)
-traced_kernel_available = traced_constant(kernel_available)
+@traced_constant
+def traced_kernel_available() -> bool:
+    """``kernel_available()`` for code that torch.compile traces (building and loading a library is
+    not traceable; its self-check runs real tensors)."""
+    return kernel_available()
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:

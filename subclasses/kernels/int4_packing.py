@@ -96,8 +96,11 @@ def cpu_layout() -> tuple[int, str]:
     return layout
 
 
-# ``cpu_layout()`` for code that torch.compile traces (its probe runs real tensors)
-traced_cpu_layout = traced_constant(cpu_layout)
+@traced_constant
+def traced_cpu_layout() -> tuple[int, str]:
+    """``cpu_layout()`` for code that torch.compile traces (the cached probe is not traceable and
+    would break the graph; it runs real tensors)."""
+    return cpu_layout()
 
 
 def unpack_cpu(packed: torch.Tensor) -> torch.Tensor:

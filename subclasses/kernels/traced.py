@@ -13,10 +13,9 @@ T = TypeVar("T")
 
 
 def traced_constant(answer: Callable[[], T]) -> Callable[[], T]:
-    """``answer`` (no arguments, cached by the caller) as a constant to Dynamo: it is called once per
-    trace, not traced (building a library or running a probe is not traceable), and the graph holds its
-    result. Dynamo calls it under its fake tensor mode, so a first call that checks real tensors runs
-    outside that mode here."""
+    """Decorates ``answer`` (no arguments, its work cached by what it calls) as a constant to Dynamo:
+    called once per trace, not traced, the graph holding its result. Dynamo calls it under its fake
+    tensor mode, so a first call that checks real tensors runs outside that mode here."""
 
     @torch.compiler.assume_constant_result
     @functools.wraps(answer)
