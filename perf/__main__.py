@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--markdown",
         action="store_true",
         help="print the report as a Markdown page, each table stamped with the machine (CPU and ISA), threads, "
-        "torch version, date and command (python -m perf --full --markdown > docs/results.md)",
+        "torch version, date and command (docs/results.md is written by python -m perf.results)",
     )
     args = parser.parse_args(argv)
     if args.full and (args.quick or args.only or args.no_llm):

@@ -74,3 +74,34 @@ def run_prefill(benchmark: Callable[..., object], fmt: str, mode: str, rows: int
 def test_prefill(benchmark, fmt: str, mode: str, rows: int) -> None:
     benchmark.group = f"prefill {SIZE}x{SIZE} {mode} M={rows}"
     run_prefill(benchmark, fmt, mode, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m perf.bench_prefill``: the 2048x2048 layer at one M, every format in every mode, interleaved;
+    ms and the ratio to bf16 in the same mode (the pytest-benchmark cases above time each case alone)."""
+    import argparse
+
+    from .harness.tables import kernels, markdown_table
+    from .harness.timing import interleaved_min
+
+    parser = argparse.ArgumentParser(prog="python -m perf.bench_prefill", description=main.__doc__)
+    parser.add_argument("--rows", type=int, default=512, help="activation rows M (default: 512, a prompt)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.rows, SIZE, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    calls = {(fmt, mode): functools.partial(layer(fmt, mode), x) for fmt in FORMATS for mode in MODES}
+    with torch.inference_mode():
+        ms = {key: s * 1e3 for key, s in interleaved_min(calls, rounds=args.rounds, warmup=2).items()}
+    print(kernels())
+    head = ["format", *(f"{mode} ms (vs bf16)" for mode in MODES)]
+    rows = [
+        [fmt, *(f"{ms[fmt, mode]:.2f} ({ms[fmt, mode] / ms['bf16', mode]:.2f})" for mode in MODES)] for fmt in FORMATS
+    ]
+    print(markdown_table(head, rows, title=f"{SIZE}x{SIZE} layer, M = {args.rows}, group 128 int4"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
