@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 import warnings
@@ -195,6 +196,33 @@ def measure(
     return rows
 
 
+def llama_rows(ids: torch.Tensor, reference: torch.Tensor, *, threads: int, window: int = 512) -> list[Row]:
+    """llama.cpp's own 4-bit files of the same weights (``perf.llama_cpp``): Q4_0 made from the shipped Q4_1
+    by llama.cpp's quantizer, and the shipped Q4_1 itself, whose weights the bf16 model holds (its KLD is
+    llama.cpp's arithmetic alone: 8-bit activations). Perplexity over the same windows as ours, KLD on the
+    same first tokens (``reference``: the bf16 model's log-probabilities [tokens, vocab])."""
+    from .llama_cpp import gguf_files
+    from .llama_cpp import log_probs as llama_log_probs
+    from .real_model import smollm2_gguf_path
+
+    source = smollm2_gguf_path()
+    assert source is not None  # the bf16 model came from it
+    tokens = ids[0].tolist()
+    windows = [tokens[i : i + window] for i in range(0, len(tokens) - 1, window) if len(tokens[i : i + window]) > 1]
+    rows = []
+    with gguf_files(source, ["Q4_0", "Q4_1"]) as paths:
+        for ggml_type, path in paths.items():
+            *per_window, first = llama_log_probs(path, [*windows, tokens[: reference.shape[0]]], threads=threads)
+            nll = sum(
+                -lp[:-1].gather(1, torch.tensor(w[1:]).unsqueeze(1)).sum().item() for lp, w in zip(per_window, windows)
+            )
+            row = Row(f"llama.cpp {ggml_type}" + (" (the shipped file)" if ggml_type == "Q4_1" else ""), None)
+            row.perplexity = math.exp(nll / sum(len(w) - 1 for w in windows))
+            row.kld = kl_divergence(reference, first)
+            rows.append(row)
+    return rows
+
+
 def versus(row: Row, rows: list[Row], algorithm: str = "tinygemm") -> list[str]:
     """Per-layer comparison against ``algorithm`` (min-max by default) at the same group size, as two
     table cells; only the layers quantized at the row's group size (a layer it does not divide falls
@@ -218,7 +246,7 @@ def versus(row: Row, rows: list[Row], algorithm: str = "tinygemm") -> list[str]:
 def format_table(rows: list[Row], on_grid: int | None = None) -> str:
     """The markdown table; with HQQ rows, two more columns compare each layer with HQQ's. ``on_grid``:
     the group size at which the model's weights are on a 4-bit grid already (labelled so)."""
-    bf16 = next(r.perplexity for r in rows if r.config is None)
+    bf16 = rows[0].perplexity  # the bf16 model's row comes first
     hqq = any(r.algorithm == "hqq" for r in rows)
     head = [
         "variant",
@@ -238,7 +266,7 @@ def format_table(rows: list[Row], on_grid: int | None = None) -> str:
             f"{row.perplexity:.2f}",
             f"{row.perplexity - bf16:+.2f}",
             f"{row.kld:.4f}",
-            "-" if row.config is None else f"{row.quantized}/{row.linears}",
+            "-" if row.config is None else f"{row.quantized}/{row.linears}",  # bf16, llama.cpp
             "-" if row.config is None else f"{row.quantize_s:.1f}",
             *versus(row, rows),
             *(versus(row, rows, "hqq") if hqq else []),
@@ -330,6 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         calibration=calibration_batches(tokenizer),
         progress=lambda line: print(line, flush=True),
     )
+    from .llama_cpp import available, build_line
+
+    if available():
+        print(build_line(), flush=True)
+        reference = log_probs(model, ids[:, : args.kld_tokens])
+        rows += llama_rows(ids, reference, threads=args.threads)
+    else:
+        print("llama-cpp-python is not installed (`make llama`): no llama.cpp rows", flush=True)
     print(format_table(rows, on_grid=32))  # the GGUF file's Q4_1 blocks
     int4 = [a for a in args.algorithms if a != "gptq"]
     lm_head = model.get_submodule("lm_head")  # tied to token_embd

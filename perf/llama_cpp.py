@@ -18,8 +18,12 @@ import importlib.util
 import os
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from .report.blocks import Block, Row
+
+if TYPE_CHECKING:
+    import torch
 
 SHIPPED = "Q4_1"
 TYPES = ("Q4_0", "Q8_0", "Q4_1")  # ggml's names; Q4_1 is the shipped file
@@ -189,6 +193,32 @@ def prompt_tokens(path: str, count: int) -> list[int]:
     if len(tokens) < count:
         raise ValueError(f"the evaluation text has {len(tokens)} tokens, fewer than the {count} asked for")
     return tokens[:count]
+
+
+def log_probs(path: str, windows: list[list[int]], *, threads: int) -> list[torch.Tensor]:
+    """Per window of token ids, llama.cpp's next-token log-probabilities [len, vocab] (fp32) for the model at
+    ``path``: each window evaluated from an empty cache in one batch, every position's logits kept."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    longest = max(len(w) for w in windows)
+    llm = Llama(
+        model_path=path,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_ctx=longest,
+        n_batch=longest,
+        logits_all=True,
+        verbose=False,
+    )
+    out = []
+    for window in windows:
+        llm.reset()
+        llm.eval(window)
+        scores = torch.from_numpy(np.array(llm.scores[: len(window)], dtype=np.float32))
+        out.append(torch.log_softmax(scores, dim=-1))
+    return out
 
 
 def measure(

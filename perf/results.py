@@ -4,7 +4,7 @@ The page is a list of sections, each one perf command. Every section is rerun in
 Inductor and kernel state, as a user's first run), in order, one at a time, and stamped with the machine,
 threads, torch version, date, command, how long it took and the load average when it started (a timing is
 only worth its idle machine). ``--only`` reruns some sections and keeps the rest of the page as it is.
-The whole page takes ~50 minutes on a 2-core machine; the llama.cpp sections need ``make llama``.
+The whole page takes ~35 minutes on a 2-core machine; the llama.cpp sections need ``make llama``.
 """
 
 from __future__ import annotations
@@ -49,10 +49,12 @@ LLAMA = ("llama_cpp",)
 SECTIONS = (
     Section(
         "The overhead report",
-        "Each workload in every mode: bf16, the floor (the int4 kernel called on plain tensors), our weights "
-        "wrapped (tensor subclass) and unwrapped (`unwrap`). In brackets the ratio to the floor in the same "
-        "mode; `guards` counts the compiled graph's guards; `kernel` is the quantized kernels' own time.",
-        "perf --full --threads 2",
+        "What `make report` prints: SmolLM2-135M decode ms/token and 512-token time to first token for bf16, ours, "
+        "torchao and llama.cpp, then the W1 workload (8 int4 layers 256x256) in every mode: bf16, the floor (the "
+        "kernel called on plain tensors), our weights wrapped (tensor subclass) and unwrapped (`unwrap`), in "
+        "brackets the ratio to the floor in the same mode. `python -m perf --full` measures every workload, "
+        "model and format.",
+        "perf --threads 2",
         needs=LLAMA,
     ),
     Section(
@@ -142,7 +144,7 @@ SECTIONS = (
 
 HEADER = """# Results
 
-Every table on this page is measured by `python -m perf.results` (~50 minutes on 2 cores; `--only` reruns
+Every table on this page is measured by `python -m perf.results` (~35 minutes on 2 cores; `--only` reruns
 some sections). Each section says its machine and CPU ISA, threads, torch version, date, command, how long it
 ran and the load average when it started: timings are only comparable within one table, on an idle machine.
 Batch 1, bf16 activations, CPU, unless a section says otherwise. How the numbers are taken:
