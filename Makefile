@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup test test-default-isa test-avx2-isa lint report bench llama
+.PHONY: setup test test-default-isa test-avx2-isa lint report results bench llama
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -49,6 +49,10 @@ lint: setup
 
 report: setup
 	$(PY) -m perf
+
+# docs/results.md measured again, every section (~35 min on 2 cores; idle machine; `make llama` first)
+results: setup
+	$(PY) -m perf.results
 
 bench: setup
 	$(PY) -m pytest perf/ --benchmark-only

@@ -167,9 +167,27 @@ def run(section: Section) -> str:
 
 def as_markdown(output: str, markdown: bool) -> str:
     """A command's output as the body of a section: Markdown with its headings moved under the section's
-    (no line of it starts a section), or text in a code block."""
+    (no line of it starts a section) and each line of text a paragraph, or text in a code block."""
     output = output.strip()
-    return re.sub(r"^#{1,3} ", "#### ", output, flags=re.M) if markdown else f"```\n{output}\n```"
+    if not markdown:
+        return f"```\n{output}\n```"
+    lines: list[str] = []
+    for line in re.sub(r"^#{1,3} ", "#### ", output, flags=re.M).splitlines():
+        # a line of text stays a line (Markdown would join it to the one before), and a table its own block
+        if lines and _kind(lines[-1]) and _kind(line) and (_kind(line) != _kind(lines[-1]) or _kind(line) == "text"):
+            lines.append("")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _kind(line: str) -> str:
+    """ "" for an empty line, "table" for a table's row, "block" for a heading, list item or fence, else "text"."""
+    stripped = line.strip()
+    if not stripped:
+        return ""
+    if stripped.startswith("|"):
+        return "table"
+    return "block" if stripped.startswith(("#", "- ", "* ", "```")) else "text"
 
 
 def sections_of(page: str) -> dict[str, str]:

@@ -33,10 +33,15 @@ def test_only_reruns_the_chosen_section_and_keeps_the_others(sections, tmp_path)
 
 
 def test_command_headings_sit_under_the_section():
-    body = as_markdown("# Report\n\n## Table\n\n| a |\n|---|\n| 1 |\n#### Kept\n", markdown=True)
-    assert body == "#### Report\n\n#### Table\n\n| a |\n|---|\n| 1 |\n#### Kept"
+    body = as_markdown("# Report\n\n## Table\n\n| a |\n|---|\n| 1 |\n\n#### Kept\n", markdown=True)
+    assert body == "#### Report\n\n#### Table\n\n| a |\n|---|\n| 1 |\n\n#### Kept"
     assert sections_of("## Section\n\n" + body) == {"Section": "## Section\n\n" + body + "\n"}
     assert as_markdown("a\n## b\n", markdown=False) == "```\na\n## b\n```"
+    # consecutive lines of text (a report's notes) stay lines; a table's rows stay one table
+    assert (
+        as_markdown("Note: a\nNote: b\n| x |\n|---|\n| 1 |", markdown=True)
+        == "Note: a\n\nNote: b\n\n| x |\n|---|\n| 1 |"
+    )
 
 
 def test_a_failing_command_stops_with_its_error_and_keeps_what_was_measured(sections, tmp_path):
