@@ -1,16 +1,32 @@
+import hashlib
 import os
 import tempfile
+from pathlib import Path
 
-import pytest
-import torch
-from hypothesis import settings
 
-from perf.harness.models import QWEN2_SHAPES
+def _code_digest() -> str:
+    """A digest of this repository's Python and C++ sources."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in ("subclasses", "unwrap", "perf", "tests"):
+        for path in sorted(p for p in (root / package).rglob("*") if p.suffix in (".py", ".cpp", ".h")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
-# A fresh inductor/AOTAutograd cache per pytest run: their keys hash the Dynamo graph, and a
-# wrapped subclass's F.linear is one opaque call there, so a cache written by another version of
-# this code (an older checkout) is reused as is and may call ops that no longer exist.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="unwrap-inductor-"))
+
+# One Inductor/AOTAutograd cache per version of this code: their keys hash the Dynamo graph, and a wrapped
+# subclass's F.linear is one opaque call there, so a cache written by another version (an older checkout)
+# would be reused as is and may call ops that no longer exist; the same code runs again warm. Set before
+# torch is imported: importing torch._dynamo fixes the directory (to torch's default) for the process.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"unwrap-inductor-{_code_digest()}")
+)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+from perf.harness.models import QWEN2_SHAPES  # noqa: E402
 
 # Property tests are derandomized by default (CI): the same examples every run, no example
 # database. HYPOTHESIS_PROFILE=explore searches fresh examples each run.
