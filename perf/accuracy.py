@@ -168,12 +168,16 @@ def measure(
     layer_tokens: int = 256,
     kld_tokens: int = 512,
     calibration: list[torch.Tensor] | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
+    reference: torch.Tensor | None = None,
     progress: Callable[[str], None] = lambda line: None,
 ) -> list[Row]:
     """Fill in ``rows`` (see ``variants``): each quantized on a copy of the bf16 ``model``; the
-    calibrated rows with ``calibration`` (batches of token ids, not the evaluated text)."""
-    inputs = capture_inputs(model, ids[:, :layer_tokens])
-    reference = log_probs(model, ids[:, :kld_tokens])
+    calibrated rows with ``calibration`` (batches of token ids, not the evaluated text). ``inputs`` (each
+    linear's input on the first ``layer_tokens`` tokens) and ``reference`` (the bf16 log-probabilities of the
+    first ``kld_tokens``) are computed here unless the caller has them."""
+    inputs = capture_inputs(model, ids[:, :layer_tokens]) if inputs is None else inputs
+    reference = log_probs(model, ids[:, :kld_tokens]) if reference is None else reference
     linears = sum(isinstance(m, nn.Linear) for m in model.modules())
     for row in rows:
         candidate = model
@@ -203,12 +207,12 @@ def llama_rows(ids: torch.Tensor, reference: torch.Tensor, *, threads: int, wind
     same first tokens (``reference``: the bf16 model's log-probabilities [tokens, vocab])."""
     from .llama_cpp import gguf_files
     from .llama_cpp import log_probs as llama_log_probs
-    from .real_model import smollm2_gguf_path
+    from .real_model import perplexity_windows, smollm2_gguf_path
 
     source = smollm2_gguf_path()
     assert source is not None  # the bf16 model came from it
     tokens = ids[0].tolist()
-    windows = [tokens[i : i + window] for i in range(0, len(tokens) - 1, window) if len(tokens[i : i + window]) > 1]
+    windows = [chunk[0].tolist() for chunk in perplexity_windows(ids, window)]
     rows = []
     with gguf_files(source, ["Q4_0", "Q4_1"]) as paths:
         for ggml_type, path in paths.items():
@@ -342,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2(torch.bfloat16)
     ids = eval_token_ids(tokenizer)[:, : args.max_tokens]
-    lm_head_inputs = capture_inputs(model, ids[:, : args.layer_tokens])["lm_head"]
+    inputs = capture_inputs(model, ids[:, : args.layer_tokens])
+    reference = log_probs(model, ids[:, : args.kld_tokens])
     print(
         f"SmolLM2-135M, {ids.shape[1]} tokens of perf/data/eval_text.txt, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
@@ -356,13 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         layer_tokens=args.layer_tokens,
         kld_tokens=args.kld_tokens,
         calibration=calibration_batches(tokenizer),
+        inputs=inputs,
+        reference=reference,
         progress=lambda line: print(line, flush=True),
     )
     from .llama_cpp import available, build_line
 
     if available():
         print(build_line(), flush=True)
-        reference = log_probs(model, ids[:, : args.kld_tokens])
         rows += llama_rows(ids, reference, threads=args.threads)
     else:
         print("llama-cpp-python is not installed (`make llama`): no llama.cpp rows", flush=True)
@@ -370,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     int4 = [a for a in args.algorithms if a != "gptq"]
     lm_head = model.get_submodule("lm_head")  # tied to token_embd
     assert isinstance(lm_head, nn.Linear)
-    matrices = {"SmolLM2 token_embd (lm_head)": (lm_head.weight.detach(), lm_head_inputs)}
+    matrices = {"SmolLM2 token_embd (lm_head)": (lm_head.weight.detach(), inputs["lm_head"])}
     for i, (n, k) in enumerate(MATRIX_SHAPES):
         matrices[f"heavy-tailed {n}x{k}"] = heavy_tailed_matrix(n, k, seed=i)
     print(matrix_table(matrices, args.group_sizes, int4))

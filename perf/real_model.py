@@ -96,15 +96,17 @@ def calibration_batches(tokenizer: object, length: int = 128) -> list[torch.Tens
 
 
 @torch.inference_mode()
+def perplexity_windows(ids: torch.Tensor, window: int = 512) -> list[torch.Tensor]:
+    """The non-overlapping ``window``-token chunks [1, <= window] of ``ids`` [1, T] that perplexity is taken
+    over (each chunk's first token is context only, so every chunk holds at least 2 tokens)."""
+    return [ids[:, start : start + window] for start in range(0, ids.shape[1] - 1, window)]
+
+
 def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, max_tokens: int | None = None) -> float:
-    """exp(mean next-token negative log-likelihood) over non-overlapping ``window``-token chunks of
-    ``ids`` [1, T] (the first token of each chunk is context only); logits in fp32."""
+    """exp(mean next-token negative log-likelihood) over ``perplexity_windows(ids, window)``; logits in fp32."""
     ids = ids[:, :max_tokens] if max_tokens else ids
     nll, count = 0.0, 0
-    for start in range(0, ids.shape[1] - 1, window):
-        chunk = ids[:, start : start + window]
-        if chunk.shape[1] < 2:
-            break
+    for chunk in perplexity_windows(ids, window):
         logits = model(chunk, use_cache=False).logits.float()
         loss = nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
         nll += loss.item()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from perf import accuracy
-from perf.real_model import perplexity
+from perf.real_model import perplexity, perplexity_windows
 
 
 def require(module: str):
@@ -129,3 +129,15 @@ def test_report_quality_line_has_the_other_algorithms(monkeypatch):
     from subclasses.formats.base import QuantizedWeight
 
     assert not any(isinstance(p, QuantizedWeight) for p in model.parameters())  # the bf16 model untouched
+
+
+@pytest.mark.parametrize("length, sizes", [(1030, [512, 512, 6]), (1025, [512, 512]), (2, [2])])
+def test_perplexity_windows_predict_each_token_once(length, sizes):
+    """Every token but each window's first (its context) is predicted once; a last window of one token
+    (nothing to predict) is not made."""
+    ids = torch.arange(length).unsqueeze(0)
+    windows = perplexity_windows(ids, 512)
+    assert [w.shape[1] for w in windows] == sizes
+    assert torch.cat([w[0] for w in windows]).tolist() == list(range(sum(sizes)))
+    targets = torch.cat([w[0, 1:] for w in windows]).tolist()
+    assert targets == [t for t in range(sum(sizes)) if t % 512 != 0]
