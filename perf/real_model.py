@@ -95,13 +95,13 @@ def calibration_batches(tokenizer: object, length: int = 128) -> list[torch.Tens
     return [ids[:, start : start + length] for start in range(0, ids.shape[1] - length + 1, length)]
 
 
-@torch.inference_mode()
 def perplexity_windows(ids: torch.Tensor, window: int = 512) -> list[torch.Tensor]:
     """The non-overlapping ``window``-token chunks [1, <= window] of ``ids`` [1, T] that perplexity is taken
     over (each chunk's first token is context only, so every chunk holds at least 2 tokens)."""
     return [ids[:, start : start + window] for start in range(0, ids.shape[1] - 1, window)]
 
 
+@torch.inference_mode()
 def perplexity(model: nn.Module, ids: torch.Tensor, *, window: int = 512, max_tokens: int | None = None) -> float:
     """exp(mean next-token negative log-likelihood) over ``perplexity_windows(ids, window)``; logits in fp32."""
     ids = ids[:, :max_tokens] if max_tokens else ids
