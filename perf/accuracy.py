@@ -218,7 +218,7 @@ def llama_rows(ids: torch.Tensor, reference: torch.Tensor, *, threads: int, wind
         for ggml_type, path in paths.items():
             *per_window, first = llama_log_probs(path, [*windows, tokens[: reference.shape[0]]], threads=threads)
             nll = sum(
-                -lp[:-1].gather(1, torch.tensor(w[1:]).unsqueeze(1)).sum().item() for lp, w in zip(per_window, windows)
+                F.nll_loss(lp[:-1], torch.tensor(w[1:]), reduction="sum").item() for lp, w in zip(per_window, windows)
             )
             row = Row(f"llama.cpp {ggml_type}" + (" (the shipped file)" if ggml_type == "Q4_1" else ""), None)
             row.perplexity = math.exp(nll / sum(len(w) - 1 for w in windows))

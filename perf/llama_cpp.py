@@ -18,7 +18,7 @@ import importlib.util
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .report.blocks import Block, Row
 
@@ -132,21 +132,28 @@ def gguf_files(source: str, types: list[str]) -> Iterator[dict[str, str]]:
         yield paths
 
 
+def load(path: str, *, threads: int, n_ctx: int, n_batch: int, logits_all: bool = False) -> Any:
+    """A ``llama_cpp.Llama`` for the model at ``path``, with ``threads`` for both the prompt and the
+    one-token steps (as ours are timed), quiet."""
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=path,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        logits_all=logits_all,
+        verbose=False,
+    )
+
+
 class LlamaDecoder:
     """Greedy decoding with llama.cpp: ``reset`` evaluates a prompt and picks the first token (time
     to first token); ``next`` evaluates the last token and picks the next one (argmax of the logits)."""
 
     def __init__(self, path: str, *, threads: int, prompt: list[int], max_len: int = 1024) -> None:
-        from llama_cpp import Llama
-
-        self.llm = Llama(
-            model_path=path,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_ctx=max_len,
-            n_batch=max(512, len(prompt)),
-            verbose=False,
-        )
+        self.llm = load(path, threads=threads, n_ctx=max_len, n_batch=max(512, len(prompt)))
         self.prompt, self.max_len, self.n_vocab = prompt, max_len, self.llm.n_vocab()
         self.reset()
 
@@ -200,18 +207,9 @@ def log_probs(path: str, windows: list[list[int]], *, threads: int) -> list[torc
     ``path``: each window evaluated from an empty cache in one batch, every position's logits kept."""
     import numpy as np
     import torch
-    from llama_cpp import Llama
 
     longest = max(len(w) for w in windows)
-    llm = Llama(
-        model_path=path,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_ctx=longest,
-        n_batch=longest,
-        logits_all=True,
-        verbose=False,
-    )
+    llm = load(path, threads=threads, n_ctx=longest, n_batch=longest, logits_all=True)
     out = []
     for window in windows:
         llm.reset()

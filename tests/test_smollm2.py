@@ -63,8 +63,9 @@ def first_layers(model: torch.nn.Module, count: int) -> torch.nn.Module:
 
 def test_unwrapped_compiled_matches_eager(smollm2, int4):
     """1 of the 30 layers (compile time grows with the layers; one real layer runs every kind of linear and
-    the tied vocabulary matrix): the logits of a 64-token text, compiled against eager. (Greedy tokens under a compiled forward: tests.test_qwen2; on these real weights through
-    the recommended decode: the next test. Each extra length here is one more compile.)"""
+    the tied vocabulary matrix): the logits of a 64-token text, compiled against eager. (Greedy tokens
+    under a compiled forward: tests.test_qwen2; on these real weights through the recommended decode: the
+    next test. Each extra length here is one more compile.)"""
     model = unwrap(first_layers(copy.deepcopy(int4), 1))
     ids = eval_token_ids(smollm2[1])[:, :64]
     with torch.inference_mode():
