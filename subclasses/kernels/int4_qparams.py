@@ -4,8 +4,9 @@
 
 ``"mse"`` (the default) and ``"clip"``: per row and group, search the (scale, zero) that minimise the
 weighted squared error ``sum(h * (w - ((q - 8) * scale + zero))**2)``; ``"clip"`` weighs every weight
-alike (``h = 1``: the plain squared error), ``"mse"`` by importance, ``h = |w| + mean|w|`` over the group
-(large weights count more, as in llama.cpp's k-quants). Calibration-free:
+alike (``h = 1``: the plain squared error), ``"mse"`` by importance, ``h = |w| + 4 mean|w|`` over the group
+(large weights count more, as in llama.cpp's k-quants, but less than their magnitude alone would make them:
+``MEAN_WEIGHT``). Calibration-free:
 
 1. candidate grids, codes ``q`` = nearest grid point. Both: step ``range / (15 + d)`` anchored at the
    group's minimum, for each ``d`` in ``MSE_CANDIDATES`` (d < 0: a coarser grid than min-max; d > 0: finer,
@@ -46,13 +47,18 @@ from .cpp_build import build_library
 from .int4_packing import EPS
 
 QPARAMS_ALGORITHMS = ("tinygemm", "mse", "clip")
-# "mse": the closest outputs measured (docs/accuracy.md), deterministic, ~1.1-1.3x min-max's quantize time;
+# "mse": the closest outputs measured (docs/accuracy.md), deterministic, ~1.5-2x min-max's quantize time;
 # Int4WeightTensor.from_float keeps "tinygemm".
 DEFAULT_QPARAMS_ALGORITHM = "mse"
 # Chosen on 28 of SmolLM2-135M's real weight matrices: squared weight error relative to min-max at g64,
 # 4 candidates + 2 refinements 0.70, 11 + 2: 0.695, 6 + 4: 0.70, 1 + 2: 0.80 (g128: 0.78, 0.775, 0.77, 0.87).
 MSE_CANDIDATES = (-0.5, 0.0, 0.5, 1.0)
 MSE_REFINEMENTS = 2
+# "mse"'s importance h = |w| + MEAN_WEIGHT * mean|w|. In SmolLM2's down_proj layers one input channel carries
+# ~90 % of the activation energy, so a layer's output error is its error on that column, whose weights are
+# large: |w| + 1 mean|w| lost 2 of 30 layers' output SQNR to HQQ at g128 and 4 mean|w| 1 (2 and 8: 2);
+# at g64, 207 of 210 layers above HQQ (1 mean|w|: ~94 %). docs/accuracy.md.
+MEAN_WEIGHT = 4
 # "clip": the range shrunk about its midpoint (scaled by each ratio), and the grids above, 3 refinements:
 # on SmolLM2 at groups 64/128 and seeded heavy-tailed weights, the best mean output SQNR of the sets tried
 # (ratios 1..0.7 by 0.05 or 1..0.6 by 0.025, anchored at the midpoint, at zero, or both; 2-4 refinements).
@@ -64,7 +70,7 @@ CLIP_REFINEMENTS = 3
 class Search:
     """One search's parameters. Candidate ``i``'s codes are ``round(u * c / span + offset - low * c / span)``
     on the group's integer weights u (``span = max u - min u``, ``low = min u``), ``c = candidates[i]``,
-    ``offset = offsets[i]``; ``importance``: weigh the error by ``|w| + mean|w|`` (else plainly)."""
+    ``offset = offsets[i]``; ``importance``: weigh the error by ``|w| + MEAN_WEIGHT * mean|w|`` (else plainly)."""
 
     candidates: tuple[float, ...]
     offsets: tuple[float, ...]
@@ -168,9 +174,9 @@ def _mse_chunk(
     g = x.shape[-1]
     amax = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30)
     u = torch.round(x * (FIXED / amax))  # integers in [-FIXED, FIXED]
-    # importance of each weight: its magnitude plus the group's mean magnitude (times g, an integer;
-    # llama.cpp's k-quants weight the error so, with the RMS): the error of a large weight costs more
-    h = g * u.abs() + u.abs().sum(-1, keepdim=True) if search.importance else torch.ones_like(u)
+    # importance of each weight: its magnitude plus MEAN_WEIGHT times the group's mean magnitude (times g,
+    # integers below 2^24: exact in fp32; llama.cpp's k-quants weight the error so, with the RMS)
+    h = g * u.abs() + MEAN_WEIGHT * u.abs().sum(-1, keepdim=True) if search.importance else torch.ones_like(u)
     sum_h = torch.clamp(h.double().sum(-1, keepdim=True), min=1.0)  # 0 only for an all-zero group
     sum_hu = (h.double() * u).sum(-1, keepdim=True)
     low, high = u.amin(-1, keepdim=True), u.amax(-1, keepdim=True)

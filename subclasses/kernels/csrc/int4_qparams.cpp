@@ -20,6 +20,7 @@
 namespace {
 
 constexpr float kFixed = 4096.0f;  // FIXED
+constexpr float kMeanWeight = 4.0f;  // MEAN_WEIGHT
 constexpr double kEps = 1e-6;      // int4_packing.EPS
 constexpr int64_t kMaxGroup = 256;
 // Groups are searched kLanes at a time, stored element-major ([i][lane]): every step is a loop over
@@ -116,7 +117,7 @@ void block(const T* w, const uint8_t* old_q, const T* old_scale, const T* old_ze
   double sum_h[kLanes] = {}, sum_hu[kLanes] = {};
   for (int64_t i = 0; i < g; ++i)
     for (int64_t j = 0; j < kLanes; ++j) {
-      h[i][j] = importance ? static_cast<float>(g) * std::abs(u[i][j]) + sum_abs[j] : 1.0f;
+      h[i][j] = importance ? static_cast<float>(g) * std::abs(u[i][j]) + kMeanWeight * sum_abs[j] : 1.0f;
       sum_h[j] += static_cast<double>(h[i][j]);
       sum_hu[j] += static_cast<double>(h[i][j]) * static_cast<double>(u[i][j]);
     }
