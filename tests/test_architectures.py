@@ -51,7 +51,9 @@ NEW = 8
 
 def tiny(family: str) -> torch.nn.Module:
     config_class, model_class, settings, _, _ = FAMILIES[family]
-    torch.manual_seed(0)
+    # random weights: this seed's int4 models have clear top-2 margins for 3-8 greedy steps in every family
+    # (seed 0 left gemma3's first step a bf16 tie); decided_prefix guards the comparison either way
+    torch.manual_seed(1)
     config = getattr(transformers, config_class)(**SHAPES, **settings)
     model = getattr(transformers, model_class)(config).to(torch.bfloat16).eval()
     return unwrap(quantize_(model, Int4WeightOnlyConfig()))
