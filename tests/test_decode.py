@@ -19,6 +19,7 @@ from perf.qwen import build_qwen2  # noqa: E402
 from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
 from subclasses.decode import (  # noqa: E402
     ATTENTION,
+    FrozenStep,
     GreedyDecoder,
     compile_decode_step,
     compile_for_decode,
@@ -159,17 +160,25 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
 
 
 def test_frozen_step_equals_the_unfrozen_one(tiny):
-    """freeze=True (the default: the weights are constants of the graph) changes speed, not numbers."""
-    from transformers import StaticCache
-
-    token, logits = torch.tensor([[7]]), {}
+    """freeze=True (the default: the weights are constants of the graph) changes speed, not numbers: the same
+    tokens, and the next step's logits bit for bit. (The frozen step is the one the first test here compiles,
+    the same model and calls: Inductor's cache has it.)"""
+    prompt, token, tokens, logits = torch.tensor([[5, 17, 99, 3, 250]]), torch.tensor([[7]]), {}, {}
     for freeze in (True, False):
-        model = copy.deepcopy(tiny)
-        step = compile_decode_step(model, freeze=freeze)
-        with torch.inference_mode():
-            cache = StaticCache(config=model.config, max_cache_len=8)
-            logits[freeze] = step(token, past_key_values=cache, cache_position=torch.tensor([0]), logits_to_keep=1)
-    assert torch.equal(logits[True].logits, logits[False].logits)
+        decoder = compile_for_decode(copy.deepcopy(tiny), max_len=16, freeze=freeze)
+        assert isinstance(decoder.step, FrozenStep) == freeze
+        tokens[freeze] = decoder.generate(prompt, 6)
+        with torch.inference_mode():  # the slot after the generation, through the same trace
+            out = decoder.step(
+                token,
+                past_key_values=decoder.cache,
+                use_cache=True,
+                cache_position=torch.tensor([11]),
+                logits_to_keep=1,
+            )
+        logits[freeze] = out.logits
+    assert tokens[True].tolist() == tokens[False].tolist()
+    assert torch.equal(logits[True], logits[False])
     assert not torch._inductor.config.freezing  # set around the call only
 
 
