@@ -58,7 +58,7 @@ MSE_REFINEMENTS = 2
 # ~90 % of the activation energy, so a layer's output error is its error on that column, whose weights are
 # large: |w| + 1 mean|w| lost 2 of 30 layers' output SQNR to HQQ at g128 and 4 mean|w| 1 (2 and 8: 2);
 # at g64, 207 of 210 layers above HQQ (1 mean|w|: ~94 %). docs/accuracy.md.
-MEAN_WEIGHT = 4
+MEAN_WEIGHT = 4.0
 # "clip": the range shrunk about its midpoint (scaled by each ratio), and the grids above, 3 refinements:
 # on SmolLM2 at groups 64/128 and seeded heavy-tailed weights, the best mean output SQNR of the sets tried
 # (ratios 1..0.7 by 0.05 or 1..0.6 by 0.025, anchored at the midpoint, at zero, or both; 2-4 refinements).
@@ -70,22 +70,22 @@ CLIP_REFINEMENTS = 3
 class Search:
     """One search's parameters. Candidate ``i``'s codes are ``round(u * c / span + offset - low * c / span)``
     on the group's integer weights u (``span = max u - min u``, ``low = min u``), ``c = candidates[i]``,
-    ``offset = offsets[i]``; ``importance``: weigh the error by ``|w| + MEAN_WEIGHT * mean|w|`` (else plainly)."""
+    ``offset = offsets[i]``; ``mean_weight`` m: weigh the error by ``|w| + m * mean|w|`` (None: plainly)."""
 
     candidates: tuple[float, ...]
     offsets: tuple[float, ...]
     refinements: int
-    importance: bool
+    mean_weight: float | None
 
 
 SEARCHES = {
-    "mse": Search(tuple(15 + d for d in MSE_CANDIDATES), (0.0,) * len(MSE_CANDIDATES), MSE_REFINEMENTS, True),
+    "mse": Search(tuple(15 + d for d in MSE_CANDIDATES), (0.0,) * len(MSE_CANDIDATES), MSE_REFINEMENTS, MEAN_WEIGHT),
     # the range times r about its midpoint: step span * r / 15, the midpoint on code 7.5
     "clip": Search(
         tuple(15 / r for r in CLIP_RATIOS) + tuple(15 + d for d in MSE_CANDIDATES),
         tuple(7.5 * (1 - 1 / r) for r in CLIP_RATIOS) + (0.0,) * len(MSE_CANDIDATES),
         CLIP_REFINEMENTS,
-        False,
+        None,
     ),
 }
 _CHUNK_ELEMENTS = 1 << 18  # elements per chunk: the fp32 copy (1 MiB) stays in cache
@@ -174,9 +174,10 @@ def _mse_chunk(
     g = x.shape[-1]
     amax = torch.clamp(x.abs().amax(-1, keepdim=True), min=1e-30)
     u = torch.round(x * (FIXED / amax))  # integers in [-FIXED, FIXED]
-    # importance of each weight: its magnitude plus MEAN_WEIGHT times the group's mean magnitude (times g,
-    # integers below 2^24: exact in fp32; llama.cpp's k-quants weight the error so, with the RMS)
-    h = g * u.abs() + MEAN_WEIGHT * u.abs().sum(-1, keepdim=True) if search.importance else torch.ones_like(u)
+    # importance of each weight: its magnitude plus m times the group's mean magnitude (times g, integers
+    # below 2^24 for m = MEAN_WEIGHT: exact in fp32; llama.cpp's k-quants weight the error so, with the RMS)
+    m = search.mean_weight
+    h = g * u.abs() + m * u.abs().sum(-1, keepdim=True) if m is not None else torch.ones_like(u)
     sum_h = torch.clamp(h.double().sum(-1, keepdim=True), min=1.0)  # 0 only for an all-zero group
     sum_hu = (h.double() * u).sum(-1, keepdim=True)
     low, high = u.amin(-1, keepdim=True), u.amax(-1, keepdim=True)
@@ -269,7 +270,7 @@ def mse_qparams(
             list(search.candidates),
             list(search.offsets),
             search.refinements,
-            search.importance,
+            search.mean_weight,
         )
     else:
         rows = max(1, _CHUNK_ELEMENTS // group_size)

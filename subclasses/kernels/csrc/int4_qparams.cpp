@@ -15,12 +15,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace {
 
 constexpr float kFixed = 4096.0f;  // FIXED
-constexpr float kMeanWeight = 4.0f;  // MEAN_WEIGHT
 constexpr double kEps = 1e-6;      // int4_packing.EPS
 constexpr int64_t kMaxGroup = 256;
 // Groups are searched kLanes at a time, stored element-major ([i][lane]): every step is a loop over
@@ -85,7 +85,7 @@ void error(const Lanes* x, const uint8_t (*q)[kLanes], const T* scale, const T* 
 template <typename T>
 void block(const T* w, const uint8_t* old_q, const T* old_scale, const T* old_zero, int64_t first, int64_t count,
            int64_t g, const std::vector<double>& candidates, const std::vector<double>& offsets, int64_t refinements,
-           bool importance, uint8_t* out_q, T* out_scale, T* out_zero) {
+           std::optional<double> mean_weight, uint8_t* out_q, T* out_scale, T* out_zero) {
   alignas(64) Lanes x[kMaxGroup], u[kMaxGroup], h[kMaxGroup];
   alignas(64) uint8_t q[kMaxGroup][kLanes], oq[kMaxGroup][kLanes];
   alignas(64) double t[kMaxGroup][kLanes];
@@ -117,7 +117,8 @@ void block(const T* w, const uint8_t* old_q, const T* old_scale, const T* old_ze
   double sum_h[kLanes] = {}, sum_hu[kLanes] = {};
   for (int64_t i = 0; i < g; ++i)
     for (int64_t j = 0; j < kLanes; ++j) {
-      h[i][j] = importance ? static_cast<float>(g) * std::abs(u[i][j]) + kMeanWeight * sum_abs[j] : 1.0f;
+      h[i][j] = mean_weight ? static_cast<float>(g) * std::abs(u[i][j]) + static_cast<float>(*mean_weight) * sum_abs[j]
+                          : 1.0f;
       sum_h[j] += static_cast<double>(h[i][j]);
       sum_hu[j] += static_cast<double>(h[i][j]) * static_cast<double>(u[i][j]);
     }
@@ -173,7 +174,7 @@ void block(const T* w, const uint8_t* old_q, const T* old_scale, const T* old_ze
 template <typename T>
 void search(const at::Tensor& w, const at::Tensor& old_q, const at::Tensor& old_scale, const at::Tensor& old_zero,
             const std::vector<double>& candidates, const std::vector<double>& offsets, int64_t refinements,
-            bool importance, at::Tensor& q, at::Tensor& scale, at::Tensor& zero) {
+            std::optional<double> mean_weight, at::Tensor& q, at::Tensor& scale, at::Tensor& zero) {
   const int64_t groups = w.size(0), g = w.size(1);
   const T* pw = w.const_data_ptr<T>();
   const uint8_t* pq = old_q.const_data_ptr<uint8_t>();
@@ -183,14 +184,14 @@ void search(const at::Tensor& w, const at::Tensor& old_q, const at::Tensor& old_
   at::parallel_for(0, (groups + kLanes - 1) / kLanes, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
       block<T>(pw, pq, ps, pz, b * kLanes, std::min(kLanes, groups - b * kLanes), g, candidates, offsets, refinements,
-               importance, oq, os, oz);
+               mean_weight, oq, os, oz);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_mse(const at::Tensor& w_in, const at::Tensor& q_in,
                                                          const at::Tensor& scale_in, const at::Tensor& zero_in,
                                                          at::ArrayRef<double> candidates, at::ArrayRef<double> offsets,
-                                                         int64_t refinements, bool importance) {
+                                                         int64_t refinements, std::optional<double> mean_weight) {
   const at::Tensor w = w_in.contiguous(), old_q = q_in.contiguous();
   const at::Tensor old_scale = scale_in.contiguous(), old_zero = zero_in.contiguous();
   TORCH_CHECK(w.dim() == 2, "int4_mse: w must be [groups, group_size], got ", w.sizes());
@@ -208,9 +209,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_mse(const at::Tensor& w_in, 
               " offsets");
   const std::vector<double> cands(candidates.begin(), candidates.end()), offs(offsets.begin(), offsets.end());
   switch (w.scalar_type()) {
-    case at::kFloat: search<float>(w, old_q, old_scale, old_zero, cands, offs, refinements, importance, q, scale, zero); break;
-    case at::kBFloat16: search<c10::BFloat16>(w, old_q, old_scale, old_zero, cands, offs, refinements, importance, q, scale, zero); break;
-    case at::kHalf: search<c10::Half>(w, old_q, old_scale, old_zero, cands, offs, refinements, importance, q, scale, zero); break;
+    case at::kFloat: search<float>(w, old_q, old_scale, old_zero, cands, offs, refinements, mean_weight, q, scale, zero); break;
+    case at::kBFloat16: search<c10::BFloat16>(w, old_q, old_scale, old_zero, cands, offs, refinements, mean_weight, q, scale, zero); break;
+    case at::kHalf: search<c10::Half>(w, old_q, old_scale, old_zero, cands, offs, refinements, mean_weight, q, scale, zero); break;
     default: TORCH_CHECK(false, "int4_mse: w dtype must be float32, bfloat16 or float16, got ", w.scalar_type());
   }
   return {q, scale, zero};
@@ -220,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_mse(const at::Tensor& w_in, 
 
 TORCH_LIBRARY(unwrap_qparams, m) {
   m.def("int4_mse(Tensor w, Tensor q, Tensor scale, Tensor zero, float[] candidates, float[] offsets, "
-        "int refinements, bool importance) -> (Tensor, Tensor, Tensor)");
+        "int refinements, float? mean_weight) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(unwrap_qparams, CPU, m) { m.impl("int4_mse", &int4_mse); }
