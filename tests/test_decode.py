@@ -163,17 +163,17 @@ def test_frozen_step_equals_the_unfrozen_one(tiny):
     """freeze=True (the default: the weights are constants of the graph) changes speed, not numbers: the same
     tokens, and the next step's logits bit for bit. (The frozen step is the one the first test here compiles,
     the same model and calls: Inductor's cache has it.)"""
-    prompt, token, tokens, logits = torch.tensor([[5, 17, 99, 3, 250]]), torch.tensor([[7]]), {}, {}
+    prompt, new, token, tokens, logits = torch.tensor([[5, 17, 99, 3, 250]]), 6, torch.tensor([[7]]), {}, {}
     for freeze in (True, False):
         decoder = compile_for_decode(copy.deepcopy(tiny), max_len=16, freeze=freeze)
         assert isinstance(decoder.step, FrozenStep) == freeze
-        tokens[freeze] = decoder.generate(prompt, 6)
+        tokens[freeze] = decoder.generate(prompt, new)
         with torch.inference_mode():  # the slot after the generation, through the same trace
             out = decoder.step(
                 token,
                 past_key_values=decoder.cache,
                 use_cache=True,
-                cache_position=torch.tensor([11]),
+                cache_position=torch.tensor([prompt.shape[1] + new]),
                 logits_to_keep=1,
             )
         logits[freeze] = out.logits
