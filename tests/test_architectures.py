@@ -46,12 +46,12 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, False, True),
 }
 PROMPT = torch.tensor([[5, 17, 99, 3, 250, 7, 9, 11, 13, 15]])  # past the sliding window of 8
-NEW = 8
+NEW = 4  # the prompt is past the window already; each step of a sliding-window family is one more trace
 
 
 def tiny(family: str) -> torch.nn.Module:
     config_class, model_class, settings, _, _ = FAMILIES[family]
-    # random weights: this seed's int4 models have clear top-2 margins for 3-8 greedy steps in every family
+    # random weights: this seed's int4 models have clear top-2 margins for the first 3 or more greedy steps in every family
     # (seed 0 left gemma3's first step a bf16 tie); decided_prefix guards the comparison either way
     torch.manual_seed(1)
     config = getattr(transformers, config_class)(**SHAPES, **settings)

@@ -96,12 +96,16 @@ def test_documented_import_paths(path, names):
 
 
 def test_integrations_import_on_demand():
-    """``import subclasses`` imports no integration; ``subclasses.hf`` and ``load_gguf`` do, when asked."""
+    """Importing our packages (the core, unwrap, the torchao bridge's module, the benchmarks' tables)
+    imports no optional extra: not transformers, gguf or torchao. ``subclasses.hf`` and ``load_gguf``
+    import theirs when asked. One fresh interpreter for all of it (each start imports torch again)."""
     code = (
-        "import sys, subclasses, subclasses.decode; "
-        "assert 'transformers' not in sys.modules and 'gguf' not in sys.modules, 'imported at import'; "
-        "import subclasses.hf as hf; assert hf.attach and hf.__name__ == 'subclasses.io.hf'; "
-        "assert callable(subclasses.load_gguf)"
+        "import sys, subclasses, subclasses.decode, subclasses.io.torchao, unwrap, unwrap.linear\n"
+        "import perf.workloads, perf.modes, perf.bench_torchao\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'gguf', 'torchao'))\n"
+        "assert not loaded, f'imported at import: {loaded}'\n"
+        "import subclasses.hf as hf; assert hf.attach and hf.__name__ == 'subclasses.io.hf'\n"
+        "assert callable(subclasses.load_gguf)\n"
     )
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
