@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from subclasses import Int4WeightOnlyConfig, quantize_
-from subclasses.decode import ATTENTION, compile_for_decode
+from subclasses.decode import ATTENTION, compile_for_decode, static_cache
 from subclasses.runtime import decode_fusion
 from unwrap import unwrap
 
@@ -46,7 +46,7 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}, False, True),
 }
 PROMPT = torch.tensor([[5, 17, 99, 3, 250, 7, 9, 11, 13, 15]])  # past the sliding window of 8
-NEW = 4  # the prompt is past the window already; each step of a sliding-window family is one more trace
+NEW = 4  # the prompt is past the window already
 
 
 def tiny(family: str) -> torch.nn.Module:
@@ -87,7 +87,24 @@ def test_compile_for_decode_gives_transformers_tokens(family, caplog):
     # one line, only where something was not applied
     ours = [r for r in caplog.records if r.name == "subclasses.runtime.decode"]
     assert len(ours) == (0 if fuses and grouped else 1), caplog.text
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     tokens = decoder.generate(PROMPT, NEW)[0, PROMPT.shape[1] :].tolist()
+    # one trace of the step for every token: a sliding-window cache layer would be traced at each
+    # (its token count is a Python int), up to the recompile limit and then an error
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
     decided = decided_prefix(reference.logits)
     assert decided >= 2, decided  # the comparison below checks something
     assert tokens[:decided] == expected[:decided]
+
+
+def test_a_sliding_window_static_cache_passed_to_generate_is_refused():
+    """transformers' StaticCache keeps sliding-window layers for Mistral; through the compiled step
+    each token would be a new trace, so generate names the layers and the cache to pass instead."""
+    model = tiny("mistral")
+    decoder = compile_for_decode(model, max_len=32, backend="eager")
+    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(ValueError, match=r"layers \[0\] are sliding-window layers.*static_cache"):
+        model.generate(PROMPT, max_new_tokens=2, custom_generate=decoder, past_key_values=cache)
+    ours = static_cache(model.config, 32)
+    out = model.generate(PROMPT, max_new_tokens=2, do_sample=False, custom_generate=decoder, past_key_values=ours)
+    assert out.shape == (1, PROMPT.shape[1] + 2)

@@ -187,6 +187,21 @@ class FrozenStep:
         return out
 
 
+def static_cache(config: Any, max_len: int) -> Any:
+    """transformers' ``StaticCache`` of ``max_len`` slots with every layer a full ``StaticLayer``, the
+    cache a compiled one-token step decodes through. A sliding-window layer (Mistral, Gemma 2/3) counts
+    its tokens in a Python int that Dynamo specialises on: a new trace at every token, then the
+    recompile limit (an error under ``fullgraph``). Over full layers the window is the attention
+    mask's, which transformers builds from the config's ``sliding_window`` either way; the layer holds
+    ``max_len`` slots instead of the window's."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    cache.layers = [StaticLayer(max_cache_len=max_len) if layer.is_sliding else layer for layer in cache.layers]
+    return cache
+
+
 class GreedyDecoder:
     """Greedy generation with a ``StaticCache`` of ``max_len`` slots: the prompt in eager (any length,
     nothing to recompile), each next token through ``step`` (a compiled one-token forward).
@@ -199,13 +214,11 @@ class GreedyDecoder:
     MAX_CACHES = 8
 
     def __init__(self, model: nn.Module, max_len: int, step: Callable | None = None) -> None:
-        from transformers import StaticCache
-
         if max_len < 2:
             raise ValueError(f"max_len (prompt + new tokens the cache holds) must be at least 2, got {max_len}")
         self.model, self.max_len = model, max_len
         self.step = model if step is None else step
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache = static_cache(model.config, max_len)
         self.caches: dict[tuple[int, int], Any] = {(1, max_len): self.cache}
 
     @torch.inference_mode()
@@ -239,14 +252,12 @@ class GreedyDecoder:
         return torch.cat([input_ids, *tokens], dim=1)
 
     def cache_for(self, batch: int, slots: int) -> Any:
-        """The ``StaticCache`` of ``slots`` slots for ``batch`` rows, made on first request and kept."""
-        from transformers import StaticCache
-
+        """The ``static_cache`` of ``slots`` slots for ``batch`` rows, made on first request and kept."""
         key = (batch, slots)
         if key not in self.caches:
             if len(self.caches) >= self.MAX_CACHES:
                 self.caches.pop(next(iter(self.caches)))
-            self.caches[key] = StaticCache(config=self.model.config, max_cache_len=slots)
+            self.caches[key] = static_cache(self.model.config, slots)
         return self.caches[key]
 
     def __call__(
@@ -327,5 +338,6 @@ __all__ = [
     "compile_for_decode",
     "frozen_model_guards",
     "gqa_sdpa_attention",
+    "static_cache",
     "use_gqa_decode_attention",
 ]

@@ -70,8 +70,8 @@ def check_request(config: Any, model_kwargs: dict[str, Any], input_ids: torch.Te
 
 def user_cache(model_kwargs: dict[str, Any], batch: int, needed: int) -> Any:
     """The ``StaticCache`` the caller passed to ``generate`` (``cache=`` / ``past_key_values=``), or None
-    when transformers made the cache (it is left unused). Anything but a ``StaticCache`` that holds
-    ``needed`` slots for ``batch`` rows raises."""
+    when transformers made the cache (it is left unused). Anything but a ``StaticCache`` of full
+    (not sliding-window) layers that holds ``needed`` slots for ``batch`` rows raises."""
     from transformers import StaticCache
 
     cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
@@ -79,6 +79,13 @@ def user_cache(model_kwargs: dict[str, Any], batch: int, needed: int) -> Any:
         return None
     if not isinstance(cache, StaticCache):
         raise ValueError(f"custom_generate=GreedyDecoder needs a StaticCache; got a {type(cache).__name__}")
+    sliding = [i for i, layer in enumerate(cache.layers) if layer.is_sliding]
+    if sliding:
+        raise ValueError(
+            f"the StaticCache's layers {sliding} are sliding-window layers, whose token count the compiled step "
+            "would trace anew at every token; pass no cache (the decoder makes its own) or "
+            "subclasses.decode.static_cache(config, max_len)"
+        )
     size = cache.get_max_length()
     if size < needed:
         raise ValueError(
