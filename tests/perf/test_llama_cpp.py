@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 import perf.__main__ as cli
+import perf.bench_prompt as bench_prompt
 import perf.decode_vs_llama as versus
 import perf.llama_cpp as llama
+import perf.same_weights as same_weights
 from perf.real_model import smollm2_gguf_path
 from perf.report import format_block
 
@@ -41,9 +43,23 @@ def test_decode_vs_llama_checks_its_arguments_and_needs_llama_cpp(monkeypatch, c
     with pytest.raises(SystemExit):
         versus.main(["--modes", "decode,fast"])
     assert "--modes 'decode,fast': choose from eager" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        versus.main(["--model", "qwen2", "--types", "Q4_0,Q4_1"])
+    assert "--types Q4_1 is SmolLM2's shipped file; --model qwen2 has Q4_0 and Q8_0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_prompt.main(["--model", "qwen2", "--types", "Q4_1"])
+    assert "--types Q4_1 is SmolLM2's shipped file" in capsys.readouterr().err
     monkeypatch.setattr(llama, "available", lambda: False)
     assert versus.main([]) == 2
     assert "llama-cpp-python is not installed" in capsys.readouterr().out
+
+
+def test_the_converter_source_is_named_or_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAMA_CPP_SOURCE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"LLAMA_CPP_SOURCE={tmp_path} holds no convert_hf_to_gguf.py"):
+        same_weights.llama_cpp_source()
+    (tmp_path / "convert_hf_to_gguf.py").write_text("")
+    assert same_weights.llama_cpp_source() == tmp_path
 
 
 def test_block_shows_decode_ttft_and_the_busy_machine_warning(monkeypatch):
