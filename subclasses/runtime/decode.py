@@ -198,7 +198,9 @@ def static_cache(config: Any, max_len: int) -> Any:
     from transformers.cache_utils import StaticLayer
 
     cache = StaticCache(config=config, max_cache_len=max_len)
-    cache.layers = [StaticLayer(max_cache_len=max_len) if layer.is_sliding else layer for layer in cache.layers]
+    cache.layers = [
+        StaticLayer(max_cache_len=max_len) if getattr(layer, "is_sliding", False) else layer for layer in cache.layers
+    ]
     return cache
 
 
