@@ -66,12 +66,14 @@ def convert(model: nn.Module, tokenizer: object, folder: str) -> str:
     model.save_pretrained(folder)  # type: ignore[operator]
     tokenizer.save_pretrained(folder)  # type: ignore[attr-defined]
     out = os.path.join(folder, "model.f16.gguf")
-    subprocess.run(
+    run = subprocess.run(
         [sys.executable, "-c", _CONVERT, str(llama_cpp_source()), folder, out],
-        check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
     )
+    if run.returncode != 0:
+        raise RuntimeError(f"llama.cpp's convert_hf_to_gguf.py failed on {folder}:\n{run.stderr[-2000:]}")
     return out
 
 

@@ -62,6 +62,22 @@ def test_the_converter_source_is_named_or_refused(monkeypatch, tmp_path):
     assert same_weights.llama_cpp_source() == tmp_path
 
 
+def test_a_failing_conversion_raises_with_the_converters_error(monkeypatch, tmp_path):
+    """A source tree without the converter's ``conversion`` package: its import error reaches the caller."""
+    source, folder = tmp_path / "llama.cpp", tmp_path / "model"
+    source.mkdir()
+    folder.mkdir()
+    (source / "convert_hf_to_gguf.py").write_text("")
+    monkeypatch.setenv("LLAMA_CPP_SOURCE", str(source))
+
+    class Saved:
+        def save_pretrained(self, path: str) -> None:
+            (folder / "config.json").write_text("{}")
+
+    with pytest.raises(RuntimeError, match=r"(?s)convert_hf_to_gguf.py failed on .*No module named 'conversion'"):
+        same_weights.convert(Saved(), Saved(), str(folder))  # type: ignore[arg-type]
+
+
 def test_block_shows_decode_ttft_and_the_busy_machine_warning(monkeypatch):
     monkeypatch.setattr(
         llama, "measure", lambda threads, types, **kw: {t: (6.3 + i, 770.0 + i) for i, t in enumerate(types)}
