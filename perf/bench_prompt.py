@@ -23,7 +23,7 @@ import torch
 from subclasses.decode import compile_for_decode
 from subclasses.kernels.compute_dtype import ENV_OVERRIDE, describe_prefill
 
-from .decode_vs_llama import PEER_MODELS, model_and_peer_source
+from .decode_vs_llama import PEER_MODELS, model_and_peer_source, peer_types
 from .harness.decode import Decoder
 from .harness.tables import machine, markdown_table
 from .harness.timing import interleaved_min
@@ -47,14 +47,15 @@ def measure(
     with contextlib.ExitStack() as stack:
         bf16_model, source = stack.enter_context(model_and_peer_source(model))
         paths = stack.enter_context(gguf_files(source, list(types))) if available() else {}
+        # bf16 prompts only at SmolLM2's size: at 0.5B they take minutes on a CPU without native bf16
+        with_bf16 = model == "smollm2"
         engines: dict[str, Callable[[], object]] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if model == "smollm2":
-                bf16 = Decoder(copy.deepcopy(bf16_model), max_len=max_len, prompt_len=prompt_len)
-                engines["bf16 eager"] = bf16.reset
+            if with_bf16:
+                engines["bf16 eager"] = Decoder(copy.deepcopy(bf16_model), max_len=max_len, prompt_len=prompt_len).reset
             ours = Decoder.of(compile_for_decode(quantized(bf16_model, "int4"), max_len), prompt_len=prompt_len)
-        if model == "smollm2":
+        if with_bf16:
             engines["ours, prefill GEMMs in bf16"] = with_prefill_dtype("model", ours.reset)
         engines["ours, prefill GEMMs in fp32"] = with_prefill_dtype("float32", ours.reset)
         if paths:
@@ -75,14 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    from .llama_cpp import SHIPPED, parse_types
-
     try:
-        types = parse_types(args.types or ("Q4_1" if args.model == "smollm2" else "Q4_0"))
+        types = peer_types(args.model, args.types or ("Q4_1" if args.model == "smollm2" else "Q4_0"))
     except ValueError as error:
         parser.error(str(error))
-    if args.model != "smollm2" and SHIPPED in types:
-        parser.error(f"--types {SHIPPED} is SmolLM2's shipped file; --model {args.model} has Q4_0 and Q8_0")
     times = measure(args.threads, args.prompt, args.rounds, model=args.model, types=tuple(types))
     base = times["ours, prefill GEMMs in fp32"]
     print(f"{machine()}, {args.threads} threads, torch {torch.__version__}; {describe_prefill(torch.bfloat16)}")

@@ -43,6 +43,18 @@ def model_and_peer_source(model: str) -> Iterator[tuple[torch.nn.Module, str]]:
             yield bf16, source
 
 
+def peer_types(model: str, text: str) -> list[str]:
+    """llama.cpp's types to time against ``model`` (a key of ``PEER_MODELS``), from comma-separated ``text``:
+    SmolLM2's shipped file is its Q4_1; a converted model has what llama.cpp's quantizer makes (Q4_0, Q8_0).
+    ValueError naming the type otherwise."""
+    from .llama_cpp import SHIPPED, parse_types
+
+    types = parse_types(text)
+    if model != "smollm2" and SHIPPED in types:
+        raise ValueError(f"--types {SHIPPED} is SmolLM2's shipped file; --model {model} has Q4_0 and Q8_0")
+    return types
+
+
 def measure(
     threads: int,
     types: list[str],
@@ -78,7 +90,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .llama_cpp import SHIPPED, available, parse_types
+    from .llama_cpp import available
 
     parser = argparse.ArgumentParser(prog="python -m perf.decode_vs_llama", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", choices=sorted(PEER_MODELS))
@@ -97,11 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
     try:
-        types = parse_types(args.types)
+        types = peer_types(args.model, args.types)
     except ValueError as error:
         parser.error(str(error))
-    if args.model != "smollm2" and SHIPPED in types:
-        parser.error(f"--types {SHIPPED} is SmolLM2's shipped file; --model {args.model} has Q4_0 and Q8_0")
     if min(args.threads, args.rounds, args.tokens, args.context) < 1:
         parser.error(
             "--threads, --rounds, --tokens, --context must be positive, got "
