@@ -199,7 +199,8 @@ def static_cache(config: Any, max_len: int) -> Any:
 
     cache = StaticCache(config=config, max_cache_len=max_len)
     cache.layers = [
-        StaticLayer(max_cache_len=max_len) if getattr(layer, "is_sliding", False) else layer for layer in cache.layers
+        StaticLayer(max_cache_len=max_len) if sliding else layer
+        for layer, sliding in zip(cache.layers, cache.is_sliding)
     ]
     return cache
 

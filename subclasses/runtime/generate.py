@@ -79,7 +79,7 @@ def user_cache(model_kwargs: dict[str, Any], batch: int, needed: int) -> Any:
         return None
     if not isinstance(cache, StaticCache):
         raise ValueError(f"custom_generate=GreedyDecoder needs a StaticCache; got a {type(cache).__name__}")
-    sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
+    sliding = [i for i, is_sliding in enumerate(cache.is_sliding) if is_sliding]
     if sliding:
         raise ValueError(
             f"the StaticCache's layers {sliding} are sliding-window layers, whose token count the compiled step "
