@@ -35,7 +35,7 @@ test-default-isa: setup
 
 # On an AVX512 machine, the kernels and formats again under torch's AVX2 dispatch (what an AVX2 laptop runs: the
 # AVX2 int4 kernels and packing). Elsewhere `make test` ran them at the machine's own level already.
-AVX2_TESTS := $(PORTABLE_TESTS) tests/subclasses/test_int4_gemv.py tests/subclasses/test_decode_kernels.py
+AVX2_TESTS := $(PORTABLE_TESTS) tests/subclasses/test_int4_gemv.py tests/subclasses/test_int4_gemm.py tests/subclasses/test_decode_kernels.py
 test-avx2-isa: setup
 	@capability=$$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'); \
 	if [ "$$capability" = AVX512 ]; then \

@@ -76,13 +76,16 @@ def _seed_and_reset_dynamo():
 
 
 @pytest.fixture
-def aten_int4_decode(monkeypatch):
-    """M = 1 int4 linears run aten's kernel (subclasses.kernels.int4_gemv switched off), for tests that
-    compare bit for bit with torchao, which calls that kernel."""
+def aten_int4_kernels(monkeypatch):
+    """int4 linears run aten's kernel at every M up to the prefill crossover (our C++ ops switched off:
+    the one-row GEMV and the AVX2 integer GEMM), for tests that compare bit for bit with torchao, which
+    calls that kernel."""
     import subclasses.kernels.int4_gemv as gemv
 
     monkeypatch.setenv(gemv.ENV_SWITCH, "0")
     gemv.kernel_available.cache_clear()
+    gemv.int8_gemm_available.cache_clear()
     yield
     monkeypatch.delenv(gemv.ENV_SWITCH)
     gemv.kernel_available.cache_clear()
+    gemv.int8_gemm_available.cache_clear()

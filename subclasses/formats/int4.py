@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from ..kernels.compute_dtype import prefill_compute_dtype
+from ..kernels.compute_dtype import prefill_compute_dtype, prefill_int8
 from ..kernels.int4_cuda import pack_tinygemm, tinygemm_linear, tinygemm_supported, unpack_tinygemm
 from ..kernels.int4_gemv import int4_gemv, int4_mm_for_cpu, traced_kernel_available
 from ..kernels.int4_packing import (
@@ -128,10 +128,12 @@ class Int4WeightTensor(QuantizedWeight):
 
     def traced_choices(self) -> tuple:
         """On CPU: the packing's CPU capability, whether the C++ M = 1 kernel runs, and the
-        prefill GEMM's compute dtype for half-precision activations."""
+        prefill GEMM's path (8-bit integer or a compute dtype) for half-precision activations."""
         if self.packing != Packing.CPU:
             return ()
-        prefill = tuple(prefill_compute_dtype(dtype) for dtype in (torch.bfloat16, torch.float16))
+        prefill = tuple(
+            (prefill_int8(dtype), prefill_compute_dtype(dtype)) for dtype in (torch.bfloat16, torch.float16)
+        )
         return torch.backends.cpu.get_cpu_capability(), traced_kernel_available(), prefill
 
     @classmethod

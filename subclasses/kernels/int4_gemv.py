@@ -12,7 +12,9 @@ rounding. (8-bit activations, llama.cpp's choice, ran no faster on AVX2 and lost
 
 The same library holds the decode step's other ops: ``unwrap_cpu::int4_gemv_cat`` (several weights of
 one input in one call, ``int4_gemv_cat`` below; used by ``decode_fusion``) and
-``unwrap_cpu::decode_attention`` (csrc/decode_attention.cpp; used by ``decode.gqa_sdpa_attention``).
+``unwrap_cpu::decode_attention`` (csrc/decode_attention.cpp; used by ``decode.gqa_sdpa_attention``), and on
+AVX2 the several-row product ``unwrap_cpu::int4_gemm`` (csrc/int4_gemm_avx2.cpp: 8-bit activations x the
+4-bit codes in integer arithmetic; ``int4_gemm`` below; the prompt path, see compute_dtype.py).
 
 It is compiled at first use with ``torch.utils.cpp_extension.load`` (~30-60 s, cached under
 ``TORCH_EXTENSIONS_DIR``, ~/.cache/torch_extensions by default). Where it cannot be used (capability
@@ -31,11 +33,12 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .cpp_build import build_library
-from .int4_packing import pack_cpu
+from .int4_packing import dequantize_codes, pack_cpu
 from .traced import traced_constant
 
 SOURCES = [
-    Path(__file__).parent / "csrc" / name for name in ("int4_gemv.cpp", "int4_gemv_avx2.cpp", "decode_attention.cpp")
+    Path(__file__).parent / "csrc" / name
+    for name in ("int4_gemv.cpp", "int4_gemv_avx2.cpp", "int4_gemm_avx2.cpp", "decode_attention.cpp")
 ]
 ENV_SWITCH = "UNWRAP_INT4_GEMV"  # "0": never build or use the C++ op
 
@@ -85,6 +88,36 @@ def _agrees_with_aten() -> bool:
     return True
 
 
+@functools.cache
+def int8_gemm_available() -> bool:
+    """Whether ``unwrap_cpu::int4_gemm`` runs here: the library loaded with its AVX2 kernel (CPU
+    capability AVX2) and the GEMM agreeing with the exact product of its rounded activations."""
+    return kernel_available() and kernel_isa() == "avx2" and _gemm_agrees_with_reference()
+
+
+def _gemm_agrees_with_reference() -> bool:
+    """Check the GEMM once against the dequantized weight times its own 8-bit rounding of x (per 32
+    features, scale = the block's largest |x| / 127): equal up to fp32 summation order."""
+    generator = torch.Generator().manual_seed(0)
+    n, k, group_size = 64, 128, 64
+    q = torch.randint(0, 16, (n, k), generator=generator)
+    scale_and_zero = torch.rand(k // group_size, n, 2, generator=generator)
+    x = torch.randn(3, k, generator=generator)
+    amax = x.view(3, k // 32, 32).abs().amax(-1, keepdim=True)  # the kernel's arithmetic, op for op
+    x_rounded = (torch.round(x.view(3, k // 32, 32) * (torch.full_like(amax, 127) / amax)) * (amax / 127)).view(3, k)
+    w = dequantize_codes(q, scale_and_zero, group_size, torch.float32)
+    expected = x_rounded @ w.T
+    ours = torch.ops.unwrap_cpu.int4_gemm(x, pack_cpu(q), group_size, scale_and_zero)
+    if not (ours - expected).norm() <= 1e-5 * expected.norm():  # a layout error is ~100 %, fp32 sums ~1e-7
+        warnings.warn(
+            "the int4 GEMM kernel disagrees with its reference on this machine's packing; "
+            "prompts use the dequantize + GEMM path",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
 @traced_constant
 def traced_kernel_available() -> bool:
     """``kernel_available()`` for code that torch.compile traces (building and loading a library is
@@ -121,6 +154,13 @@ def int4_gemv_cat(
     return torch.ops.unwrap_cpu.int4_gemv_cat.default(x, packed, group_size, scale_and_zero)
 
 
+def int4_gemm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` for a contiguous x [M, K] and an int4 weight in the AVX2 packing with N a multiple
+    of 32 and ``group_size`` of 32: x rounded to 8 bits per 32 features (llama.cpp's Q8_0), the
+    products summed exactly in integers, scaled in fp32. Callers check ``int8_gemm_available()``."""
+    return torch.ops.unwrap_cpu.int4_gemm.default(x, packed, group_size, scale_and_zero)
+
+
 def _register_fake() -> None:
     # The ops' schemas come with the library; their shape functions are declared here once loaded.
     @torch.library.register_fake("unwrap_cpu::int4_gemv")
@@ -130,6 +170,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("unwrap_cpu::int4_gemv_cat")
     def _(x: torch.Tensor, packed: list[torch.Tensor], group_size: int, scale_and_zero: list) -> torch.Tensor:
         return x.new_empty(x.shape[0], sum(p.shape[0] for p in packed))
+
+    @torch.library.register_fake("unwrap_cpu::int4_gemm")
+    def _(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0])
 
     @torch.library.register_fake("unwrap_cpu::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:

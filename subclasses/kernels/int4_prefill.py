@@ -1,4 +1,6 @@
-"""The int4 prefill path: dequantize the packed weight in one fused pass, then a high-precision GEMM.
+"""The int4 prefill path (M > 1 activation rows): on AVX2 the integer GEMM ``unwrap_cpu::int4_gemm``
+(see compute_dtype.py) for every M; elsewhere the int4 kernel for small M and, above it, a dequantize of the
+packed weight in one fused pass, then a high-precision GEMM.
 
 The CPU int4 kernel (``_weight_int4pack_mm_for_cpu``) is a decode kernel: its time grows linearly
 with the activation rows M, while a bf16 GEMM barely does. Above a crossover M it is faster to
@@ -17,8 +19,8 @@ from typing import Any
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .compute_dtype import prefill_compute_dtype
-from .int4_gemv import int4_gemv
+from .compute_dtype import prefill_compute_dtype, prefill_int8
+from .int4_gemv import int4_gemm, int4_gemv
 from .int4_packing import affine_dequantize, dequantize_codes, traced_cpu_layout, unpack_cpu
 
 # Crossover by shape class, measured with ``python -m perf.crossover`` (2 threads, bf16,
@@ -155,13 +157,21 @@ def prefill_mm(
     return torch.mm(x2d.to(compute), w_kn).to(x2d.dtype)
 
 
+def int8_gemm_applies(x2d: torch.Tensor, group_size: int, n: int) -> bool:
+    """Whether ``int4_gemm`` takes this product: the CPU's choice (``prefill_int8``), full 32-row
+    packed blocks and whole 32-feature blocks per group (``n``, ``group_size`` are ints: no guard)."""
+    return n % 32 == 0 and group_size % 32 == 0 and prefill_int8(x2d.dtype)
+
+
 def mm_by_rows(
     x2d: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int, n: int, k: int
 ) -> torch.Tensor:
     """``x2d @ W^T``: the int4 kernel up to the crossover row count of an [n, k] weight,
-    dequantize + GEMM above it. M must be known (an int)."""
+    dequantize + GEMM above it (the integer GEMM for any M > 1 where it applies). M must be known."""
     if x2d.shape[0] == 1:
         return int4_gemv(x2d, packed, group_size, scale_and_zero)
+    if int8_gemm_applies(x2d, group_size, n):
+        return int4_gemm(x2d, packed, group_size, scale_and_zero)
     if x2d.shape[0] <= crossover_rows(n, k):
         return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
     return prefill_mm(x2d, packed, scale_and_zero, group_size, n, k)
@@ -202,6 +212,8 @@ def int4_prefill_mm(
     # statically_known_true installs no guard: a symbolic M answers False to both.
     if statically_known_true(m == 1):  # decode of a 3-D x, or with a bias
         return int4_gemv(x2d, packed, group_size, scale_and_zero)
+    if int8_gemm_applies(x2d, group_size, n):  # every M > 1 (an unbacked M of 1 too: correct, 8-bit x)
+        return int4_gemm(x2d, packed, group_size, scale_and_zero)
     if statically_known_true(m <= rows):
         return torch._weight_int4pack_mm_for_cpu(x2d, packed, group_size, scale_and_zero)
     if statically_known_true(m > rows):

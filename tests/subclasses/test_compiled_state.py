@@ -9,7 +9,7 @@ from torch import nn
 
 from subclasses import Int4WeightOnlyConfig, quantize_
 from subclasses.kernels import int4_prefill
-from subclasses.kernels.compute_dtype import prefill_compute_dtype
+from subclasses.kernels.compute_dtype import ENV_OVERRIDE, prefill_compute_dtype
 from subclasses.runtime.decode import FrozenStep
 from unwrap import unwrap
 
@@ -21,13 +21,14 @@ def _unwrapped_int4(shapes: list[tuple[int, int]]) -> nn.ModuleList:
     return unwrap(layers)
 
 
-def test_eager_prefill_compiles_one_dequantize_per_shape_never_per_weight():
-    """Ten same-shape and two other-shape unwrapped weights (past Dynamo's recompile limit of 8),
+def test_eager_prefill_compiles_one_dequantize_per_shape_never_per_weight(monkeypatch):
+    """The dequantize + GEMM path (pinned: where the AVX2 integer GEMM runs it has no dequantize). Ten same-shape and two other-shape unwrapped weights (past Dynamo's recompile limit of 8),
     with Inductor freezing on (under which Dynamo guards parameters by identity): three shapes,
     three compiled graphs; each layer's output is its compiled dequantize times x, and that
     dequantize is the weight's ``dequantize()`` to within one bf16 rounding (Inductor may contract
     ``(q - zero) * scale`` into an FMA: the fp32 value then rounds to the neighbouring bf16, a
     relative difference of at most 2**-7)."""
+    monkeypatch.setenv(ENV_OVERRIDE, "float32")
     shapes = [(512, 512)] * 10 + [(1024, 512), (512, 1024)]
     layers = _unwrapped_int4(shapes)
     int4_prefill.compiled_dequantize.cache_clear()

@@ -9,7 +9,7 @@ from torch import nn
 
 import subclasses.kernels.compute_dtype as compute_dtype
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, quantize_
-from subclasses.kernels.compute_dtype import ENV_OVERRIDE, prefill_compute_dtype
+from subclasses.kernels.compute_dtype import ENV_OVERRIDE, describe_prefill, prefill_compute_dtype, prefill_int8
 from subclasses.kernels.int4_packing import dequantize_codes
 from subclasses.kernels.int4_prefill import crossover_rows
 from unwrap import unwrap
@@ -75,7 +75,7 @@ def test_prefill_in_either_dtype_is_within_its_rounding_of_the_exact_product(mon
 def test_summary_states_the_prefill_dtype():
     model = nn.Sequential(nn.Linear(256, 128)).to(BF16)
     quantize_(model, Int4WeightOnlyConfig())
-    name = str(prefill_compute_dtype(BF16)).removeprefix("torch.")
-    assert f"int4 prefill GEMMs in {name}" in str(model.quantize_summary)
+    assert f"int4 {describe_prefill(BF16)}" in str(model.quantize_summary)
+    assert ("int8 x int4" in describe_prefill(BF16)) == prefill_int8(BF16)
     unwrap(model)  # the summary stays; unwrapping changes nothing of the choice
     assert model.quantize_summary.prefill

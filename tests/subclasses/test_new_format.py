@@ -131,7 +131,8 @@ def checkpoint_model() -> nn.Module:
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_checkpoints_of_the_previous_version_load(suffix):
+def test_checkpoints_of_the_previous_version_load(suffix, aten_int4_kernels):
+    """Bit for bit: the stored output was computed with aten's int4 kernel (M = 3), as the fixture runs."""
     io = torch.load(DATA / "v1_three_formats_io.pt", weights_only=True)
     model = checkpoint_model()
     model.load_state_dict(load_checkpoint(DATA / f"v1_three_formats{suffix}"))

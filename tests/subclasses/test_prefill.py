@@ -1,4 +1,6 @@
-"""The int4 prefill path: kernel below the crossover, dequantize + GEMM above it."""
+"""The int4 prefill path of CPUs without the integer GEMM: kernel below the crossover, dequantize +
+GEMM above it. Pinned here with ``UNWRAP_PREFILL_DTYPE=float32`` so that it is tested on every CPU; the
+integer GEMM (AVX2) has its own tests in test_int4_gemm.py."""
 
 from unittest import mock
 
@@ -10,10 +12,16 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import subclasses.kernels.int4_prefill as prefill
 from subclasses import Int4WeightOnlyConfig, Int4WeightTensor, quantize_
+from subclasses.kernels.compute_dtype import ENV_OVERRIDE
 from subclasses.kernels.int4_gemv import kernel_available
 from subclasses.kernels.int4_prefill import PREFILL_CROSSOVER, PREFILL_MIN_ROWS, crossover_rows, dequantize_kn
 from tests.conftest import sqnr
 from unwrap import unwrap
+
+
+@pytest.fixture(autouse=True)
+def _dequantize_path(monkeypatch):
+    monkeypatch.setenv(ENV_OVERRIDE, "float32")
 
 
 def _spy_prefill_mm():

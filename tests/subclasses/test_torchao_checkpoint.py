@@ -35,7 +35,7 @@ def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("unwrapped", [False, True])
-def test_torch_save_of_a_torchao_int4_model_loads_into_ours(tmp_path, unwrapped):
+def test_torch_save_of_a_torchao_int4_model_loads_into_ours(tmp_path, unwrapped, aten_int4_kernels):
     from unwrap import unwrap
 
     theirs = bf16_model()

@@ -56,7 +56,7 @@ INPUTS = [(1, 256), (3, 256), (2, 5, 256)]
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_int4_opaque_converts_exactly_and_back(group_size, dtype, aten_int4_decode):
+def test_int4_opaque_converts_exactly_and_back(group_size, dtype, aten_int4_kernels):
     theirs = torchao_quantized(PrototypeInt4WeightOnlyConfig(group_size=group_size), dtype)
     ours = copy.deepcopy(theirs)
     summary = from_torchao(ours, strict=True)
@@ -81,7 +81,7 @@ def test_int4_opaque_converts_exactly_and_back(group_size, dtype, aten_int4_deco
         assert torch.equal(back[i].weight.qdata, theirs[i].weight.qdata)
 
 
-def test_ours_to_torchao_and_back_int4():
+def test_ours_to_torchao_and_back_int4(aten_int4_kernels):
     ours = quantize_(model(), Int4WeightOnlyConfig(group_size=64))
     theirs = copy.deepcopy(ours)
     to_torchao(theirs, strict=True)

@@ -50,7 +50,7 @@ def test_torchaos_classes_declare_the_lean_linears():
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", list(INPUTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_is_bit_identical_to_torchaos_linear(dtype, shape, bias, aten_int4_decode):
+def test_int4_is_bit_identical_to_torchaos_linear(dtype, shape, bias, aten_int4_kernels):
     w = torchao_weight(PrototypeInt4WeightOnlyConfig(group_size=128), dtype=dtype)
     x = INPUTS[shape](dtype)
     b = torch.randn(64, dtype=dtype) if bias else None

@@ -57,7 +57,7 @@ def test_unwrapped_torchao_calls_the_kernel_without_torch_function(fmt, monkeypa
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("workload", ["W1 8x256", "W2 512-1024-1024"])
-def test_compiled_guards_within_the_floor_plus_one_per_layer(workload, fmt, aten_int4_decode):
+def test_compiled_guards_within_the_floor_plus_one_per_layer(workload, fmt, aten_int4_kernels):
     models, x = torchao_variants(workload, fmt)
     layers = len(models["floor"])
     reference = run(models["torchao unwrapped"], x)  # eager: torchao's int4 bit for bit; int8, see above

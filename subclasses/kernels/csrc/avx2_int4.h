@@ -1,0 +1,47 @@
+// Shared by the AVX2 int4 kernels (int4_gemv_avx2.cpp, int4_gemm_avx2.cpp): the arithmetic on
+// the AVX2 packing's scales and on int16/int32 lanes that both the GEMV and the GEMM need.
+#pragma once
+#include "avx2_load.h"
+
+namespace unwrap_cpu {
+
+// 8 consecutive (scale, zero) pairs as two fp32 vectors.
+template <typename T> AVX2 inline void load_pairs(const T* p, __m256& s, __m256& z) {
+  const __m256 a = load8(p), b = load8(p + 8);
+  // shuffle_ps leaves [0 1 4 5 | 2 3 6 7]; the 64-bit permute puts the pairs of columns in order.
+  s = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+  z = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+}
+
+// int16 lanes [rows 0-7 | the same rows] -> int32 rows 0-7, the two halves added.
+AVX2 inline __m256i widen(__m256i v) {
+  return _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)),
+                          _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+}
+
+// out[0, 32) += s * gsum + (z - 8 s) * xsum over one group: w = (q - 8) s + z.
+template <typename T> AVX2 inline void scale_group(const T* pairs, const float* gsum, float xsum, float* out) {
+  const __m256 xs = _mm256_set1_ps(xsum);
+  for (int i = 0; i < 4; ++i) {
+    __m256 s, z;
+    load_pairs<T>(pairs + 16 * i, s, z);
+    const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z);
+    const __m256 acc = _mm256_fmadd_ps(offset, xs, _mm256_loadu_ps(out + 8 * i));
+    _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(s, _mm256_loadu_ps(gsum + 8 * i), acc));
+  }
+}
+
+// The largest of the 8 lanes.
+AVX2 inline float reduce_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// 32 int32 (4 vectors, in order) -> 32 int8, in order (the values fit: no saturation).
+AVX2 inline __m256i pack32(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // undo the lane interleave
+}
+
+}  // namespace unwrap_cpu
