@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="instead: the tensor-parallel report, decode ms/token of the "
         "Qwen2 models at TP=1 vs TP=N (N processes, gloo on CPU; needs transformers)",
     )
+    parser.add_argument(
+        "--request",
+        action="store_true",
+        help="instead: the seed's request, a 1024-token prompt and 128 new tokens on Qwen2.5-0.5B's shapes, ours "
+        "vs llama.cpp on the same weights, seconds (python -m perf.bench_request; needs the llama extra)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
         "--plot", metavar="PATH", help="also write a bar chart PNG (needs matplotlib: the 'plot' extra)"
@@ -105,7 +111,15 @@ def llama_blocks(*, quick: bool, progress: Progress) -> list:
 
 def headline_only(args: argparse.Namespace) -> bool:
     """No option that selects what to measure: the default run, the headline."""
-    return not (args.full or args.quick or args.only or args.no_llm or args.format != "int4" or args.tp is not None)
+    return not (
+        args.full
+        or args.quick
+        or args.only
+        or args.no_llm
+        or args.format != "int4"
+        or args.tp is not None
+        or args.request
+    )
 
 
 def run_headline(progress: Progress) -> list | None:
@@ -165,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             end="",
         )
         return 0
+    if args.request:
+        from .bench_request import main as request_main
+
+        return request_main(["--threads", str(torch.get_num_threads())])
     headline = headline_only(args)
     meta = {
         "torch": torch.__version__,

@@ -1,7 +1,8 @@
 """``python -m perf.bench_prompt``: time to first token of a long prompt, ms: bf16, ours (default int4,
-``compile_for_decode``'s prompt pass) with the prefill GEMMs in each compute dtype
-(``UNWRAP_PREFILL_DTYPE``: ``model`` = the activation's bf16, ``float32``), and llama.cpp on the same
-weights when llama-cpp-python is importable. One process, interleaved rounds, minimum per engine.
+``compile_for_decode``'s prompt pass) with the prefill GEMMs as this CPU chooses them (``auto``: the AVX2
+integer GEMM where it runs) and in each compute dtype (``UNWRAP_PREFILL_DTYPE``: ``model`` = the
+activation's bf16, ``float32``), and llama.cpp on the same weights when llama-cpp-python is importable.
+One process, interleaved rounds, minimum per engine.
 
 ``--model smollm2`` (SmolLM2-135M, llama.cpp ``--types`` from its shipped Q4_1 file) or ``--model qwen2``
 (Qwen2.5-0.5B's shapes, random weights converted by llama.cpp's converter, ``perf.same_weights``; ours
@@ -21,7 +22,7 @@ from unittest import mock
 import torch
 
 from subclasses.decode import compile_for_decode
-from subclasses.kernels.compute_dtype import ENV_OVERRIDE, describe_prefill
+from subclasses.kernels.compute_dtype import ENV_OVERRIDE, describe_prefill, native_half_precision, prefill_int8
 
 from .decode_vs_llama import PEER_MODELS, model_and_peer_source, peer_types
 from .harness.decode import Decoder
@@ -55,7 +56,9 @@ def measure(
             if with_bf16:
                 engines["bf16 eager"] = Decoder(copy.deepcopy(bf16_model), max_len=max_len, prompt_len=prompt_len).reset
             ours = Decoder.of(compile_for_decode(quantized(bf16_model, "int4"), max_len), prompt_len=prompt_len)
-        if with_bf16:
+        if prefill_int8(torch.bfloat16):
+            engines["ours, prefill GEMMs in int8 x int4"] = with_prefill_dtype("auto", ours.reset)
+        if with_bf16 and native_half_precision():  # else ~65x slower than fp32 (docs/results.md): not timed
             engines["ours, prefill GEMMs in bf16"] = with_prefill_dtype("model", ours.reset)
         engines["ours, prefill GEMMs in fp32"] = with_prefill_dtype("float32", ours.reset)
         if paths:
@@ -81,14 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     times = measure(args.threads, args.prompt, args.rounds, model=args.model, types=tuple(types))
-    base = times["ours, prefill GEMMs in fp32"]
+    peers = [name for name in times if name.startswith("llama.cpp")]
+    base_name = peers[0] if peers else "ours, prefill GEMMs in fp32"
+    base = times[base_name]
     print(f"{machine()}, {args.threads} threads, torch {torch.__version__}; {describe_prefill(torch.bfloat16)}")
     print(
         markdown_table(
             [
                 f"engine ({PEER_MODELS[args.model]}, {args.prompt}-token prompt)",
                 "ms to first token",
-                "ratio to ours fp32",
+                f"ratio to {base_name}",
             ],
             [[name, f"{ms:.0f}", f"{ms / base:.2f}"] for name, ms in times.items()],
         )

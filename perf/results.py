@@ -88,16 +88,24 @@ SECTIONS = (
     ),
     Section(
         "Prompt against llama.cpp",
-        "Time to evaluate a 512-token prompt of SmolLM2-135M, ours (`compile_for_decode`'s prompt pass) and "
-        "llama.cpp (Q4_0 made by its quantizer, and the shipped Q4_1), interleaved.",
+        "Time to evaluate a 512-token prompt of SmolLM2-135M, ours (`compile_for_decode`'s prompt pass; with "
+        "the AVX2 integer GEMM where it runs, and with the dequantize + fp32 GEMM path) and llama.cpp (Q4_0 "
+        "made by its quantizer, and the shipped Q4_1), interleaved.",
         "perf.bench_prompt --threads 2 --types Q4_0,Q4_1",
         needs=LLAMA,
     ),
     Section(
         "Prompt against llama.cpp on Qwen2.5-0.5B's shapes",
-        "The same on the converted Qwen2.5-0.5B-shaped weights (ours in fp32 only: a bf16 prompt of that size "
+        "The same on the converted Qwen2.5-0.5B-shaped weights (no bf16 model: a bf16 prompt of that size "
         "takes minutes on a CPU without native bf16).",
         "perf.bench_prompt --model qwen2 --threads 2 --types Q4_0",
+        needs=LLAMA,
+    ),
+    Section(
+        "The seed's request against llama.cpp",
+        "A whole request on the converted Qwen2.5-0.5B-shaped weights, the workload the library was started "
+        "for: a 1024-token prompt, then 128 greedy tokens, seconds, ours (`compile_for_decode`) and llama.cpp.",
+        "perf.bench_request --threads 2",
         needs=LLAMA,
     ),
     Section(

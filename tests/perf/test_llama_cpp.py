@@ -7,6 +7,7 @@ import pytest
 
 import perf.__main__ as cli
 import perf.bench_prompt as bench_prompt
+import perf.bench_request as bench_request
 import perf.decode_vs_llama as versus
 import perf.llama_cpp as llama
 import perf.same_weights as same_weights
@@ -109,3 +110,30 @@ def test_requantized_q4_0_decodes_greedily_and_is_timed(tmp_path):
     assert results["Q4_0"][0] > 0 and results["Q4_0"][1] > 0
     with pytest.raises(ValueError, match="not 'Q4_1'"):
         llama.quantize_gguf(source, str(tmp_path / "x.gguf"), "Q4_1")
+
+
+def test_request_checks_its_arguments_and_runs_prompt_then_steps(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        bench_request.main(["--new", "0"])
+    assert "--threads, --prompt, --new, --rounds must be positive, got 2, 1024, 0, 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_request.main(["--types", "Q4_1"])
+    assert "--types Q4_1 is SmolLM2's shipped file" in capsys.readouterr().err
+
+    class Stepper:
+        position, max_len, calls = 0, 0, []
+
+        def reset(self) -> int:
+            self.calls.append("prompt")
+            return 0
+
+        def next(self) -> int:
+            self.calls.append("step")
+            return 0
+
+    stepper = Stepper()
+    bench_request.whole_request(stepper, 4)()
+    assert stepper.calls == ["prompt", "step", "step", "step"]  # 4 new tokens: the prompt's, then 3 steps
+    called = []
+    monkeypatch.setattr(bench_request, "main", lambda argv: called.append(argv) or 0)
+    assert cli.main(["--request", "--threads", "1"]) == 0 and called == [["--threads", "1"]]
