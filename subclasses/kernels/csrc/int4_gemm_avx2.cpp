@@ -8,8 +8,8 @@
 // 127 = 30480). The fp32 work is per 32 features: the block's scale, then per group the weight's
 // scale and zero. So y is exactly W_dequantized @ x_rounded: the only error is x's rounding to
 // 8 bits (~45 dB on Gaussian rows; less where a block holds an outlier). Two activation rows share
-// every unpacked weight register, which is what makes this ~2x faster than dequantize + an fp32 GEMM
-// on a 2-core AVX2 EPYC (``python -m perf.bench_prompt``).
+// every unpacked weight register: at M = 512 this is 1.4-1.7x faster than dequantize + an fp32 GEMM, at
+// M = 2-64 ~2x faster than aten's int4 kernel, on a 2-core AVX2 EPYC (docs/decoding.md, Prefill).
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
@@ -51,17 +51,6 @@ AVX2 void quantize_row(const T* x, int64_t k, int64_t group, int8_t* q, float* s
   }
 }
 
-// x's int8 row arranged for vpmaddubsw against the unpacked weight bytes: per 4 features k..k+3,
-// 32 bytes holding (x[k], x[k+2]) in every int16 lane of the low half and (x[k+1], x[k+3]) in the
-// high half, as the bytes pair their columns. Read as a memory operand in the inner loop, this saves
-// a broadcast and a shuffle per row and step.
-AVX2 void arrange_row(const int8_t* x, int64_t k, __m256i* out) {
-  const __m256i order = _mm256_setr_epi8(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2,  //
-                                         1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3);
-  for (int64_t i = 0; i < k / 4; ++i)
-    _mm256_store_si256(out + i, _mm256_shuffle_epi8(_mm256_set1_epi32(*reinterpret_cast<const int32_t*>(x + 4 * i)), order));
-}
-
 // out[0, 8) += weight_scale[0, 8) * x_scale * (the int16 lanes of acc, the two halves added).
 AVX2 inline void add_block(__m256i acc, const float* weight_scale, float x_scale, float* out) {
   const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(weight_scale), _mm256_set1_ps(x_scale));
@@ -80,14 +69,13 @@ struct Scales {
   std::vector<float> scale, offset;
 };
 
-// out[r][0, 32) (fp32) for R = 1 or 2 activation rows (arranged, see arrange_row) and the weight
-// block of rows [n0, n0 + 32). The unpacking of 4 columns is the GEMV's (int4_gemv_avx2.cpp,
-// full_block_int); named accumulators, not arrays, keep gcc from spilling them.
+// out[r][0, 32) (fp32) for R = 1 or 2 activation rows (arranged, see avx2_int4.h) and the weight
+// block of rows [n0, n0 + 32), its 4 columns at a time unpacked as the GEMV's (unpack_columns); named
+// accumulators, not arrays, keep gcc from spilling them.
 template <int R>
 AVX2 void tile(const uint8_t* block, const Scales& w, int64_t n, int64_t n0, const __m256i* const* x,
                const float* const* x_scale, const float* const* x_group_sum, int64_t k, int64_t group,
                float (*out)[kRows]) {
-  const __m256i nibble = _mm256_set1_epi8(15);
   for (int r = 0; r < R; ++r) std::fill(out[r], out[r] + kRows, 0.f);
   const uint8_t* p = block;
   for (int64_t b0 = 0; b0 < k; b0 += 32) {
@@ -95,12 +83,8 @@ AVX2 void tile(const uint8_t* block, const Scales& w, int64_t n, int64_t n0, con
     const __m256i* x0 = x[0] + b0 / 4;
     const __m256i* x1 = x[R - 1] + b0 / 4;
     for (int step = 0; step < 8; ++step, p += 64) {
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-      const __m256i c = _mm256_unpacklo_epi8(lo, hi), d = _mm256_unpackhi_epi8(lo, hi);
-      const __m256i q0 = _mm256_and_si256(c, nibble), q1 = _mm256_and_si256(d, nibble);
-      const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(c, 4), nibble);
-      const __m256i q3 = _mm256_and_si256(_mm256_srli_epi16(d, 4), nibble);
+      __m256i q0, q1, q2, q3;
+      unpack_columns(p, q0, q1, q2, q3);
       a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(q0, x0[step]));
       a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(q1, x0[step]));
       a2 = _mm256_add_epi16(a2, _mm256_maddubs_epi16(q2, x0[step]));
@@ -155,7 +139,7 @@ void gemm(const T* x, int64_t m, int64_t k, int64_t group, const uint8_t* packed
       const int64_t wb = t % weight_blocks, panel = t / weight_blocks, row0 = panel * kPanel, n0 = wb * kRows;
       const int64_t rows_in_panel = std::min(m, row0 + kPanel) - row0;
       if (panel != current) {
-        for (int64_t i = 0; i < rows_in_panel; ++i) arrange_row(q.data() + (row0 + i) * k, k, arranged + i * (k / 4));
+        for (int64_t i = 0; i < rows_in_panel; ++i) arrange(q.data() + (row0 + i) * k, k, arranged + i * (k / 4));
         current = panel;
       }
       const uint8_t* block = packed + wb * k * (kRows / 2);

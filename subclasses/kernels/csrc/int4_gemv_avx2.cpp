@@ -38,7 +38,6 @@ constexpr float kXMax = 127 * 256 + 127;  // so that xh = (x16 - xl) / 256 stays
 template <typename T>
 AVX2 void full_block_int(const uint8_t* packed, const T* sz, const __m256i* xh, const __m256i* xl, const float* xscale,
                          const float* xsum, int64_t block, int64_t n, int64_t k, int64_t group, float* out) {
-  const __m256i nibble = _mm256_set1_epi8(15);
   const uint8_t* p = packed + block * k * (kRows / 2);
   alignas(32) float gsum[kRows];
   for (int i = 0; i < kRows; ++i) out[i] = 0.f;
@@ -53,12 +52,8 @@ AVX2 void full_block_int(const uint8_t* packed, const T* sz, const __m256i* xh, 
       __m256i h0 = _mm256_setzero_si256(), h1 = h0, h2 = h0, h3 = h0, l0 = h0, l1 = h0, l2 = h0, l3 = h0;
       for (int64_t kk = b0; kk < b0 + 32; kk += 4, p += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-        const __m256i c = _mm256_unpacklo_epi8(a, b), d = _mm256_unpackhi_epi8(a, b);
-        const __m256i q0 = _mm256_and_si256(c, nibble), q1 = _mm256_and_si256(d, nibble);
-        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(c, 4), nibble);
-        const __m256i q3 = _mm256_and_si256(_mm256_srli_epi16(d, 4), nibble);
+        __m256i q0, q1, q2, q3;
+        unpack_columns(p, q0, q1, q2, q3);
         const __m256i xa = _mm256_load_si256(xh + kk / 4);
         h0 = _mm256_add_epi16(h0, _mm256_maddubs_epi16(q0, xa));
         h1 = _mm256_add_epi16(h1, _mm256_maddubs_epi16(q1, xa));
@@ -109,15 +104,6 @@ AVX2 void quantize_activation(const float* xf, int64_t k, int64_t group, int8_t*
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xh + 32 * b), pack32(q[0], q[1], q[2], q[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xl + 32 * b), pack32(low[0], low[1], low[2], low[3]));
   }
-}
-
-// Per 4 features, the 32 bytes full_block_int multiplies their columns by: (x[k], x[k+2]) in every
-// int16 lane of the low half, (x[k+1], x[k+3]) in the high half.
-AVX2 void arrange(const int8_t* x, int64_t k, __m256i* out) {
-  const __m256i spread = _mm256_setr_epi8(0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 2,  //
-                                          1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3);
-  for (int64_t i = 0; i < k / 4; ++i)
-    _mm256_store_si256(out + i, _mm256_shuffle_epi8(_mm256_set1_epi32(*reinterpret_cast<const int32_t*>(x + 4 * i)), spread));
 }
 
 }  // namespace
