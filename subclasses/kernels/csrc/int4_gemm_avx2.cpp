@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "avx2_int4.h"
@@ -28,6 +29,7 @@ using namespace unwrap_cpu;
 
 constexpr int64_t kRows = 32;   // weight rows per packed block
 constexpr int64_t kPanel = 32;  // activation rows whose int8 copy is read from L2 across weight blocks
+constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream (the GEMVs')
 
 // One activation row as int8 per 32-block: q [K], scale [K/32], and per weight group the sum of
 // scale * sum(q) over its blocks (the zero's term: the rounded x's sum, so y stays exact for it).
@@ -64,16 +66,26 @@ AVX2 inline void add_group(const float* offset, float x_group_sum, float* out) {
     _mm256_store_ps(out + 8 * i, _mm256_fmadd_ps(_mm256_loadu_ps(offset + 8 * i), xs, _mm256_load_ps(out + 8 * i)));
 }
 
-// The weight's scales in fp32, planar [K/g, N]: scale, and offset = zero - 8 * scale.
-struct Scales {
-  std::vector<float> scale, offset;
-};
+// One weight block's scales in fp32, [K/g, 32] each: scale, and offset = zero - 8 * scale (w = q * scale +
+// offset). Converted per task from the [K/g, N, 2] pairs: K/g * 32 pairs, against the task's 32 * rows * K
+// multiply-adds (converting the whole weight once per call instead cost as much as the products at M = 4).
+template <typename T>
+AVX2 void block_scales(const T* sz, int64_t n, int64_t n0, int64_t groups, float* scale, float* offset) {
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int i = 0; i < 4; ++i) {
+      __m256 s, z;
+      load_pairs<T>(sz + (g * n + n0) * 2 + 16 * i, s, z);
+      _mm256_store_ps(scale + g * kRows + 8 * i, s);
+      _mm256_store_ps(offset + g * kRows + 8 * i, _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z));
+    }
+  }
+}
 
 // out[r][0, 32) (fp32) for R = 1 or 2 activation rows (arranged, see avx2_int4.h) and the weight
 // block of rows [n0, n0 + 32), its 4 columns at a time unpacked as the GEMV's (unpack_columns); named
 // accumulators, not arrays, keep gcc from spilling them.
 template <int R>
-AVX2 void tile(const uint8_t* block, const Scales& w, int64_t n, int64_t n0, const __m256i* const* x,
+AVX2 void tile(const uint8_t* block, const float* w_scale, const float* w_offset, const __m256i* const* x,
                const float* const* x_scale, const float* const* x_group_sum, int64_t k, int64_t group,
                float (*out)[kRows]) {
   for (int r = 0; r < R; ++r) std::fill(out[r], out[r] + kRows, 0.f);
@@ -83,6 +95,9 @@ AVX2 void tile(const uint8_t* block, const Scales& w, int64_t n, int64_t n0, con
     const __m256i* x0 = x[0] + b0 / 4;
     const __m256i* x1 = x[R - 1] + b0 / 4;
     for (int step = 0; step < 8; ++step, p += 64) {
+      // A few rows (a batch's decode step) stream the weight from memory, as the GEMV does: its prefetch
+      // distance. Many rows re-read each block from L2 and do not need it.
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
       __m256i q0, q1, q2, q3;
       unpack_columns(p, q0, q1, q2, q3);
       a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(q0, x0[step]));
@@ -98,7 +113,7 @@ AVX2 void tile(const uint8_t* block, const Scales& w, int64_t n, int64_t n0, con
     }
     // Lanes of a0: rows 0-7; a1: 8-15; a2, a3: the high nibbles, rows 16-23 and 24-31.
     const int64_t g = b0 / group;
-    const float* s = w.scale.data() + g * n + n0;
+    const float* s = w_scale + g * kRows;
     const float xs0 = x_scale[0][b0 / 32];
     add_block(a0, s, xs0, out[0]), add_block(a1, s + 8, xs0, out[0] + 8);
     add_block(a2, s + 16, xs0, out[0] + 16), add_block(a3, s + 24, xs0, out[0] + 24);
@@ -108,7 +123,7 @@ AVX2 void tile(const uint8_t* block, const Scales& w, int64_t n, int64_t n0, con
       add_block(c2, s + 16, xs1, out[1] + 16), add_block(c3, s + 24, xs1, out[1] + 24);
     }
     if ((b0 + 32) % group == 0)
-      for (int r = 0; r < R; ++r) add_group(w.offset.data() + g * n + n0, x_group_sum[r][g], out[r]);
+      for (int r = 0; r < R; ++r) add_group(w_offset + g * kRows, x_group_sum[r][g], out[r]);
   }
 }
 
@@ -117,23 +132,22 @@ void gemm(const T* x, int64_t m, int64_t k, int64_t group, const uint8_t* packed
   const int64_t blocks = k / 32, groups = k / group;
   std::vector<int8_t> q(m * k);
   std::vector<float> x_scale(m * blocks), x_group_sum(m * groups);
-  Scales w{std::vector<float>(groups * n), std::vector<float>(groups * n)};
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       quantize_row<T>(x + i * k, k, group, q.data() + i * k, x_scale.data() + i * blocks, x_group_sum.data() + i * groups);
   });
-  for (int64_t i = 0; i < groups * n; ++i) {
-    const float s = static_cast<float>(sz[2 * i]), z = static_cast<float>(sz[2 * i + 1]);
-    w.scale[i] = s, w.offset[i] = z - 8.f * s;
-  }
   // One task per (panel of activation rows, weight block), panel-major: a thread's consecutive
   // tasks reuse the panel's arranged rows (arranged once per panel per thread) while the weight
   // blocks stream past.
   const int64_t weight_blocks = n / kRows, panels = (m + kPanel - 1) / kPanel;
   at::parallel_for(0, panels * weight_blocks, 1, [&](int64_t begin, int64_t end) {
     alignas(32) float out[2][kRows];
-    std::vector<int8_t> storage(kPanel * k * 8 + 32);  // 32 bytes per 4 features per row, 32-byte aligned
-    __m256i* arranged = reinterpret_cast<__m256i*>((reinterpret_cast<uintptr_t>(storage.data()) + 31) & ~uintptr_t{31});
+    // 32 bytes per 4 features per row, 32-byte aligned; uninitialized (every byte read is written first)
+    std::unique_ptr<int8_t[]> storage(new int8_t[std::min(m, kPanel) * k * 8 + 32]);
+    __m256i* arranged = reinterpret_cast<__m256i*>((reinterpret_cast<uintptr_t>(storage.get()) + 31) & ~uintptr_t{31});
+    std::unique_ptr<float[]> scales(new float[2 * groups * kRows + 8]);
+    float* w_scale = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scales.get()) + 31) & ~uintptr_t{31});
+    float* w_offset = w_scale + groups * kRows;
     int64_t current = -1;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t wb = t % weight_blocks, panel = t / weight_blocks, row0 = panel * kPanel, n0 = wb * kRows;
@@ -143,14 +157,15 @@ void gemm(const T* x, int64_t m, int64_t k, int64_t group, const uint8_t* packed
         current = panel;
       }
       const uint8_t* block = packed + wb * k * (kRows / 2);
+      block_scales<T>(sz, n, n0, groups, w_scale, w_offset);
       for (int64_t i = 0; i < rows_in_panel; i += 2) {
         const int64_t row = row0 + i;
         const int rows = i + 1 < rows_in_panel ? 2 : 1;
         const __m256i* rx[2] = {arranged + i * (k / 4), arranged + (i + rows - 1) * (k / 4)};
         const float* rs[2] = {x_scale.data() + row * blocks, x_scale.data() + (row + rows - 1) * blocks};
         const float* rg[2] = {x_group_sum.data() + row * groups, x_group_sum.data() + (row + rows - 1) * groups};
-        if (rows == 2) tile<2>(block, w, n, n0, rx, rs, rg, k, group, out);
-        else tile<1>(block, w, n, n0, rx, rs, rg, k, group, out);
+        if (rows == 2) tile<2>(block, w_scale, w_offset, rx, rs, rg, k, group, out);
+        else tile<1>(block, w_scale, w_offset, rx, rs, rg, k, group, out);
         for (int r = 0; r < rows; ++r)
           for (int64_t j = 0; j < kRows; ++j) y[(row + r) * n + n0 + j] = static_cast<T>(out[r][j]);
       }
