@@ -19,23 +19,18 @@ AVX2 inline __m256i widen(__m256i v) {
                           _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
 }
 
-// out[0, 32) += s * gsum + (z - 8 s) * xsum over one group: w = (q - 8) s + z.
-template <typename T> AVX2 inline void scale_group(const T* pairs, const float* gsum, float xsum, float* out) {
-  const __m256 xs = _mm256_set1_ps(xsum);
-  for (int i = 0; i < 4; ++i) {
-    __m256 s, z;
-    load_pairs<T>(pairs + 16 * i, s, z);
-    const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z);
-    const __m256 acc = _mm256_fmadd_ps(offset, xs, _mm256_loadu_ps(out + 8 * i));
-    _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(s, _mm256_loadu_ps(gsum + 8 * i), acc));
-  }
-}
-
 // The largest of the 8 lanes.
 AVX2 inline float reduce_max8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// The largest |x| of 32 values held in 4 vectors (an activation block's rounding step comes from it).
+AVX2 inline float abs_max32(const __m256* v) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  return reduce_max8(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
 }
 
 // 32 int32 (4 vectors, in order) -> 32 int8, in order (the values fit: no saturation).

@@ -36,13 +36,10 @@ constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream (the GE
 template <typename T>
 AVX2 void quantize_row(const T* x, int64_t k, int64_t group, int8_t* q, float* scale, float* group_sum) {
   for (int64_t g = 0; g < k / group; ++g) group_sum[g] = 0.f;
-  const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t b = 0; b < k / 32; ++b) {
     __m256 v[4];
     for (int i = 0; i < 4; ++i) v[i] = load8<T>(x + 32 * b + 8 * i);
-    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-    const float amax = reduce_max8(m);
+    const float amax = abs_max32(v);
     const __m256 inv = _mm256_set1_ps(amax > 0 ? 127.f / amax : 0.f);
     __m256i r[4];
     for (int i = 0; i < 4; ++i) r[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));  // to nearest even

@@ -29,6 +29,18 @@ constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream (as the
 constexpr int64_t kParallelWeights = 1 << 17;
 constexpr float kXMax = 127 * 256 + 127;  // so that xh = (x16 - xl) / 256 stays in int8
 
+// out[0, 32) += s * gsum + (z - 8 s) * xsum over one group: w = (q - 8) s + z.
+template <typename T> AVX2 inline void scale_group(const T* pairs, const float* gsum, float xsum, float* out) {
+  const __m256 xs = _mm256_set1_ps(xsum);
+  for (int i = 0; i < 4; ++i) {
+    __m256 s, z;
+    load_pairs<T>(pairs + 16 * i, s, z);
+    const __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z);
+    const __m256 acc = _mm256_fmadd_ps(offset, xs, _mm256_loadu_ps(out + 8 * i));
+    _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(s, _mm256_loadu_ps(gsum + 8 * i), acc));
+  }
+}
+
 // Rows [32 * block, 32 * block + 32) of y, fp32, integer dot products. Four columns are 64
 // contiguous bytes A = [k | k+1], B = [k+2 | k+3]; unpacking bytes of A and B gives int16 lanes
 // (column k, k+2) in the low 128 bits and (k+1, k+3) in the high ones, rows 0-7 (C) and 8-15 (D),
@@ -84,14 +96,11 @@ AVX2 void full_block_int(const uint8_t* packed, const T* sz, const __m256i* xh, 
 AVX2 void quantize_activation(const float* xf, int64_t k, int64_t group, int8_t* xh, int8_t* xl, float* xscale,
                               float* xsum) {
   for (int64_t g = 0; g < k / group; ++g) xsum[g] = 0.f;
-  const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t b = 0; b < k / 32; ++b) {
     __m256 v[4];
     for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xf + 32 * b + 8 * i);
     xsum[32 * b / group] += reduce_add8(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-    const float amax = reduce_max8(m);
+    const float amax = abs_max32(v);
     xscale[b] = amax / kXMax;
     const __m256 inv = _mm256_set1_ps(amax > 0 ? kXMax / amax : 0.f);
     __m256i q[4], low[4];
