@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     try:
-        types = peer_types(args.model, args.types or ("Q4_1" if args.model == "smollm2" else "Q4_0"))
+        types = peer_types(args.model, args.types or None)
     except ValueError as error:
         parser.error(str(error))
     times = measure(args.threads, args.prompt, args.rounds, model=args.model, types=tuple(types))

@@ -43,12 +43,15 @@ def model_and_peer_source(model: str) -> Iterator[tuple[torch.nn.Module, str]]:
             yield bf16, source
 
 
-def peer_types(model: str, text: str) -> list[str]:
+def peer_types(model: str, text: str | None) -> list[str]:
     """llama.cpp's types to time against ``model`` (a key of ``PEER_MODELS``), from comma-separated ``text``:
     SmolLM2's shipped file is its Q4_1; a converted model has what llama.cpp's quantizer makes (Q4_0, Q8_0).
-    ValueError naming the type otherwise."""
+    None: the model's own file (SmolLM2's Q4_1, a converted model's Q4_0). ValueError naming the type
+    otherwise."""
     from .llama_cpp import SHIPPED, parse_types
 
+    if text is None:
+        text = SHIPPED if model == "smollm2" else "Q4_0"
     types = parse_types(text)
     if model != "smollm2" and SHIPPED in types:
         raise ValueError(f"--types {SHIPPED} is SmolLM2's shipped file; --model {model} has Q4_0 and Q8_0")
