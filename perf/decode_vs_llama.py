@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default="decode",
-        help="ours, comma-separated modes of perf.harness.decode (decode: compile_for_decode; decode+cpp_wrapper)",
+        help="ours, comma-separated modes of perf.harness.decode (decode: compile_for_decode; decode+python_wrapper)",
     )
     args = parser.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())

@@ -29,7 +29,7 @@ MODES: dict[str, str] = {
     "compiled+gqa": "torch.compile(forward, fullgraph), the decode attention of use_gqa_decode_attention",
     "decode": "compile_for_decode: fused q/k/v and gate/up GEMVs, decode attention over the filled slots, fullgraph, "
     "module guards skipped (recommended)",
-    "decode+cpp_wrapper": "the same with Inductor's cpp_wrapper",
+    "decode+python_wrapper": "the same with Inductor's Python wrapper (cpp_wrapper=False)",
 }
 
 
@@ -96,8 +96,8 @@ class Decoder:
             step = compile_decode_step(gqa, skip_module_guards=False, options=options)
             return cls(gqa, step, max_len=max_len, prompt_len=prompt_len)
         options = {"guard_filter_fn": counting_guards(counts, frozen_model_guards)}
-        if mode == "decode+cpp_wrapper":
-            options["cpp_wrapper"] = True
+        if mode == "decode+python_wrapper":
+            options["cpp_wrapper"] = False
         return cls.of(compile_for_decode(copy.deepcopy(model), max_len, options=options), prompt_len=prompt_len)
 
     def _start(self, greedy: GreedyDecoder, prompt_len: int, prefill: Callable[..., Any] | None) -> None:
