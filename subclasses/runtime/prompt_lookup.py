@@ -4,8 +4,9 @@ Greedy, batch 1. Each iteration drafts up to ``k`` tokens by n-gram lookup in th
 (transformers' own ``PromptLookupCandidateGenerator``) and verifies them in one forward of ``k + 1``
 tokens (the last accepted token, then the draft) through the decoder's compiled step: the longest
 prefix of the draft equal to the greedy choice at each position is accepted, plus the greedy choice
-after it, as transformers' assisted decoding accepts them. One verification costs about one token's
-forward (decoding is bound by reading the weights), so every accepted draft token is nearly free.
+after it, as transformers' assisted decoding accepts them. A verification costs more than a one-token
+step (its linears run at M = k + 1) but much less than k of them, so it pays when the answer copies the
+prompt (editing, extraction, code).
 
 The step's shapes stay fixed: a draft shorter than ``k`` is padded to ``k`` with the last token (a
 padded position is never accepted), so the verification compiles once; with no draft, or too close
