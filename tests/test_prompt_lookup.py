@@ -129,14 +129,23 @@ def test_tokens_equal_plain_greedy_with_drafts_accepted(decoder, monkeypatch):
 
 
 def test_processors_see_each_position_with_its_own_prefix(decoder, monkeypatch):
-    """A repetition penalty changes a position's scores by what precedes it: wrong prefixes (the
-    candidates not yet accepted, or the tokens before the run only) would change tokens."""
-    kwargs = {"repetition_penalty": 1.05, "no_repeat_ngram_size": 6}
+    """A processor whose choice depends on the length of the ids it is given: each verified
+    position must get its own prefix (the tokens accepted before it), or the tokens change."""
+    from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+
+    class Cycle(LogitsProcessor):  # token 100 + (prefix length % 5) wins: a loop the lookup drafts
+        def __call__(self, input_ids, scores):
+            bonus = torch.zeros_like(scores)
+            bonus[:, 100 + input_ids.shape[1] % 5] = 1e3
+            return scores + bonus
+
+    kwargs = {"repetition_penalty": 1.05, "logits_processor": LogitsProcessorList([Cycle()])}
     plain = generate(decoder, PROMPT, k=None, **kwargs)
     counting = counted(decoder, monkeypatch)
     lookup = generate(decoder, PROMPT, **kwargs)
     assert lookup.tolist() == plain.tolist()
-    assert 1 + len(counting.widths) < NEW  # drafts accepted with the processors on
+    assert plain[0, PROMPT_LENGTH:].tolist() == [100 + n % 5 for n in range(PROMPT_LENGTH, SLOTS)]
+    assert 1 + len(counting.widths) <= NEW // 2  # drafts accepted with the processors on
 
 
 def runs_of(decoder, ids, **kwargs) -> tuple[list[int], list[list[int]], Recorder]:
