@@ -5,7 +5,7 @@ Greedy, batch 1. Each iteration drafts up to ``k`` tokens by n-gram lookup in th
 tokens (the last accepted token, then the draft) through the decoder's compiled step: the longest
 prefix of the draft equal to the greedy choice at each position is accepted, plus the greedy choice
 after it, as transformers' assisted decoding accepts them. A verification costs more than a one-token
-step (its linears run at M = k + 1) but much less than k of them, so it pays when the answer copies the
+step (its linears run at M = k + 1) but less than k of them, so it pays when the answer copies the
 prompt (editing, extraction, code).
 
 The step's shapes stay fixed: a draft shorter than ``k`` is padded to ``k`` with the last token (a
