@@ -5,6 +5,11 @@
 with a static cache (eager on CPU: it compiles on accelerators only). One process, interleaved
 rounds, minimum per engine; greedy tokens of the first two are checked equal.
 
+``--prompt-lookup K``: SmolLM2-135M int4 on a paragraph and an instruction to rewrite it (the answer
+copies most of it): tokens/s of ``generate(custom_generate=decoder)`` greedy without and with
+``prompt_lookup_num_tokens=K``, the draft tokens accepted per verification, and whether the tokens are
+equal (else where they part and the plain run's top-2 gap there).
+
 ``--batch 4``: Qwen2.5-0.5B's shapes (random weights), int4: tokens/s of ``--batch`` left-padded
 prompts of different lengths through ``generate(custom_generate=decoder)`` against one prompt
 through ``GreedyDecoder.generate``, and each row's greedy tokens against its prompt decoded alone.
@@ -27,6 +32,13 @@ from .harness.tables import machine, markdown_table
 from .harness.timing import Progress, interleaved_min
 
 PROMPT = "The three primary colors are"
+PARAGRAPH = (
+    "The lighthouse stood at the edge of the cliff for more than two hundred years. Every night its keeper climbed "
+    "the narrow spiral staircase, trimmed the wick, and polished the great lens until it shone. Ships passing in the "
+    "dark relied on its steady beam to find their way around the rocks, and the villagers below set their clocks by "
+    "the moment it was lit."
+)
+EDIT_PROMPT = PARAGRAPH + '\n\nRewrite the paragraph above, replacing the word "lighthouse" with "tower":\n\n'
 
 
 def null_streamer(tokenizer: Any) -> Any:
@@ -127,6 +139,77 @@ def batch_engines(batch: int, new: int) -> tuple[dict[str, Callable[[], Any]], l
     return calls, notes
 
 
+class StepWidths:
+    """A decoder's step, recording how many tokens each call feeds."""
+
+    def __init__(self, step: Callable[..., Any]) -> None:
+        self.step = step
+        self.widths: list[int] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.widths.append(args[0].shape[1])
+        return self.step(*args, **kwargs)
+
+
+def lookup_engines(k: int, new: int, progress: Callable[[str], None]) -> tuple[dict[str, Callable[[], Any]], list[str]]:
+    """{"plain": greedy generate through the decoder, "lookup": the same with prompt lookup} on
+    ``EDIT_PROMPT``, and notes: tokens equal, verifications and draft tokens accepted per one."""
+    bf16, tokenizer = build_llm("SmolLM2 135M")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain: Any = quantized(bf16, "int4")
+    ids = tokenizer(EDIT_PROMPT, return_tensors="pt").input_ids
+    decoder = compile_for_decode(plain, max_len=ids.shape[1] + new)
+    common: dict[str, Any] = {
+        "max_new_tokens": new,
+        "do_sample": False,
+        "eos_token_id": None,
+        "pad_token_id": tokenizer.eos_token_id,
+        "custom_generate": decoder,
+    }
+    names = ("generate(custom_generate=decoder), greedy", f"the same, prompt_lookup_num_tokens={k}")
+    calls: dict[str, Callable[[], Any]] = {
+        names[0]: lambda: plain.generate(ids, **common),
+        names[1]: lambda: plain.generate(ids, prompt_lookup_num_tokens=k, **common),
+    }
+    progress("compiling the decode step and the verification (first calls)")
+    step = decoder.step
+    decoder.step = widths = StepWidths(step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = plain.generate(ids, return_dict_in_generate=True, output_logits=True, **common)
+        widths.widths.clear()
+        lookup = calls[names[1]]()
+    decoder.step = step
+    mine, theirs = lookup[0, ids.shape[1] :].tolist(), reference.sequences[0, ids.shape[1] :].tolist()
+    first = next((j for j in range(new) if mine[j] != theirs[j]), new)
+    equal = f"tokens equal: {first == new}"
+    if first < new:  # the verification's int4 GEMM rounds differently from the GEMV: a near-tie may flip
+        top = reference.logits[first][0].float().topk(2).values
+        equal += f" (the first {first} of {new}; then the plain run's top-2 gap {float(top[0] - top[1]):.4f})"
+    verifications, singles = widths.widths.count(k + 1), widths.widths.count(1)
+    accepted = new - 1 - singles - verifications  # each forward makes its accepted drafts + 1 token
+    notes = [
+        equal,
+        f"{verifications} verifications, {accepted / max(verifications, 1):.2f} draft tokens accepted per one, "
+        f"{singles} one-token steps",
+        f"each call: {ids.shape[1]}-token prompt + {new} new tokens",
+    ]
+    return calls, notes
+
+
+def main_lookup(args: argparse.Namespace) -> int:
+    """``--prompt-lookup K``: tokens/s without and with prompt lookup, and the notes on its tokens."""
+    progress = Progress()
+    calls, notes = lookup_engines(args.prompt_lookup, args.new, progress)
+    progress(f"timing {len(calls)} engines, {args.rounds} interleaved rounds")
+    rates = {name: args.new / s for name, s in timed(calls, args.rounds).items()}
+    base = next(iter(rates.values()))
+    head = ["engine (SmolLM2-135M int4, rewrite a paragraph)", "new tokens/s", "ratio to plain"]
+    show(args, notes, head, [[name, f"{rate:.1f}", f"{rate / base:.2f}"] for name, rate in rates.items()])
+    return 0
+
+
 def main_batch(args: argparse.Namespace) -> int:
     """``--batch``: tokens/s of the batch against batch 1, and the rows' token checks."""
     calls, notes = batch_engines(args.batch, args.new)
@@ -160,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=64, help="new tokens per generation")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="above 1: the batched Qwen2 comparison instead")
+    parser.add_argument(
+        "--prompt-lookup", type=int, default=0, metavar="K", help="above 0: greedy with and without prompt lookup"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.prompt_lookup > 0:
+        return main_lookup(args)
     if args.batch > 1:
         return main_batch(args)
     progress = Progress()

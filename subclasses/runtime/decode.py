@@ -286,8 +286,10 @@ class GreedyDecoder:
         **model_kwargs: Any,
     ) -> Any:
         """transformers' ``custom_generate`` callable (``generate`` calls it with what it prepared).
-        A ``streamer=`` given to ``generate`` gets the prompt (from transformers), each token, then ``end()``."""
+        A ``streamer=`` given to ``generate`` gets the prompt (from transformers), each token, then ``end()``.
+        ``prompt_lookup_num_tokens=k`` (greedy, batch 1) decodes through ``prompt_lookup``."""
         from .generate import check_request, decode, streamer_of_generate, user_cache
+        from .prompt_lookup import decode_with_lookup, uses_prompt_lookup
 
         if model is not self.model:
             raise ValueError(
@@ -301,18 +303,30 @@ class GreedyDecoder:
         if streamer is None:
             streamer = streamer_of_generate()
         with torch.inference_mode():  # as generate(): the same compiled traces, the cache's inference tensors
-            out = decode(
-                self.model,
-                self.step,
-                cache,
-                input_ids,
-                attention_mask=model_kwargs.get("attention_mask"),
-                position_ids=model_kwargs.get("position_ids"),
-                logits_processor=logits_processor,
-                stopping_criteria=stopping_criteria,
-                generation_config=generation_config,
-                streamer=streamer,
-            )
+            if uses_prompt_lookup(generation_config, input_ids, model_kwargs.get("attention_mask")):
+                out = decode_with_lookup(
+                    self.model,
+                    self.step,
+                    cache,
+                    input_ids,
+                    logits_processor=logits_processor,
+                    stopping_criteria=stopping_criteria,
+                    generation_config=generation_config,
+                    streamer=streamer,
+                )
+            else:
+                out = decode(
+                    self.model,
+                    self.step,
+                    cache,
+                    input_ids,
+                    attention_mask=model_kwargs.get("attention_mask"),
+                    position_ids=model_kwargs.get("position_ids"),
+                    logits_processor=logits_processor,
+                    stopping_criteria=stopping_criteria,
+                    generation_config=generation_config,
+                    streamer=streamer,
+                )
         if isinstance(out, torch.Tensor):
             return out.clone()  # a normal tensor: callers may edit it in place outside inference mode
         out.sequences = out.sequences.clone()

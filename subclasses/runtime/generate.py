@@ -198,13 +198,14 @@ class Stops:
         self.others = [c for c in criteria if not isinstance(c, (EosTokenCriteria, MaxLengthCriteria))]
         self.batch = batch
 
-    def finished(self, tokens: torch.Tensor, ids: torch.Tensor, scores: Any) -> torch.Tensor | bool:
-        """Which rows stop after ``tokens`` (the last column of ``ids``): a bool at batch 1, else a
-        bool tensor [batch]. The max length is the caller's."""
+    def finished(self, tokens: torch.Tensor | int, ids: torch.Tensor, scores: Any) -> torch.Tensor | bool:
+        """Which rows stop after ``tokens`` (the last column of ``ids``; an int at batch 1 will do): a
+        bool at batch 1, else a bool tensor [batch]. The max length is the caller's."""
         if self.batch == 1:
             if self.eos is not None and int(tokens) in self.eos_ids:
                 return True
             return any(bool(c(ids, scores)[0]) for c in self.others)
+        assert isinstance(tokens, torch.Tensor)
         done = torch.isin(tokens, self.eos) if self.eos is not None else torch.zeros(self.batch, dtype=torch.bool)
         for criteria in self.others:
             done = done | criteria(ids, scores)
