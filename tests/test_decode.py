@@ -23,6 +23,7 @@ from subclasses.decode import (  # noqa: E402
     GreedyDecoder,
     compile_decode_step,
     compile_for_decode,
+    frozen_model_guards,
     gqa_sdpa_attention,
     use_gqa_decode_attention,
 )
@@ -129,17 +130,21 @@ def test_compile_for_decode_with_the_python_wrapper_gives_the_same_tokens(tiny):
 
 
 def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
-    """Fewer guards with the model's skipped; two models of one class compiled side by side each
-    run their own weights (each step has its own code object, so no cache entry is shared)."""
+    """Fewer guards with the model's and the globals' skipped (those on the inputs and the cache kept);
+    two models of one class compiled side by side each run their own weights (each step has its own code
+    object, so no cache entry is shared)."""
     from transformers import StaticCache
 
     other = unwrap(quantize_(build_qwen2(QWEN2_ONE_LAYER, seed=1), Int4WeightOnlyConfig()))
     counts: dict[bool, list[int]] = {True: [], False: []}
+    kept: list[str] = []
 
     def counting(skip: bool):
         def keep(entries):
-            flags = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries) if skip else [True] * len(entries)
+            flags = frozen_model_guards(entries) if skip else [True] * len(entries)
             counts[skip].append(sum(flags))
+            if skip:
+                kept.extend(f"{entry.name} {entry.guard_type}" for entry, flag in zip(entries, flags) if flag)
             return flags
 
         return keep
@@ -157,6 +162,8 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
         assert sqnr(eager, logits[name]) > 30, name
     assert not torch.equal(logits["a"], logits["b"])
     assert len(counts[True]) == 2 and max(counts[True]) < 0.5 * counts[False][0], counts
+    assert not [name for name in kept if name.startswith("G[")]
+    assert "args[0] TENSOR_MATCH" in kept and any(name.startswith("kwargs['past_key_values']") for name in kept), kept
 
 
 def test_frozen_step_equals_the_unfrozen_one(tiny):
