@@ -283,3 +283,26 @@ def test_fused_projections_change_nothing_but_the_calls(tiny):
         )
     calls = [e.name for e in prof.events()]
     assert calls.count("unwrap_cpu::int4_gemv_cat") == 2 * tiny.config.num_hidden_layers
+
+
+def test_aoti_step_computes_what_the_compiled_step_computes(tiny):
+    """perf's decode+aoti measurement (perf.harness.aoti_decode) times the same computation as
+    compile_for_decode's step: the same model, graph and kernels, exported and compiled by AOTInductor
+    with the step's options, so the logits are equal bit for bit on the same tokens, position by position."""
+    from perf.harness.aoti_decode import AotiDecoder
+
+    aoti = AotiDecoder(tiny, max_len=16, prompt_len=1)
+    decoder = compile_for_decode(copy.deepcopy(tiny), max_len=16)
+    tokens = [5, 17, 99, 3, 250, 7]
+    with torch.inference_mode():
+        for position, token in enumerate(tokens):
+            ids = torch.tensor([[token]])
+            ours = aoti.runner(input_ids=ids, cache_position=torch.tensor([position]))
+            compiled = decoder.step(
+                ids,
+                past_key_values=decoder.cache,
+                use_cache=True,
+                cache_position=torch.tensor([position]),
+                logits_to_keep=1,
+            ).logits
+            assert torch.equal(ours, compiled), position
