@@ -32,7 +32,7 @@ def export_step(model: nn.Module, max_len: int) -> torch.export.ExportedProgram:
     -> logits [1, 1, vocab]``."""
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
-    decoding = copy.deepcopy(model)
+    decoding: Any = copy.deepcopy(model)  # a transformers model: its generation_config
     use_gqa_decode_attention(decoding)
     fuse_decode_projections(decoding)
     decoding.generation_config.cache_implementation = "static"
@@ -51,7 +51,8 @@ class AotiDecoder:
 
     def __init__(self, model: nn.Module, *, max_len: int = 256, prompt_len: int = 8) -> None:
         self.max_len, self.prompt_len = max_len, prompt_len
-        self.vocab_size = int(model.config.vocab_size)
+        config: Any = model.config  # a transformers model's
+        self.vocab_size = int(config.vocab_size)
         options = {key: value for key, value in STEP_OPTIONS.items() if key != "cpp_wrapper"}
         with tempfile.TemporaryDirectory(prefix="unwrap-aoti-") as folder:
             path = torch._inductor.aoti_compile_and_package(
