@@ -40,6 +40,24 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 QWEN2_ONE_LAYER = dict(QWEN2_SHAPES["Qwen2 tiny"], num_hidden_layers=1)
 
 
+def tiny_llama_config() -> object:
+    """A tiny Llama (4 heads over 2 KV heads, 1 layer: compiling is most of these tests' time)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
 # The files that take longest (a cold Inductor cache, 2 cores), longest first. `make test` hands whole files to
 # two workers in collection order (--dist loadfile --no-loadscope-reorder); starting the longest first lets
 # both workers finish together instead of one running the last long file alone. The rest keep their order.

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from tests.conftest import tiny_llama_config
 from tests.optional import import_or_fail_in_ci
 
 import_or_fail_in_ci("transformers", "hf")
@@ -33,22 +34,11 @@ def _seed_and_reset_dynamo():
 
 @pytest.fixture(scope="module")
 def models():
-    """A tiny random Llama (4 heads over 2 KV heads, 1 layer: compiling is most of these tests' time), int4, unwrapped; eager and compiled."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random ``tiny_llama_config`` Llama, int4, unwrapped; eager and compiled."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = tiny_llama_config()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eager = unwrap(quantize_(LlamaForCausalLM(config).to(torch.bfloat16).eval(), Int4WeightOnlyConfig()))

@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 
+from tests.conftest import tiny_llama_config
 from tests.optional import import_or_fail_in_ci
 
 import_or_fail_in_ci("transformers", "hf")
@@ -71,21 +72,10 @@ def decoder():
     """A tiny random fp32 Llama (no int4: a verification at M = K + 1 and a step at M = 1 then run the
     same fp32 kernels up to summation order), compiled; both step shapes traced here."""
     from torch._dynamo.utils import counters
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = tiny_llama_config()
     decoder = compile_for_decode(copy.deepcopy(LlamaForCausalLM(config).eval()), max_len=SLOTS)
     generate(decoder, PROMPT, k=None)
     before = counters["stats"]["unique_graphs"]
