@@ -10,7 +10,7 @@ freezing; a token is one call of the loaded package, with no Python between its 
 A measurement, not a library path: the package holds its own cache and takes one token per call, so
 the prompt is fed one token at a time (``reset``), and batches, masks and the prompt path are not
 covered. Its logits equal ``compile_decode_step``'s bit for bit on the same tokens (checked by
-tests/perf/test_harness.py on a tiny model)."""
+tests/test_decode.py on a tiny model)."""
 
 from __future__ import annotations
 

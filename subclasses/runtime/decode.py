@@ -21,6 +21,7 @@ the int4 q/k/v and gate/up projections (``decode_fusion``), and a one-token quer
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable
@@ -308,29 +309,23 @@ class GreedyDecoder:
             streamer = streamer_of_generate()
         with torch.inference_mode():  # as generate(): the same compiled traces, the cache's inference tensors
             if uses_prompt_lookup(generation_config, input_ids, model_kwargs.get("attention_mask")):
-                out = decode_with_lookup(
-                    self.model,
-                    self.step,
-                    cache,
-                    input_ids,
-                    logits_processor=logits_processor,
-                    stopping_criteria=stopping_criteria,
-                    generation_config=generation_config,
-                    streamer=streamer,
-                )
-            else:
-                out = decode(
-                    self.model,
-                    self.step,
-                    cache,
-                    input_ids,
+                loop: Callable[..., Any] = decode_with_lookup
+            else:  # the plain loop, which also takes a padded batch's mask and positions
+                loop = functools.partial(
+                    decode,
                     attention_mask=model_kwargs.get("attention_mask"),
                     position_ids=model_kwargs.get("position_ids"),
-                    logits_processor=logits_processor,
-                    stopping_criteria=stopping_criteria,
-                    generation_config=generation_config,
-                    streamer=streamer,
                 )
+            out = loop(
+                self.model,
+                self.step,
+                cache,
+                input_ids,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                generation_config=generation_config,
+                streamer=streamer,
+            )
         if isinstance(out, torch.Tensor):
             return out.clone()  # a normal tensor: callers may edit it in place outside inference mode
         out.sequences = out.sequences.clone()

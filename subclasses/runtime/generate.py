@@ -225,6 +225,21 @@ def choose(
     return scores.argmax(-1), scores
 
 
+def generated(
+    config: Any, ids: torch.Tensor, scores: tuple[torch.Tensor, ...], logits: tuple[torch.Tensor, ...]
+) -> Any:
+    """What ``generate`` returns for the sequences ``ids``: ``ids`` itself, or with
+    ``config.return_dict_in_generate`` a ``GenerateDecoderOnlyOutput`` with the ``scores`` and the raw
+    ``logits`` of every emitted token where ``config`` asked for them (None where not)."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    if not config.return_dict_in_generate:
+        return ids
+    return GenerateDecoderOnlyOutput(
+        sequences=ids, scores=scores if config.output_scores else None, logits=logits if config.output_logits else None
+    )
+
+
 def decode(
     model: nn.Module,
     step: Callable[..., Any],
@@ -244,8 +259,6 @@ def decode(
     those ``generate`` made for the prompt (counted from the mask's real tokens). Returns the
     sequences [batch, T + new] (a ``LongTensor``), or a ``GenerateDecoderOnlyOutput`` with the
     scores and logits asked for when ``generation_config.return_dict_in_generate``."""
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
-
     config = generation_config
     batch, length = input_ids.shape
     size = cache.get_max_length()
@@ -318,12 +331,7 @@ def decode(
         out = step(tokens[:, None], cache_position=torch.tensor([position - 1]), **kwargs)
     if streamer is not None:
         streamer.end()
-    ids = sequences[:, :position]
-    if not config.return_dict_in_generate:
-        return ids
-    return GenerateDecoderOnlyOutput(
-        sequences=ids, scores=scores if want_scores else None, logits=raw_logits if want_logits else None
-    )
+    return generated(config, sequences[:, :position], scores, raw_logits)
 
 
 __all__ = [
@@ -332,6 +340,7 @@ __all__ = [
     "check_request",
     "choose",
     "decode",
+    "generated",
     "sample",
     "split_at_top_k",
     "streamer_of_generate",

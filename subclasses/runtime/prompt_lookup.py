@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .generate import Processors, Stops
+from .generate import Processors, Stops, generated
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,6 @@ def decode_with_lookup(
     every accepted token, so an eos, a stop string or the length limit inside an accepted run cuts
     it there. The streamer gets each run of accepted tokens ([1, n]), as transformers streams them."""
     from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
-    from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     config = generation_config
     k = config.prompt_lookup_num_tokens
@@ -178,12 +177,7 @@ def decode_with_lookup(
             out = step(single, cache_position=torch.tensor([position - 1]), **kwargs)
     if streamer is not None:
         streamer.end()
-    ids = sequences[:, :position]
-    if not config.return_dict_in_generate:
-        return ids
-    return GenerateDecoderOnlyOutput(
-        sequences=ids, scores=scores if want_scores else None, logits=raw_logits if want_logits else None
-    )
+    return generated(config, sequences[:, :position], scores, raw_logits)
 
 
 __all__ = ["decode_with_lookup", "uses_prompt_lookup"]
