@@ -58,7 +58,7 @@ class Breakdown:
     """One mode's token: ``total`` ms/token measured without the profiler; under the profiler
     ``profiled`` ms/token of wall time and ``parts`` ms/token per category; ``rest`` = profiled −
     sum(parts) (framework, Python, fused elementwise kernels, norms, rotary, embedding);
-    ``guard_count`` the compiled frames' guards (None: eager); ``cpu`` ms/token of CPU time."""
+    ``guard_count`` the compiled frames' guards (None: no Dynamo frame, as eager's and the package's); ``cpu`` ms/token of CPU time."""
 
     mode: str
     total: float

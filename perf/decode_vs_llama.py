@@ -16,11 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .harness.aoti_decode import AotiDecoder
 from .harness.decode import MODES, Decoder, Stepper, time_tokens
-
-AOTI_MODE = "decode+aoti"  # the step as an AOTInductor package (perf.harness.aoti_decode)
-OUR_MODES = (*MODES, AOTI_MODE)
 
 WARMUP = 3  # untimed steps per decoder before the rounds
 PEER_MODELS = {"smollm2": "SmolLM2-135M", "qwen2": "Qwen2 (Qwen2.5-0.5B shapes)"}
@@ -87,11 +83,7 @@ def measure(
             warnings.simplefilter("ignore")
             int4 = quantized(bf16, "int4")
             for mode in modes:
-                decoder: Stepper
-                if mode == AOTI_MODE:
-                    decoder = AotiDecoder(int4, max_len=max_len, prompt_len=context)
-                else:
-                    decoder = Decoder.for_mode(int4, mode, max_len=max_len, prompt_len=context)
+                decoder = Decoder.for_mode(int4, mode, max_len=max_len, prompt_len=context)
                 decoder.next()  # compiles now
                 decoders["ours" if mode == "decode" else f"ours {mode}"] = decoder
         prompt = prompt_tokens(source, context)
@@ -113,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes",
         default="decode",
-        help="ours, comma-separated modes of perf.harness.decode (decode: compile_for_decode; decode+python_wrapper), "
-        "or decode+aoti (the same step as an AOTInductor package, perf.harness.aoti_decode)",
+        help="ours, comma-separated modes of perf.harness.decode (decode: compile_for_decode; decode+dynamo: its "
+        "torch.compile step alone; decode+python_wrapper)",
     )
     args = parser.parse_args(argv)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if not modes or any(m not in OUR_MODES for m in modes):
-        parser.error(f"--modes {args.modes!r}: choose from {', '.join(OUR_MODES)}")
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
     try:
         types = peer_types(args.model, args.types)
     except ValueError as error:

@@ -132,6 +132,48 @@ def test_left_padded_batch_rows_equal_their_prompts_alone(models):
     assert both[1].tolist() == decoder.generate(PROMPT, NEW)[0].tolist()
 
 
+def test_a_cache_given_to_generate_ends_holding_the_decoded_tokens(models):
+    """A ``StaticCache`` passed as ``cache=`` ends as the decoder's own: decoding runs in the decoder's cache of
+    that size (a compiled step's frozen trace reads the cache it was traced with: another cache of the same
+    shapes raises there, rather than decode from the first one's tensors) and is copied out. Two such caches
+    give the same tokens as no cache, in a padded batch (the compiled step) and alone (the package)."""
+    from transformers import StaticCache
+
+    _, decoder = models
+    batch = torch.tensor([[0, 0, 7, 8, 9], PROMPT[0].tolist()])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    for ids, extra in ((batch, {"attention_mask": mask}), (PROMPT, {})):
+        kwargs = dict(max_new_tokens=NEW, do_sample=False, eos_token_id=None, custom_generate=decoder, **extra)
+        expected = decoder.model.generate(ids, **kwargs).tolist()
+        own = decoder.cache_for(ids.shape[0], SLOTS)
+        for _ in range(2):
+            given = StaticCache(config=decoder.model.config, max_cache_len=SLOTS)
+            assert decoder.model.generate(ids, cache=given, **kwargs).tolist() == expected
+            for theirs, ours in zip(given.layers, own.layers, strict=True):
+                assert torch.equal(theirs.keys, ours.keys) and torch.equal(theirs.values, ours.values)
+    step = decoder.step.fallback  # the FrozenStep
+    with pytest.raises(ValueError, match="traced over another cache of 13 slots"), torch.inference_mode():
+        step(
+            batch[:, -1:],
+            past_key_values=given_cache_of(decoder, 2),
+            use_cache=True,
+            cache_position=torch.tensor([5]),
+            logits_to_keep=1,
+            attention_mask=torch.ones(2, SLOTS, dtype=torch.long),
+            position_ids=torch.tensor([[3], [5]]),
+        )
+
+
+def given_cache_of(decoder, batch: int):
+    """A new static cache of ``SLOTS`` slots for ``batch`` rows, its tensors allocated (by one eager token)."""
+    from subclasses.decode import static_cache
+
+    cache = static_cache(decoder.model.config, SLOTS)
+    with torch.inference_mode():
+        decoder.model(torch.ones(batch, 1, dtype=torch.long), past_key_values=cache, cache_position=torch.tensor([0]))
+    return cache
+
+
 def test_batch_rows_finished_at_eos_are_padded(models):
     _, decoder = models
     batch = torch.tensor([[0, 0, 7, 8, 9], PROMPT[0].tolist()])

@@ -27,9 +27,10 @@ MODES: dict[str, str] = {
     "eager": "eager forward, transformers' SDPA",
     "compiled": "torch.compile(forward), transformers' SDPA (K/V expanded to every head)",
     "compiled+gqa": "torch.compile(forward, fullgraph), the decode attention of use_gqa_decode_attention",
-    "decode": "compile_for_decode: fused q/k/v and gate/up GEMVs, decode attention over the filled slots, fullgraph, "
-    "module guards skipped (recommended)",
-    "decode+python_wrapper": "the same with Inductor's Python wrapper (cpp_wrapper=False)",
+    "decode": "compile_for_decode: fused q/k/v and gate/up GEMVs, decode attention over the filled slots, "
+    "the one-token step an AOTInductor package (recommended)",
+    "decode+dynamo": "the same step through torch.compile (fullgraph, module guards skipped, C++ wrapper; packaged=False)",
+    "decode+python_wrapper": "the torch.compile step with Inductor's Python wrapper (cpp_wrapper=False)",
 }
 
 
@@ -98,7 +99,8 @@ class Decoder:
         options = {"guard_filter_fn": counting_guards(counts, frozen_model_guards)}
         if mode == "decode+python_wrapper":
             options["cpp_wrapper"] = False
-        return cls.of(compile_for_decode(copy.deepcopy(model), max_len, options=options), prompt_len=prompt_len)
+        greedy = compile_for_decode(copy.deepcopy(model), max_len, packaged=mode == "decode", options=options)
+        return cls.of(greedy, prompt_len=prompt_len)
 
     def _start(self, greedy: GreedyDecoder, prompt_len: int, prefill: Callable[..., Any] | None) -> None:
         self.greedy, self.prompt_len = greedy, prompt_len

@@ -184,22 +184,31 @@ class FrozenStep:
     Dynamo reads ``torch._inductor.config.freezing`` while it traces (``is_parameter_freezing``),
     not from ``options=``; so the first call for each new set of input shapes (the only calls that
     can trace) runs inside ``config.patch(freezing=True)``, and every other call touches no global
-    config. Shapes are those of the tensor arguments and the cache's length."""
+    config. Shapes are those of the tensor arguments and the cache's length.
+
+    Freezing also makes the ``StaticCache``'s tensors constants of a trace (transformers marks them
+    static addresses, which Dynamo does not guard): a trace reads the cache it was traced with, so
+    another cache of the same shapes raises here rather than decoding from the first one's tensors."""
 
     def __init__(self, compiled: Callable) -> None:
         self.compiled = compiled
-        self.traced_shapes: set[tuple] = set()
+        self.traced: dict[tuple, Any] = {}  # shapes -> the cache the trace was made with
 
     def __call__(self, *args: object, **kwargs: object) -> object:
         values = (*args, *kwargs.values())
         shapes = tuple(v.shape for v in values if isinstance(v, torch.Tensor))
         cache = kwargs.get("past_key_values")
         key = (shapes, cache.get_max_length() if hasattr(cache, "get_max_length") else None)
-        if key in self.traced_shapes:
+        if key in self.traced:
+            if self.traced[key] is not cache:
+                raise ValueError(
+                    f"this frozen step was traced over another cache of {key[1]} slots for these shapes, whose "
+                    "tensors it reads as constants; decode through that cache, or build the step with freeze=False"
+                )
             return self.compiled(*args, **kwargs)
         with torch._inductor.config.patch(freezing=True):
             out = self.compiled(*args, **kwargs)
-        self.traced_shapes.add(key)
+        self.traced[key] = cache
         return out
 
 
@@ -219,6 +228,16 @@ def static_cache(config: Any, max_len: int) -> Any:
         for layer, sliding in zip(cache.layers, cache.is_sliding)
     ]
     return cache
+
+
+def copy_cache(source: Any, target: Any) -> None:
+    """Copy a ``StaticCache``'s tokens into another of the same shapes (allocating its layers if needed)."""
+    for have, want in zip(source.layers, target.layers, strict=True):
+        if not want.is_initialized:
+            want.lazy_initialization(have.keys, have.values)
+        want.keys.copy_(have.keys)
+        want.values.copy_(have.values)
+        want.cumulative_length.copy_(have.cumulative_length)
 
 
 class GreedyDecoder:
@@ -302,9 +321,10 @@ class GreedyDecoder:
             )
         check_request(generation_config, model_kwargs, input_ids)
         batch, slots = input_ids.shape[0], generation_config.max_length
-        cache = user_cache(model_kwargs, batch, slots - 1)
-        if cache is None:
-            cache = self.cache_for(batch, slots)
+        given = user_cache(model_kwargs, batch, slots - 1)
+        # A step reads one cache per shape (FrozenStep): decode into the decoder's own cache of the size
+        # given, and leave its state in the given cache after.
+        cache = self.cache_for(batch, slots if given is None else given.get_max_length())
         if streamer is None:
             streamer = streamer_of_generate()
         with torch.inference_mode():  # as generate(): the same compiled traces, the cache's inference tensors
@@ -326,18 +346,28 @@ class GreedyDecoder:
                 generation_config=generation_config,
                 streamer=streamer,
             )
+            if given is not None:
+                copy_cache(cache, given)
         if isinstance(out, torch.Tensor):
             return out.clone()  # a normal tensor: callers may edit it in place outside inference mode
         out.sequences = out.sequences.clone()
         return out
 
 
-def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) -> GreedyDecoder:
+def compile_for_decode(
+    model: nn.Module, max_len: int, *, packaged: bool = True, **compile_kwargs: Any
+) -> GreedyDecoder:
     """The fast way to decode greedily on CPU, in one call: switch ``model`` (in place) to the
     grouped-KV decode attention, and return a ``GreedyDecoder`` with a static cache of ``max_len``
     slots (prompt + new tokens: attention reads every slot) whose one-token step is compiled with
     the model's guards skipped. ``decoder.generate(ids, max_new_tokens)``, or
     ``model.generate(ids, ..., custom_generate=decoder)``; the first call compiles.
+
+    ``packaged=True`` (with Inductor, the default backend): one-token steps without padding run as an
+    AOTInductor package per (batch, slots) (``packaged_step.PackagedStep``: no Dynamo or Python per
+    token, a copy of the weights per package), other steps through ``torch.compile``;
+    ``compile_kwargs`` (``torch.compile``'s, and ``compile_decode_step``'s) shape that compiled step,
+    and its Inductor ``options`` the packages too.
 
     A model whose attention is not SDPA (e.g. Gemma 2's eager attention, for its soft-capping) keeps
     its own; a family whose modules ``decode_fusion`` does not know keeps its separate projections.
@@ -354,7 +384,15 @@ def compile_for_decode(model: nn.Module, max_len: int, **compile_kwargs: Any) ->
         )
     if not_applied:
         logger.warning("compile_for_decode(%s): %s", type(model).__name__, "; ".join(not_applied))
-    return GreedyDecoder(model, max_len, compile_decode_step(model, **compile_kwargs))
+    options = {**STEP_OPTIONS, **(compile_kwargs.get("options") or {})}
+    step = compile_decode_step(model, **compile_kwargs)
+    if packaged and compile_kwargs.get("backend", "inductor") == "inductor":
+        from .packaged_step import PackagedStep
+
+        # the wrapper and guards are torch.compile's; a package has neither
+        package_options = {k: v for k, v in options.items() if k not in ("cpp_wrapper", "guard_filter_fn")}
+        step = PackagedStep(model, step, package_options)
+    return GreedyDecoder(model, max_len, step)
 
 
 __all__ = [

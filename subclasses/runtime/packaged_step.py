@@ -1,0 +1,178 @@
+"""The one-token decode step as an AOTInductor package: no Dynamo, no guards, no Python between kernels.
+
+``compile_decode_step``'s step goes through Dynamo at every token: guard evaluation (~0.2 ms on
+SmolLM2), the bytecode that gathers the cache's tensors, AOTAutograd's runtime wrapper. ``PackagedStep``
+runs the same computation (the model as ``compile_for_decode`` prepared it, the step's Inductor options,
+freezing) as one call into a package that ``torch.export`` and AOTInductor built for the cache's shape:
+-8 to -15 % of a SmolLM2 token (docs/decoding.md). It takes the calls a package can answer exactly (one
+token per row of the cache's batch, no mask, no position ids, grad off) and hands every other call to
+the Dynamo step it wraps: a left-padded batch, a prompt-lookup verification, a model that does not export.
+
+The cache stays the caller's ``StaticCache``: the package's cache buffers are bound to its tensors
+(``load_constants(..., user_managed=True)``, no copy) and written in place, so the prompt (eager) and
+the Dynamo step share it. Each (batch, slots) builds a package of its own on first use (SmolLM2: ~20 s of
+export + ~45 s of compile; the Dynamo step's first compile is ~100 s) holding a copy of the frozen weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class StepLogits(NamedTuple):
+    """What a packaged step returns: the logits, as the model's output names them."""
+
+    logits: torch.Tensor
+
+
+class CacheAsBuffers(nn.Module):
+    """``model``'s one-token forward over ``cache`` with the cache's tensors as buffers, the shape
+    ``torch.export`` can trace (strict export follows the tensors by identity into the cache object)."""
+
+    def __init__(self, model: nn.Module, cache: Any) -> None:
+        super().__init__()
+        self.model, self.cache = model, cache
+        for name, tensor in cache_tensors(cache).items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        # Each layer writes at its own token count: set it from the position, not from the count the
+        # export saw (freezing would fold a buffer that is only read into a constant).
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(cache_position[0])
+        out = self.model(
+            input_ids, past_key_values=self.cache, cache_position=cache_position, use_cache=True, logits_to_keep=1
+        )
+        return out.logits
+
+
+def cache_tensors(cache: Any) -> dict[str, torch.Tensor]:
+    """The tensors of a ``StaticCache`` a package reads and writes, by the buffer names it knows them by."""
+    named = {}
+    for index, layer in enumerate(cache.layers):
+        named[f"keys_{index}"] = layer.keys
+        named[f"values_{index}"] = layer.values
+        named[f"length_{index}"] = layer.cumulative_length
+    return named
+
+
+def build_package(model: nn.Module, batch: int, slots: int, options: dict[str, Any]) -> Any:
+    """``model``'s one-token step for ``batch`` rows over a ``static_cache`` of ``slots`` slots, exported
+    and compiled by AOTInductor with Inductor ``options`` and freezing; the loaded package (its cache
+    buffers still the export's own: bind them with ``load_constants``)."""
+    from .decode import static_cache
+
+    # Outside inference mode (decoding runs inside it): the export's cache and inputs are normal tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        cache = static_cache(model.config, slots)
+        token, position = torch.zeros(batch, 1, dtype=torch.long), torch.tensor([0])
+        # transformers allocates a StaticCache's tensors on first use, from the model's K/V
+        model(token, past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1)
+        exported = torch.export.export(CacheAsBuffers(model, cache), (token, position), strict=True)
+    with tempfile.TemporaryDirectory(prefix="unwrap-step-") as folder:
+        path = torch._inductor.aoti_compile_and_package(
+            exported, package_path=os.path.join(folder, "step.pt2"), inductor_configs={**options, "freezing": True}
+        )
+        return torch._inductor.aoti_load_package(path)
+
+
+class Package:
+    """A loaded package and the cache its buffers are bound to now."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.bound: list[torch.Tensor] = []
+
+    def run(self, input_ids: torch.Tensor, cache_position: torch.Tensor, cache: Any) -> torch.Tensor:
+        layers = cache.layers
+        bound = self.bound
+        if len(bound) != 3 * len(layers) or any(
+            bound[3 * i] is not layer.keys
+            or bound[3 * i + 1] is not layer.values
+            or bound[3 * i + 2] is not layer.cumulative_length
+            for i, layer in enumerate(layers)
+        ):
+            tensors = cache_tensors(cache)
+            self.runner.load_constants(tensors, check_full_update=False, user_managed=True)
+            self.bound = list(tensors.values())
+        # the loader directly: AOTICompiledModel.__call__ parses the call's pytree specs at every call
+        return self.runner.loader.boxed_run([input_ids, cache_position])[0]
+
+
+class PackagedStep:
+    """A decode step (called like the model) that answers one-token calls from an AOTInductor package
+    of ``model`` per (batch, slots), built on first use, and every other call through ``fallback``
+    (``compile_decode_step``'s step). ``options`` are the packages' Inductor options."""
+
+    MAX_PACKAGES = 4  # each holds a copy of the weights
+
+    def __init__(self, model: nn.Module, fallback: Callable[..., Any], options: dict[str, Any]) -> None:
+        from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
+
+        self.model, self.fallback, self.options = model, fallback, options
+        self.packages: dict[tuple[int, int], Package | None] = {}
+        self.cache_class, self.layer_class = StaticCache, StaticLayer
+
+    def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        position: torch.Tensor = kwargs.get("cache_position")  # type: ignore[assignment]  # answers() checks
+        if not self.answers(input_ids, cache, position, kwargs):
+            return self.fallback(input_ids, **kwargs)
+        package = self.package_for(cache)
+        if package is None:
+            return self.fallback(input_ids, **kwargs)
+        return StepLogits(package.run(input_ids, position, cache))
+
+    def answers(self, input_ids: torch.Tensor, cache: Any, position: Any, kwargs: dict[str, Any]) -> bool:
+        """Whether a package computes this call exactly as the model would: one token per row of a
+        static cache whose layers are allocated, no mask or position ids, nothing else asked for."""
+        extra = set(kwargs) - {"past_key_values", "cache_position", "use_cache", "logits_to_keep"}
+        return (
+            not torch.is_grad_enabled()
+            and all(kwargs[name] is None for name in extra & {"attention_mask", "position_ids"})
+            and not extra - {"attention_mask", "position_ids"}
+            and kwargs.get("use_cache", True) is True
+            and kwargs.get("logits_to_keep", 0) == 1
+            and isinstance(cache, self.cache_class)
+            and isinstance(position, torch.Tensor)
+            and position.shape == (1,)
+            and input_ids.dtype == torch.long
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and all(type(layer) is self.layer_class and layer.is_initialized for layer in cache.layers)
+            and input_ids.shape[0] == cache.layers[0].keys.shape[0]
+        )
+
+    def package_for(self, cache: Any) -> Package | None:
+        """The package for ``cache``'s (batch, slots), built on first use; None where the model does not
+        export (logged once, and that shape keeps the fallback)."""
+        key = (cache.layers[0].keys.shape[0], cache.get_max_length())
+        if key not in self.packages:
+            if len(self.packages) >= self.MAX_PACKAGES:
+                self.packages.pop(next(iter(self.packages)))
+            try:
+                self.packages[key] = Package(build_package(self.model, *key, self.options))
+            except Exception as error:  # noqa: BLE001 - any export/compile failure: the Dynamo step decodes
+                logger.warning(
+                    "PackagedStep: %s does not export as an AOTInductor package (%s: %s); its one-token steps "
+                    "for batch %d over %d slots run through torch.compile",
+                    type(self.model).__name__,
+                    type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "",
+                    *key,
+                )
+                self.packages[key] = None
+        return self.packages[key]
+
+
+__all__ = ["CacheAsBuffers", "Package", "PackagedStep", "StepLogits", "build_package", "cache_tensors"]
