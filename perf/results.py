@@ -61,7 +61,7 @@ SECTIONS = (
         "Decode: where the time goes",
         "One SmolLM2-135M int4 token, split by a profiler into the quantized GEMVs, the vocabulary matrix, "
         "attention, Dynamo's guards and the rest, in each way of running it.",
-        "perf.decode_profile --model smollm2 --threads 2 --modes eager,compiled,decode,decode+python_wrapper",
+        "perf.decode_profile --model smollm2 --threads 2 --modes eager,compiled,decode,decode+dynamo",
     ),
     Section(
         "Decode against llama.cpp",

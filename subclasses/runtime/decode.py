@@ -391,7 +391,7 @@ def compile_for_decode(
 
         # the wrapper and guards are torch.compile's; a package has neither
         package_options = {k: v for k, v in options.items() if k not in ("cpp_wrapper", "guard_filter_fn")}
-        step = PackagedStep(model, step, package_options)
+        step = PackagedStep(model, step, package_options, static_cache)
     return GreedyDecoder(model, max_len, step)
 
 

@@ -65,15 +65,16 @@ def cache_tensors(cache: Any) -> dict[str, torch.Tensor]:
     return named
 
 
-def build_package(model: nn.Module, batch: int, slots: int, options: dict[str, Any]) -> Any:
-    """``model``'s one-token step for ``batch`` rows over a ``static_cache`` of ``slots`` slots, exported
-    and compiled by AOTInductor with Inductor ``options`` and freezing; the loaded package (its cache
-    buffers still the export's own: bind them with ``load_constants``)."""
-    from .decode import static_cache
-
+def build_package(
+    model: nn.Module, batch: int, slots: int, options: dict[str, Any], make_cache: Callable[[Any, int], Any]
+) -> Any:
+    """``model``'s one-token step for ``batch`` rows over a cache of ``slots`` slots (``make_cache(config,
+    slots)``, e.g. ``decode.static_cache``), exported and compiled by AOTInductor with Inductor ``options``
+    and freezing; the loaded package (its cache buffers still the export's own: bind them with
+    ``load_constants``)."""
     # Outside inference mode (decoding runs inside it): the export's cache and inputs are normal tensors.
     with torch.inference_mode(False), torch.no_grad():
-        cache = static_cache(model.config, slots)
+        cache = make_cache(model.config, slots)
         token, position = torch.zeros(batch, 1, dtype=torch.long), torch.tensor([0])
         # transformers allocates a StaticCache's tensors on first use, from the model's K/V
         model(token, past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1)
@@ -111,15 +112,22 @@ class Package:
 class PackagedStep:
     """A decode step (called like the model) that answers one-token calls from an AOTInductor package
     of ``model`` per (batch, slots), built on first use, and every other call through ``fallback``
-    (``compile_decode_step``'s step). ``options`` are the packages' Inductor options."""
+    (``compile_decode_step``'s step). ``options`` are the packages' Inductor options, ``make_cache(config,
+    slots)`` makes the cache a package is exported with (``decode.static_cache``: full layers)."""
 
     MAX_PACKAGES = 4  # each holds a copy of the weights
 
-    def __init__(self, model: nn.Module, fallback: Callable[..., Any], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        fallback: Callable[..., Any],
+        options: dict[str, Any],
+        make_cache: Callable[[Any, int], Any],
+    ) -> None:
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
-        self.model, self.fallback, self.options = model, fallback, options
+        self.model, self.fallback, self.options, self.make_cache = model, fallback, options, make_cache
         self.packages: dict[tuple[int, int], Package | None] = {}
         self.cache_class, self.layer_class = StaticCache, StaticLayer
 
@@ -161,7 +169,7 @@ class PackagedStep:
             if len(self.packages) >= self.MAX_PACKAGES:
                 self.packages.pop(next(iter(self.packages)))
             try:
-                self.packages[key] = Package(build_package(self.model, *key, self.options))
+                self.packages[key] = Package(build_package(self.model, *key, self.options, self.make_cache))
             except Exception as error:  # noqa: BLE001 - any export/compile failure: the Dynamo step decodes
                 logger.warning(
                     "PackagedStep: %s does not export as an AOTInductor package (%s: %s); its one-token steps "
