@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .caches import copy_cache, static_cache
 from .decode_fusion import fuse_decode_projections
 
 logger = logging.getLogger(__name__)
@@ -212,34 +213,6 @@ class FrozenStep:
         return out
 
 
-def static_cache(config: Any, max_len: int) -> Any:
-    """transformers' ``StaticCache`` of ``max_len`` slots with every layer a full ``StaticLayer``, the
-    cache a compiled one-token step decodes through. A sliding-window layer (Mistral, Gemma 2/3) counts
-    its tokens in a Python int that Dynamo specialises on: a new trace at every token, then the
-    recompile limit (an error under ``fullgraph``). Over full layers the window is the attention
-    mask's, which transformers builds from the config's ``sliding_window`` either way; the layer holds
-    ``max_len`` slots instead of the window's."""
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer
-
-    cache = StaticCache(config=config, max_cache_len=max_len)
-    cache.layers = [
-        StaticLayer(max_cache_len=max_len) if sliding else layer
-        for layer, sliding in zip(cache.layers, cache.is_sliding)
-    ]
-    return cache
-
-
-def copy_cache(source: Any, target: Any) -> None:
-    """Copy a ``StaticCache``'s tokens into another of the same shapes (allocating its layers if needed)."""
-    for have, want in zip(source.layers, target.layers, strict=True):
-        if not want.is_initialized:
-            want.lazy_initialization(have.keys, have.values)
-        want.keys.copy_(have.keys)
-        want.values.copy_(have.values)
-        want.cumulative_length.copy_(have.cumulative_length)
-
-
 class GreedyDecoder:
     """Greedy generation with a ``StaticCache`` of ``max_len`` slots: the prompt in eager (any length,
     nothing to recompile), each next token through ``step`` (a compiled one-token forward).
@@ -391,7 +364,7 @@ def compile_for_decode(
 
         # the wrapper and guards are torch.compile's; a package has neither
         package_options = {k: v for k, v in options.items() if k not in ("cpp_wrapper", "guard_filter_fn")}
-        step = PackagedStep(model, step, package_options, static_cache)
+        step = PackagedStep(model, step, package_options)
     return GreedyDecoder(model, max_len, step)
 
 

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .caches import static_cache
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,16 +67,13 @@ def cache_tensors(cache: Any) -> dict[str, torch.Tensor]:
     return named
 
 
-def build_package(
-    model: nn.Module, batch: int, slots: int, options: dict[str, Any], make_cache: Callable[[Any, int], Any]
-) -> Any:
-    """``model``'s one-token step for ``batch`` rows over a cache of ``slots`` slots (``make_cache(config,
-    slots)``, e.g. ``decode.static_cache``), exported and compiled by AOTInductor with Inductor ``options``
-    and freezing; the loaded package (its cache buffers still the export's own: bind them with
-    ``load_constants``)."""
+def build_package(model: nn.Module, batch: int, slots: int, options: dict[str, Any]) -> Any:
+    """``model``'s one-token step for ``batch`` rows over a ``static_cache`` of ``slots`` slots, exported
+    and compiled by AOTInductor with Inductor ``options`` and freezing; the loaded package (its cache
+    buffers still the export's own: bind them with ``load_constants``)."""
     # Outside inference mode (decoding runs inside it): the export's cache and inputs are normal tensors.
     with torch.inference_mode(False), torch.no_grad():
-        cache = make_cache(model.config, slots)
+        cache = static_cache(model.config, slots)
         token, position = torch.zeros(batch, 1, dtype=torch.long), torch.tensor([0])
         # transformers allocates a StaticCache's tensors on first use, from the model's K/V
         model(token, past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1)
@@ -112,34 +111,25 @@ class Package:
 class PackagedStep:
     """A decode step (called like the model) that answers one-token calls from an AOTInductor package
     of ``model`` per (batch, slots), built on first use, and every other call through ``fallback``
-    (``compile_decode_step``'s step). ``options`` are the packages' Inductor options, ``make_cache(config,
-    slots)`` makes the cache a package is exported with (``decode.static_cache``: full layers)."""
+    (``compile_decode_step``'s step). ``options`` are the packages' Inductor options."""
 
     MAX_PACKAGES = 4  # each holds a copy of the weights
 
-    def __init__(
-        self,
-        model: nn.Module,
-        fallback: Callable[..., Any],
-        options: dict[str, Any],
-        make_cache: Callable[[Any, int], Any],
-    ) -> None:
+    def __init__(self, model: nn.Module, fallback: Callable[..., Any], options: dict[str, Any]) -> None:
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
-        self.model, self.fallback, self.options, self.make_cache = model, fallback, options, make_cache
+        self.model, self.fallback, self.options = model, fallback, options
         self.packages: dict[tuple[int, int], Package | None] = {}
         self.cache_class, self.layer_class = StaticCache, StaticLayer
 
     def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         cache = kwargs.get("past_key_values")
-        position: torch.Tensor = kwargs.get("cache_position")  # type: ignore[assignment]  # answers() checks
-        if not self.answers(input_ids, cache, position, kwargs):
-            return self.fallback(input_ids, **kwargs)
-        package = self.package_for(cache)
-        if package is None:
-            return self.fallback(input_ids, **kwargs)
-        return StepLogits(package.run(input_ids, position, cache))
+        if self.answers(input_ids, cache, kwargs.get("cache_position"), kwargs):
+            package = self.package_for(cache)
+            if package is not None:
+                return StepLogits(package.run(input_ids, kwargs["cache_position"], cache))
+        return self.fallback(input_ids, **kwargs)
 
     def answers(self, input_ids: torch.Tensor, cache: Any, position: Any, kwargs: dict[str, Any]) -> bool:
         """Whether a package computes this call exactly as the model would: one token per row of a
@@ -169,7 +159,7 @@ class PackagedStep:
             if len(self.packages) >= self.MAX_PACKAGES:
                 self.packages.pop(next(iter(self.packages)))
             try:
-                self.packages[key] = Package(build_package(self.model, *key, self.options, self.make_cache))
+                self.packages[key] = Package(build_package(self.model, *key, self.options))
             except Exception as error:  # noqa: BLE001 - any export/compile failure: the Dynamo step decodes
                 logger.warning(
                     "PackagedStep: %s does not export as an AOTInductor package (%s: %s); its one-token steps "

@@ -1,0 +1,37 @@
+"""The static caches the decode step runs over: transformers' ``StaticCache`` with every layer a full one,
+and a copy from one such cache into another."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def static_cache(config: Any, max_len: int) -> Any:
+    """transformers' ``StaticCache`` of ``max_len`` slots with every layer a full ``StaticLayer``, the
+    cache a compiled one-token step decodes through. A sliding-window layer (Mistral, Gemma 2/3) counts
+    its tokens in a Python int that Dynamo specialises on: a new trace at every token, then the
+    recompile limit (an error under ``fullgraph``). Over full layers the window is the attention
+    mask's, which transformers builds from the config's ``sliding_window`` either way; the layer holds
+    ``max_len`` slots instead of the window's."""
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    cache = StaticCache(config=config, max_cache_len=max_len)
+    cache.layers = [
+        StaticLayer(max_cache_len=max_len) if sliding else layer
+        for layer, sliding in zip(cache.layers, cache.is_sliding)
+    ]
+    return cache
+
+
+def copy_cache(source: Any, target: Any) -> None:
+    """Copy a ``StaticCache``'s tokens into another of the same shapes (allocating its layers if needed)."""
+    for have, want in zip(source.layers, target.layers, strict=True):
+        if not want.is_initialized:
+            want.lazy_initialization(have.keys, have.values)
+        want.keys.copy_(have.keys)
+        want.values.copy_(have.values)
+        want.cumulative_length.copy_(have.cumulative_length)
+
+
+__all__ = ["copy_cache", "static_cache"]
