@@ -174,31 +174,37 @@ AVX512 void quantize_activation(const T* x, int64_t k, int64_t group, float* xf,
 template <typename T>
 void gemv(const at::Tensor& x, const std::vector<Weight<T>>& weights, int64_t group, at::Tensor& out) {
   const int64_t k = x.size(1), n = out.size(1);
-  std::vector<float> xf(k), yf(n);
+  float* xf = unwrap_cpu::scratch<float, 0>(k);
+  float* yf = unwrap_cpu::scratch<float, 1>(n);
   const T* xp = x.const_data_ptr<T>();
   for (int64_t i = 0; i < k; ++i) xf[i] = to_float(xp[i]);
   const bool avx512 = kernel_isa() == "avx512";
   if (avx512) {
-    std::vector<float> xsum(k / group), xscale(k / 32);
-    std::vector<int8_t> xh(k), xl(k);
-    quantize_activation<T>(xp, k, group, xf.data(), xh.data(), xl.data(), xscale.data(), xsum.data());
-    std::vector<int64_t> first_block{0};  // the global index of each weight's first full block
-    for (const auto& w : weights) first_block.push_back(first_block.back() + w.n / kBlock);
-    at::parallel_for(0, first_block.back(), 1, [&](int64_t begin, int64_t end) {
+    float* xsum = unwrap_cpu::scratch<float, 2>(k / group);
+    float* xscale = unwrap_cpu::scratch<float, 3>(k / 32);
+    int8_t* xh = unwrap_cpu::scratch<int8_t, 0>(k);
+    int8_t* xl = unwrap_cpu::scratch<int8_t, 1>(k);
+    quantize_activation<T>(xp, k, group, xf, xh, xl, xscale, xsum);
+    // the global index of each weight's first full block
+    int64_t* first_block = unwrap_cpu::scratch<int64_t, 0>(weights.size() + 1);
+    first_block[0] = 0;
+    for (size_t i = 0; i < weights.size(); ++i) first_block[i + 1] = first_block[i] + weights[i].n / kBlock;
+    const int64_t *starts = first_block, *last = first_block + weights.size() + 1;
+    at::parallel_for(0, first_block[weights.size()], 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
+        const size_t i = std::upper_bound(starts, last, b) - starts - 1;
         const Weight<T>& w = weights[i];
-        full_block<T>(w.packed, w.scale_and_zero, xh.data(), xl.data(), xscale.data(), xsum.data(), b - first_block[i],
-                      w.n, k, group, yf.data() + w.offset);
+        full_block<T>(w.packed, w.scale_and_zero, xh, xl, xscale, xsum, b - first_block[i], w.n, k, group,
+                      yf + w.offset);
       }
     });
   } else {
-    unwrap_cpu::full_blocks_avx2<T>(xf.data(), k, group, weights, yf.data());
+    unwrap_cpu::full_blocks_avx2<T>(xf, k, group, weights, yf);
   }
   const int64_t block = avx512 ? kBlock : 32;
   for (const auto& w : weights) {
     if (w.n % block)
-      partial_block<T>(w.packed, w.scale_and_zero, xf.data(), w.n / block * block, w.n, k, group, yf.data() + w.offset);
+      partial_block<T>(w.packed, w.scale_and_zero, xf, w.n / block * block, w.n, k, group, yf + w.offset);
   }
   T* o = out.data_ptr<T>();
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(yf[i]);

@@ -14,6 +14,16 @@ template <typename T> struct Weight {
   int64_t n, offset;
 };
 
+// `count` values of a buffer this thread keeps for its later calls (`Slot` tells a call's buffers apart):
+// grown, never shrunk, not zeroed (every caller writes what it reads). Allocating and zeroing a GEMV's ~10
+// std::vectors at every call was ~3 % of a SmolLM2 token's CPU time in `perf` (malloc, free, memset),
+// on the thread that runs the token's serial work.
+template <typename U, int Slot> U* scratch(size_t count) {
+  thread_local std::vector<U> buffer;
+  if (buffer.size() < count) buffer.resize(count);
+  return buffer.data();
+}
+
 // The kernel that reads this process's packing (int4_gemv.cpp): "avx512", "avx2" or "none".
 const std::string& kernel_isa();
 

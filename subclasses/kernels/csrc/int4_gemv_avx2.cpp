@@ -119,25 +119,30 @@ AVX2 void quantize_activation(const float* xf, int64_t k, int64_t group, int8_t*
 
 template <typename T>
 void full_blocks_avx2(const float* xf, int64_t k, int64_t group, const std::vector<Weight<T>>& weights, float* y) {
-  std::vector<float> xsum(k / group), xscale(k / 32);
-  std::vector<int8_t> xh(k), xl(k);
-  quantize_activation(xf, k, group, xh.data(), xl.data(), xscale.data(), xsum.data());
-  // 32 bytes per 4 features, 32-byte aligned (std::vector<__m256i> would drop the vector type's alignment).
-  std::vector<int8_t> arranged(2 * 8 * k + 32);
-  __m256i* ah = reinterpret_cast<__m256i*>((reinterpret_cast<uintptr_t>(arranged.data()) + 31) & ~uintptr_t{31});
+  float* xsum = scratch<float, 4>(k / group);
+  float* xscale = scratch<float, 5>(k / 32);
+  int8_t* xh = scratch<int8_t, 2>(k);
+  int8_t* xl = scratch<int8_t, 3>(k);
+  quantize_activation(xf, k, group, xh, xl, xscale, xsum);
+  // 32 bytes per 4 features, 32-byte aligned (a std::vector<__m256i> would drop the vector type's alignment).
+  int8_t* arranged = scratch<int8_t, 4>(2 * 8 * k + 32);
+  __m256i* ah = reinterpret_cast<__m256i*>((reinterpret_cast<uintptr_t>(arranged) + 31) & ~uintptr_t{31});
   __m256i* al = ah + k / 4;
-  arrange(xh.data(), k, ah);
-  arrange(xl.data(), k, al);
-  std::vector<int64_t> first_block{0};  // the global index of each weight's first full block
-  for (const auto& w : weights) first_block.push_back(first_block.back() + w.n / kRows);
+  arrange(xh, k, ah);
+  arrange(xl, k, al);
+  // the global index of each weight's first full block
+  int64_t* first_block = scratch<int64_t, 1>(weights.size() + 1);
+  first_block[0] = 0;
+  for (size_t i = 0; i < weights.size(); ++i) first_block[i + 1] = first_block[i] + weights[i].n / kRows;
+  const int64_t *starts = first_block, *last = first_block + weights.size() + 1;
   const int64_t grain = std::max<int64_t>(1, kParallelWeights / (kRows * k));
-  at::parallel_for(0, first_block.back(), grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first_block[weights.size()], grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const size_t i = std::upper_bound(first_block.begin(), first_block.end(), b) - first_block.begin() - 1;
+      const size_t i = std::upper_bound(starts, last, b) - starts - 1;
       const Weight<T>& w = weights[i];
       const int64_t local = b - first_block[i];
       float* out = y + w.offset + local * kRows;
-      full_block_int<T>(w.packed, w.scale_and_zero, ah, al, xscale.data(), xsum.data(), local, w.n, k, group, out);
+      full_block_int<T>(w.packed, w.scale_and_zero, ah, al, xscale, xsum, local, w.n, k, group, out);
     }
   });
 }
