@@ -28,6 +28,7 @@ from subclasses.decode import (  # noqa: E402
     use_gqa_decode_attention,
 )
 from subclasses.runtime import packaged_step  # noqa: E402
+from subclasses.runtime.caches import allocated_static_cache  # noqa: E402
 from subclasses.runtime.packaged_step import Package, PackagedStep  # noqa: E402
 from unwrap import unwrap  # noqa: E402
 
@@ -169,24 +170,30 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
     assert "args[0] TENSOR_MATCH" in kept and any(name.startswith("kwargs['past_key_values']") for name in kept), kept
 
 
+def one_token(step, cache, token: int, position: int) -> torch.Tensor:
+    """The logits of one step called as the decoders call it: ``token`` at cache slot ``position``."""
+    with torch.inference_mode():
+        out = step(
+            torch.tensor([[token]]),
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([position]),
+            logits_to_keep=1,
+        )
+    return out.logits
+
+
 def test_frozen_step_equals_the_unfrozen_one(tiny):
     """freeze=True (the default: the weights are constants of the graph) changes speed, not numbers: the same
     tokens, and the next step's logits bit for bit. (The frozen step is the one the first test here compiles,
     the same model and calls: Inductor's cache has it.)"""
-    prompt, new, token, tokens, logits = torch.tensor([[5, 17, 99, 3, 250]]), 6, torch.tensor([[7]]), {}, {}
+    prompt, new, token, tokens, logits = torch.tensor([[5, 17, 99, 3, 250]]), 6, 7, {}, {}
     for freeze in (True, False):
         decoder = compile_for_decode(copy.deepcopy(tiny), max_len=16, packaged=False, freeze=freeze)
         assert isinstance(decoder.step, FrozenStep) == freeze
         tokens[freeze] = decoder.generate(prompt, new)
-        with torch.inference_mode():  # the slot after the generation, through the same trace
-            out = decoder.step(
-                token,
-                past_key_values=decoder.cache,
-                use_cache=True,
-                cache_position=torch.tensor([prompt.shape[1] + new]),
-                logits_to_keep=1,
-            )
-        logits[freeze] = out.logits
+        # the slot after the generation, through the same trace
+        logits[freeze] = one_token(decoder.step, decoder.cache, token, prompt.shape[1] + new)
     assert tokens[True].tolist() == tokens[False].tolist()
     assert torch.equal(logits[True], logits[False])
     assert not torch._inductor.config.freezing  # set around the call only
@@ -290,32 +297,15 @@ def test_fused_projections_change_nothing_but_the_calls(tiny):
     assert calls.count("unwrap_cpu::int4_gemv_cat") == 2 * tiny.config.num_hidden_layers
 
 
-def one_token(step, cache, token: int, position: int) -> torch.Tensor:
-    with torch.inference_mode():
-        out = step(
-            torch.tensor([[token]]),
-            past_key_values=cache,
-            use_cache=True,
-            cache_position=torch.tensor([position]),
-            logits_to_keep=1,
-        )
-    return out.logits
-
-
 def test_packaged_step_computes_what_the_compiled_step_computes(tiny):
     """The package is the compiled step's model, graph and kernels, exported and compiled by AOTInductor
     with the same options: equal logits bit for bit, position by position, each into its own cache; and
     the package writes the caller's cache in place, as the compiled step writes its own."""
-    from subclasses.decode import static_cache
-
     decoder = compile_for_decode(copy.deepcopy(tiny), max_len=16)
     packaged, compiled = decoder.step, decoder.step.fallback
     assert isinstance(packaged, PackagedStep)
-    caches = {name: static_cache(tiny.config, 16) for name in ("packaged", "compiled")}
-    with torch.inference_mode():  # allocate both caches' tensors (transformers does it on first use)
-        for cache in caches.values():
-            decoder.model(torch.tensor([[1]]), past_key_values=cache, cache_position=torch.tensor([0]), use_cache=True)
-            cache.reset()
+    with torch.inference_mode():  # inference tensors, as a decoder's own caches
+        caches = {name: allocated_static_cache(decoder.model, 16) for name in ("packaged", "compiled")}
     for position, token in enumerate([5, 17, 99, 3, 250, 7]):
         ours = one_token(packaged, caches["packaged"], token, position)
         theirs = one_token(compiled, caches["compiled"], token, position)

@@ -17,6 +17,7 @@ import_or_fail_in_ci("transformers", "hf")
 
 from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
 from subclasses.decode import compile_for_decode  # noqa: E402
+from subclasses.runtime.caches import allocated_static_cache  # noqa: E402
 from unwrap import unwrap  # noqa: E402
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 250]])
@@ -155,23 +156,13 @@ def test_a_cache_given_to_generate_ends_holding_the_decoded_tokens(models):
     with pytest.raises(ValueError, match="traced over another cache of 13 slots"), torch.inference_mode():
         step(
             batch[:, -1:],
-            past_key_values=given_cache_of(decoder, 2),
+            past_key_values=allocated_static_cache(decoder.model, SLOTS, batch=2),
             use_cache=True,
             cache_position=torch.tensor([5]),
             logits_to_keep=1,
             attention_mask=torch.ones(2, SLOTS, dtype=torch.long),
             position_ids=torch.tensor([[3], [5]]),
         )
-
-
-def given_cache_of(decoder, batch: int):
-    """A new static cache of ``SLOTS`` slots for ``batch`` rows, its tensors allocated (by one eager token)."""
-    from subclasses.decode import static_cache
-
-    cache = static_cache(decoder.model.config, SLOTS)
-    with torch.inference_mode():
-        decoder.model(torch.ones(batch, 1, dtype=torch.long), past_key_values=cache, cache_position=torch.tensor([0]))
-    return cache
 
 
 def test_batch_rows_finished_at_eos_are_padded(models):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 
 def static_cache(config: Any, max_len: int) -> Any:
     """transformers' ``StaticCache`` of ``max_len`` slots with every layer a full ``StaticLayer``, the
@@ -24,6 +26,19 @@ def static_cache(config: Any, max_len: int) -> Any:
     return cache
 
 
+def allocated_static_cache(model: Any, slots: int, batch: int = 1) -> Any:
+    """An empty ``static_cache`` of ``slots`` slots for ``batch`` rows of ``model``, its tensors allocated:
+    transformers allocates them at a cache's first update, from the K/V it is given, so one eager token at
+    position 0 does it (then ``reset`` empties the cache). Its tensors are inference tensors inside
+    ``torch.inference_mode``, normal ones outside."""
+    cache = static_cache(model.config, slots)
+    with torch.no_grad():
+        token = torch.zeros(batch, 1, dtype=torch.long)
+        model(token, past_key_values=cache, cache_position=torch.tensor([0]), use_cache=True, logits_to_keep=1)
+    cache.reset()
+    return cache
+
+
 def copy_cache(source: Any, target: Any) -> None:
     """Copy a ``StaticCache``'s tokens into another of the same shapes (allocating its layers if needed)."""
     for have, want in zip(source.layers, target.layers, strict=True):
@@ -34,4 +49,4 @@ def copy_cache(source: Any, target: Any) -> None:
         want.cumulative_length.copy_(have.cumulative_length)
 
 
-__all__ = ["copy_cache", "static_cache"]
+__all__ = ["allocated_static_cache", "copy_cache", "static_cache"]

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .caches import static_cache
+from .caches import allocated_static_cache
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,16 @@ class CacheAsBuffers(nn.Module):
         return out.logits
 
 
+def layer_tensors(cache: Any) -> list[torch.Tensor]:
+    """The tensors of a ``StaticCache`` a package reads and writes, in order: each layer's keys, values and
+    token count."""
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values, layer.cumulative_length)]
+
+
 def cache_tensors(cache: Any) -> dict[str, torch.Tensor]:
-    """The tensors of a ``StaticCache`` a package reads and writes, by the buffer names it knows them by."""
-    named = {}
-    for index, layer in enumerate(cache.layers):
-        named[f"keys_{index}"] = layer.keys
-        named[f"values_{index}"] = layer.values
-        named[f"length_{index}"] = layer.cumulative_length
-    return named
+    """``layer_tensors(cache)`` by the buffer names a package knows them by."""
+    names = ("keys", "values", "length")
+    return {f"{names[i % 3]}_{i // 3}": tensor for i, tensor in enumerate(layer_tensors(cache))}
 
 
 def build_package(model: nn.Module, batch: int, slots: int, options: dict[str, Any]) -> Any:
@@ -73,11 +75,9 @@ def build_package(model: nn.Module, batch: int, slots: int, options: dict[str, A
     buffers still the export's own: bind them with ``load_constants``)."""
     # Outside inference mode (decoding runs inside it): the export's cache and inputs are normal tensors.
     with torch.inference_mode(False), torch.no_grad():
-        cache = static_cache(model.config, slots)
-        token, position = torch.zeros(batch, 1, dtype=torch.long), torch.tensor([0])
-        # transformers allocates a StaticCache's tensors on first use, from the model's K/V
-        model(token, past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1)
-        exported = torch.export.export(CacheAsBuffers(model, cache), (token, position), strict=True)
+        cache = allocated_static_cache(model, slots, batch)
+        example = (torch.zeros(batch, 1, dtype=torch.long), torch.tensor([0]))
+        exported = torch.export.export(CacheAsBuffers(model, cache), example, strict=True)
     with tempfile.TemporaryDirectory(prefix="unwrap-step-") as folder:
         path = torch._inductor.aoti_compile_and_package(
             exported, package_path=os.path.join(folder, "step.pt2"), inductor_configs={**options, "freezing": True}
@@ -93,17 +93,10 @@ class Package:
         self.bound: list[torch.Tensor] = []
 
     def run(self, input_ids: torch.Tensor, cache_position: torch.Tensor, cache: Any) -> torch.Tensor:
-        layers = cache.layers
-        bound = self.bound
-        if len(bound) != 3 * len(layers) or any(
-            bound[3 * i] is not layer.keys
-            or bound[3 * i + 1] is not layer.values
-            or bound[3 * i + 2] is not layer.cumulative_length
-            for i, layer in enumerate(layers)
-        ):
-            tensors = cache_tensors(cache)
-            self.runner.load_constants(tensors, check_full_update=False, user_managed=True)
-            self.bound = list(tensors.values())
+        tensors = layer_tensors(cache)
+        if len(tensors) != len(self.bound) or any(a is not b for a, b in zip(tensors, self.bound)):
+            self.runner.load_constants(cache_tensors(cache), check_full_update=False, user_managed=True)
+            self.bound = tensors
         # the loader directly: AOTICompiledModel.__call__ parses the call's pytree specs at every call
         return self.runner.loader.boxed_run([input_ids, cache_position])[0]
 
@@ -137,8 +130,8 @@ class PackagedStep:
         extra = set(kwargs) - {"past_key_values", "cache_position", "use_cache", "logits_to_keep"}
         return (
             not torch.is_grad_enabled()
-            and all(kwargs[name] is None for name in extra & {"attention_mask", "position_ids"})
-            and not extra - {"attention_mask", "position_ids"}
+            and extra <= {"attention_mask", "position_ids"}
+            and all(kwargs[name] is None for name in extra)
             and kwargs.get("use_cache", True) is True
             and kwargs.get("logits_to_keep", 0) == 1
             and isinstance(cache, self.cache_class)
@@ -173,4 +166,4 @@ class PackagedStep:
         return self.packages[key]
 
 
-__all__ = ["CacheAsBuffers", "Package", "PackagedStep", "StepLogits", "build_package", "cache_tensors"]
+__all__ = ["CacheAsBuffers", "Package", "PackagedStep", "StepLogits", "build_package", "cache_tensors", "layer_tensors"]
