@@ -78,6 +78,15 @@ AVX2 void block_scales(const T* sz, int64_t n, int64_t n0, int64_t groups, float
   }
 }
 
+// Requests the [K/g] scattered lines of a weight block's scales (block_scales reads them) while the
+// tiles of the block before it compute: read cold, they stalled block_scales on memory once per group.
+template <typename T> AVX2 void prefetch_block_scales(const T* sz, int64_t n, int64_t n0, int64_t groups) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const char* line = reinterpret_cast<const char*>(sz + (g * n + n0) * 2);
+    for (int i = 0; i < static_cast<int>(sizeof(T)); ++i) _mm_prefetch(line + 64 * i, _MM_HINT_T0);
+  }
+}
+
 // out[r][0, 32) (fp32) for R = 1 or 2 activation rows (arranged, see avx2_int4.h) and the weight
 // block of rows [n0, n0 + 32), its 4 columns at a time unpacked as the GEMV's (unpack_columns); named
 // accumulators, not arrays, keep gcc from spilling them.
@@ -155,6 +164,7 @@ void gemm(const T* x, int64_t m, int64_t k, int64_t group, const uint8_t* packed
       }
       const uint8_t* block = packed + wb * k * (kRows / 2);
       block_scales<T>(sz, n, n0, groups, w_scale, w_offset);
+      if (wb + 1 < weight_blocks) prefetch_block_scales(sz, n, n0 + kRows, groups);
       for (int64_t i = 0; i < rows_in_panel; i += 2) {
         const int64_t row = row0 + i;
         const int rows = i + 1 < rows_in_panel ? 2 : 1;
