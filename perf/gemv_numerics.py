@@ -23,10 +23,13 @@ def decode_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, torch.
     """Perplexity of ids[1:] fed one token at a time through a DynamicCache, and the logits [T, V]."""
     from transformers import DynamicCache
 
+    from subclasses.runtime.caches import cache_keyword
+
     cache, nll, logits = DynamicCache(), 0.0, []
+    keyword = cache_keyword(model)
     with torch.inference_mode():
         for t in range(ids.numel() - 1):
-            out = model(ids[t : t + 1].view(1, 1), past_key_values=cache, use_cache=True).logits[0, -1].float()
+            out = model(ids[t : t + 1].view(1, 1), **{keyword: cache}, use_cache=True).logits[0, -1].float()
             nll -= out.log_softmax(-1)[ids[t + 1]].item()
             logits.append(out)
     return math.exp(nll / (ids.numel() - 1)), torch.stack(logits)

@@ -16,6 +16,7 @@ import torch
 from subclasses import Int4WeightOnlyConfig, quantize_
 from subclasses.decode import ATTENTION, compile_for_decode, static_cache
 from subclasses.runtime import decode_fusion
+from subclasses.runtime.caches import cache_keyword
 from unwrap import unwrap
 
 transformers = pytest.importorskip("transformers", reason="the 'hf' extra (make test installs it)")
@@ -104,7 +105,9 @@ def test_a_sliding_window_static_cache_passed_to_generate_is_refused():
     decoder = compile_for_decode(model, max_len=32, backend="eager")
     cache = transformers.StaticCache(config=model.config, max_cache_len=32)
     with pytest.raises(ValueError, match=r"layers \[0\] are sliding-window layers.*static_cache"):
-        model.generate(PROMPT, max_new_tokens=2, custom_generate=decoder, past_key_values=cache)
+        model.generate(PROMPT, max_new_tokens=2, custom_generate=decoder, **{cache_keyword(model): cache})
     ours = static_cache(model.config, 32)
-    out = model.generate(PROMPT, max_new_tokens=2, do_sample=False, custom_generate=decoder, past_key_values=ours)
+    out = model.generate(
+        PROMPT, max_new_tokens=2, do_sample=False, custom_generate=decoder, **{cache_keyword(model): ours}
+    )
     assert out.shape == (1, PROMPT.shape[1] + 2)

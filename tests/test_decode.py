@@ -14,6 +14,8 @@ from tests.subclasses.test_int4_gemv import require_kernel
 
 import_or_fail_in_ci("transformers", "hf")
 
+import transformers  # noqa: E402
+
 from perf.decode_profile import Breakdown, build_model, categorize, format_table, measure  # noqa: E402
 from perf.qwen import build_qwen2  # noqa: E402
 from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
@@ -28,9 +30,12 @@ from subclasses.decode import (  # noqa: E402
     use_gqa_decode_attention,
 )
 from subclasses.runtime import packaged_step  # noqa: E402
-from subclasses.runtime.caches import allocated_static_cache  # noqa: E402
+from subclasses.runtime.caches import allocated_static_cache, cache_keyword  # noqa: E402
 from subclasses.runtime.packaged_step import Package, PackagedStep  # noqa: E402
 from unwrap import unwrap  # noqa: E402
+
+# The keyword this transformers' forward takes its cache by ("cache" from 5.25, "past_key_values" before).
+CACHE = cache_keyword(transformers.Qwen2ForCausalLM)
 
 
 class Heads(torch.nn.Module):
@@ -160,14 +165,14 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
         step = compile_decode_step(model, skip_module_guards=False, options=options, backend="eager")
         with torch.inference_mode():
             cache = StaticCache(config=model.config, max_cache_len=8)
-            logits[name] = step(token, past_key_values=cache, cache_position=torch.tensor([0]), logits_to_keep=1).logits
+            logits[name] = step(token, **{CACHE: cache}, cache_position=torch.tensor([0]), logits_to_keep=1).logits
             cache = StaticCache(config=model.config, max_cache_len=8)
-            eager = model(token, past_key_values=cache, cache_position=torch.tensor([0]), logits_to_keep=1).logits
+            eager = model(token, **{CACHE: cache}, cache_position=torch.tensor([0]), logits_to_keep=1).logits
         assert sqnr(eager, logits[name]) > 30, name
     assert not torch.equal(logits["a"], logits["b"])
     assert len(counts[True]) == 2 and max(counts[True]) < 0.5 * counts[False][0], counts
     assert not [name for name in kept if name.startswith("G[")]
-    assert "args[0] TENSOR_MATCH" in kept and any(name.startswith("kwargs['past_key_values']") for name in kept), kept
+    assert "args[0] TENSOR_MATCH" in kept and any(name.startswith(f"kwargs['{CACHE}']") for name in kept), kept
 
 
 def one_token(step, cache, token: int, position: int) -> torch.Tensor:
@@ -175,7 +180,7 @@ def one_token(step, cache, token: int, position: int) -> torch.Tensor:
     with torch.inference_mode():
         out = step(
             torch.tensor([[token]]),
-            past_key_values=cache,
+            **{CACHE: cache},
             use_cache=True,
             cache_position=torch.tensor([position]),
             logits_to_keep=1,
@@ -282,7 +287,7 @@ def test_fused_projections_change_nothing_but_the_calls(tiny):
                 position = torch.arange(
                     sum(x.shape[1] for x in logits), sum(x.shape[1] for x in logits) + chunk.shape[1]
                 )
-                logits.append(model(chunk, past_key_values=cache, cache_position=position).logits)
+                logits.append(model(chunk, **{CACHE: cache}, cache_position=position).logits)
         return torch.cat(logits, dim=1)
 
     ids = torch.tensor([[5, 17, 99, 3, 250, 8, 1]])
@@ -290,7 +295,7 @@ def test_fused_projections_change_nothing_but_the_calls(tiny):
     with profile() as prof, torch.inference_mode():
         fused(
             ids[:, :1],
-            past_key_values=StaticCache(config=fused.config, max_cache_len=4),
+            **{CACHE: StaticCache(config=fused.config, max_cache_len=4)},
             cache_position=torch.tensor([0]),
         )
     calls = [e.name for e in prof.events()]
@@ -336,14 +341,14 @@ def test_packaged_step_follows_the_cache_it_is_given_and_falls_back_for_the_rest
     assert one_token(step, cache, 7, 8) is not None and not calls
     with torch.enable_grad():
         assert (
-            step(torch.tensor([[7]]), past_key_values=cache, cache_position=torch.tensor([8]), logits_to_keep=1)
+            step(torch.tensor([[7]]), **{CACHE: cache}, cache_position=torch.tensor([8]), logits_to_keep=1)
             == "compiled"
         )
     mask = torch.ones(1, 16, dtype=torch.long)
     with torch.inference_mode():
         out = step(
             torch.tensor([[7]]),
-            past_key_values=cache,
+            **{CACHE: cache},
             cache_position=torch.tensor([8]),
             logits_to_keep=1,
             attention_mask=mask,

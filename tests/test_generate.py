@@ -17,7 +17,7 @@ import_or_fail_in_ci("transformers", "hf")
 
 from subclasses import Int4WeightOnlyConfig, quantize_  # noqa: E402
 from subclasses.decode import compile_for_decode  # noqa: E402
-from subclasses.runtime.caches import allocated_static_cache  # noqa: E402
+from subclasses.runtime.caches import allocated_static_cache, cache_keyword, given_cache  # noqa: E402
 from unwrap import unwrap  # noqa: E402
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 250]])
@@ -149,14 +149,14 @@ def test_a_cache_given_to_generate_ends_holding_the_decoded_tokens(models):
         own = decoder.cache_for(ids.shape[0], SLOTS)
         for _ in range(2):
             given = StaticCache(config=decoder.model.config, max_cache_len=SLOTS)
-            assert decoder.model.generate(ids, cache=given, **kwargs).tolist() == expected
+            assert decoder.model.generate(ids, **{cache_keyword(decoder.model): given}, **kwargs).tolist() == expected
             for theirs, ours in zip(given.layers, own.layers, strict=True):
                 assert torch.equal(theirs.keys, ours.keys) and torch.equal(theirs.values, ours.values)
     step = decoder.step.fallback  # the FrozenStep
     with pytest.raises(ValueError, match="traced over another cache of 13 slots"), torch.inference_mode():
         step(
             batch[:, -1:],
-            past_key_values=allocated_static_cache(decoder.model, SLOTS, batch=2),
+            **{cache_keyword(decoder.model): allocated_static_cache(decoder.model, SLOTS, batch=2)},
             use_cache=True,
             cache_position=torch.tensor([5]),
             logits_to_keep=1,
@@ -253,3 +253,45 @@ def test_sampling_after_top_k_keeps_the_whole_vocabulary_distribution():
     assert split_at_top_k(LogitsProcessorList([TopPLogitsWarper(0.9)])) is None
     assert split_at_top_k(LogitsProcessorList([TopKLogitsWarper(4), RepetitionPenaltyLogitsProcessor(1.3)])) is None
     assert split_at_top_k(LogitsProcessorList([TopPLogitsWarper(0.9), TopKLogitsWarper(4)])) is None
+
+
+def test_the_cache_goes_by_the_keyword_the_forward_takes():
+    """transformers 5.25 renamed the forward's ``past_key_values`` to ``cache`` (the old name logs a
+    deprecation at every call and is removed in 5.40): the loops pass whichever the model's forward names,
+    and read a cache given under either name."""
+
+    class Before(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return past_key_values
+
+    class After(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return cache
+
+    assert cache_keyword(Before()) == "past_key_values" and cache_keyword(After()) == "cache"
+    marker = object()
+    for model in (Before(), After()):
+        assert model(None, **{cache_keyword(model): marker}) is marker
+    assert given_cache({"cache": marker}) is marker and given_cache({"past_key_values": marker}) is marker
+    assert given_cache({"cache": None, "past_key_values": marker}) is marker and given_cache({}) is None
+
+
+def test_decoding_passes_no_deprecated_cache_keyword(models):
+    """No call of the decode loop (prompt, compiled steps, package) passes the deprecated keyword; the
+    same capture sees transformers' FutureWarning when the old keyword is passed (where it is deprecated)."""
+    from transformers import DynamicCache
+
+    eager, decoder = models
+
+    def cache_warnings(call):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        return [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+
+    assert not cache_warnings(
+        lambda: decoder.model.generate(PROMPT, max_new_tokens=NEW, do_sample=False, custom_generate=decoder)
+    )
+    if cache_keyword(eager) == "cache":
+        with torch.no_grad():
+            assert cache_warnings(lambda: eager(PROMPT, past_key_values=DynamicCache(), use_cache=True))

@@ -105,11 +105,12 @@ class Decoder:
     def _start(self, greedy: GreedyDecoder, prompt_len: int, prefill: Callable[..., Any] | None) -> None:
         self.greedy, self.prompt_len = greedy, prompt_len
         self.model, self.step, self.cache, self.max_len = greedy.model, greedy.step, greedy.cache, greedy.max_len
+        self.cache_keyword = greedy.cache_keyword
         self.prefill = self.model if prefill is None else prefill
         with torch.inference_mode():  # the cache allocates its tensors on first use: do that in eager, or a
             self.model(  # compiled prefill recompiles on its 2nd call
                 torch.zeros(1, 1, dtype=torch.long),
-                past_key_values=self.cache,
+                **{self.cache_keyword: self.cache},
                 use_cache=True,
                 cache_position=torch.tensor([0]),
                 logits_to_keep=1,
@@ -125,7 +126,7 @@ class Decoder:
             self.cache.reset()
             out = self.prefill(
                 prompt,
-                past_key_values=self.cache,
+                **{self.cache_keyword: self.cache},
                 use_cache=True,
                 cache_position=torch.arange(self.prompt_len),
                 logits_to_keep=1,
@@ -141,7 +142,7 @@ class Decoder:
         with torch.inference_mode():
             out = self.step(
                 self.token,
-                past_key_values=self.cache,
+                **{self.cache_keyword: self.cache},
                 use_cache=True,
                 cache_position=torch.tensor([self.position]),
                 logits_to_keep=1,

@@ -1,11 +1,28 @@
 """The static caches the decode step runs over: transformers' ``StaticCache`` with every layer a full one,
-and a copy from one such cache into another."""
+a copy from one such cache into another, and the keyword a model's forward takes its cache by."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+
+# transformers' names for the forward's cache argument, newest first: 5.25 renamed ``past_key_values`` to
+# ``cache`` (the old name logs a deprecation and is removed in 5.40); earlier releases take only the old one.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model.forward`` takes its cache by: "cache" where its signature has it, else
+    "past_key_values". Read once per decode loop (a signature costs tens of microseconds), not per token."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_KEYWORDS if name in parameters), CACHE_KEYWORDS[-1])
+
+
+def given_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache in a forward's keyword arguments, under either of transformers' names; None if absent."""
+    return next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
 
 
 def static_cache(config: Any, max_len: int) -> Any:
@@ -34,7 +51,9 @@ def allocated_static_cache(model: Any, slots: int, batch: int = 1) -> Any:
     cache = static_cache(model.config, slots)
     with torch.no_grad():
         token = torch.zeros(batch, 1, dtype=torch.long)
-        model(token, past_key_values=cache, cache_position=torch.tensor([0]), use_cache=True, logits_to_keep=1)
+        model(
+            token, **{cache_keyword(model): cache}, cache_position=torch.tensor([0]), use_cache=True, logits_to_keep=1
+        )
     cache.reset()
     return cache
 
@@ -49,4 +68,4 @@ def copy_cache(source: Any, target: Any) -> None:
         want.cumulative_length.copy_(have.cumulative_length)
 
 
-__all__ = ["allocated_static_cache", "copy_cache", "static_cache"]
+__all__ = ["CACHE_KEYWORDS", "allocated_static_cache", "cache_keyword", "copy_cache", "given_cache", "static_cache"]

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .caches import copy_cache, static_cache
+from .caches import cache_keyword, copy_cache, given_cache, static_cache
 from .decode_fusion import fuse_decode_projections
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class FrozenStep:
     def __call__(self, *args: object, **kwargs: object) -> object:
         values = (*args, *kwargs.values())
         shapes = tuple(v.shape for v in values if isinstance(v, torch.Tensor))
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         key = (shapes, cache.get_max_length() if hasattr(cache, "get_max_length") else None)
         if key in self.traced:
             if self.traced[key] is not cache:
@@ -230,6 +230,7 @@ class GreedyDecoder:
         self.model, self.max_len = model, max_len
         self.step = model if step is None else step
         self.cache = static_cache(model.config, max_len)
+        self.cache_keyword = cache_keyword(model)
         self.caches: dict[tuple[int, int], Any] = {(1, max_len): self.cache}
 
     @torch.inference_mode()
@@ -245,7 +246,11 @@ class GreedyDecoder:
             )
         self.cache.reset()
         out = self.model(
-            input_ids, past_key_values=self.cache, use_cache=True, cache_position=torch.arange(length), logits_to_keep=1
+            input_ids,
+            **{self.cache_keyword: self.cache},
+            use_cache=True,
+            cache_position=torch.arange(length),
+            logits_to_keep=1,
         )
         # argmax in fp32: over bf16 it is a slow path on CPUs without native bf16 (~7x the copy + argmax)
         tokens = [out.logits[:, -1].float().argmax(-1, keepdim=True)]
@@ -254,7 +259,7 @@ class GreedyDecoder:
                 break
             out = self.step(
                 tokens[-1],
-                past_key_values=self.cache,
+                **{self.cache_keyword: self.cache},
                 use_cache=True,
                 cache_position=torch.tensor([position]),
                 logits_to_keep=1,

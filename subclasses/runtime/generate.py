@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .caches import cache_keyword, given_cache
+
 # transformers' cache implementations this loop stands in for: it always decodes through a StaticCache.
 STATIC_OR_DEFAULT = (None, "static", "dynamic")
 
@@ -74,7 +76,7 @@ def user_cache(model_kwargs: dict[str, Any], batch: int, needed: int) -> Any:
     (not sliding-window) layers that holds ``needed`` slots for ``batch`` rows raises."""
     from transformers import StaticCache
 
-    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    cache = given_cache(model_kwargs)
     if cache is None or not getattr(cache, "_is_user_defined", False):
         return None
     if not isinstance(cache, StaticCache):
@@ -282,7 +284,7 @@ def decode(
     sequences[:, :length] = input_ids
 
     cache.reset()
-    kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+    kwargs: dict[str, Any] = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
     prefill: dict[str, Any] = {}
     mask = positions = None
     if attention_mask is not None and not bool(attention_mask.all()):

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .caches import allocated_static_cache
+from .caches import CACHE_KEYWORDS, allocated_static_cache, cache_keyword, given_cache
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class CacheAsBuffers(nn.Module):
 
     def __init__(self, model: nn.Module, cache: Any) -> None:
         super().__init__()
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.cache_keyword = model, cache, cache_keyword(model)
         for name, tensor in cache_tensors(cache).items():
             self.register_buffer(name, tensor, persistent=False)
 
@@ -52,7 +52,11 @@ class CacheAsBuffers(nn.Module):
         for layer in self.cache.layers:
             layer.cumulative_length.copy_(cache_position[0])
         out = self.model(
-            input_ids, past_key_values=self.cache, cache_position=cache_position, use_cache=True, logits_to_keep=1
+            input_ids,
+            **{self.cache_keyword: self.cache},
+            cache_position=cache_position,
+            use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits
 
@@ -117,7 +121,7 @@ class PackagedStep:
         self.cache_class, self.layer_class = StaticCache, StaticLayer
 
     def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         if self.answers(input_ids, cache, kwargs.get("cache_position"), kwargs):
             package = self.package_for(cache)
             if package is not None:
@@ -127,7 +131,7 @@ class PackagedStep:
     def answers(self, input_ids: torch.Tensor, cache: Any, position: Any, kwargs: dict[str, Any]) -> bool:
         """Whether a package computes this call exactly as the model would: one token per row of a
         static cache whose layers are allocated, no mask or position ids, nothing else asked for."""
-        extra = set(kwargs) - {"past_key_values", "cache_position", "use_cache", "logits_to_keep"}
+        extra = set(kwargs) - {*CACHE_KEYWORDS, "cache_position", "use_cache", "logits_to_keep"}
         return (
             not torch.is_grad_enabled()
             and extra <= {"attention_mask", "position_ids"}

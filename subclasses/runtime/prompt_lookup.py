@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .caches import cache_keyword
 from .generate import Processors, Stops, generated
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def decode_with_lookup(
     verify_positions = torch.arange(k + 1)
 
     cache.reset()
-    kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+    kwargs: dict[str, Any] = {cache_keyword(model): cache, "use_cache": True, "logits_to_keep": 1}
     out = model(input_ids, cache_position=torch.arange(length), **kwargs)
     if not cache.is_croppable:  # as transformers' assisted decoding, which checks after the prefill too
         raise ValueError("prompt lookup decoding needs a cache it can crop back after a verification")
