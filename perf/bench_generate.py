@@ -10,14 +10,17 @@ copies most of it): tokens/s of ``generate(custom_generate=decoder)`` greedy wit
 ``prompt_lookup_num_tokens=K``, the draft tokens accepted per verification, and whether the tokens are
 equal (else where they part and the plain run's top-2 gap there).
 
-``--batch 4``: Qwen2.5-0.5B's shapes (random weights), int4: tokens/s of ``--batch`` left-padded
+``--batch 4 [--peer]``: Qwen2.5-0.5B's shapes (random weights), int4: tokens/s of ``--batch`` left-padded
 prompts of different lengths through ``generate(custom_generate=decoder)`` against one prompt
-through ``GreedyDecoder.generate``, and each row's greedy tokens against its prompt decoded alone.
+through ``GreedyDecoder.generate``, and each row's greedy tokens against its prompt decoded alone;
+``--peer``: llama.cpp Q4_0 of the same weights decoding the same prompts at batch 1 and ``--batch``
+(its batched API, ``perf.llama_cpp.LlamaBatch``), interleaved with ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable
@@ -93,12 +96,24 @@ def engines(new: int, progress: Callable[[str], None]) -> tuple[dict[str, Callab
     return calls, notes
 
 
-def batch_engines(batch: int, new: int) -> tuple[dict[str, Callable[[], Any]], list[str]]:
+def batch_engines(
+    batch: int, new: int, peer: contextlib.ExitStack | None = None
+) -> tuple[dict[str, Callable[[], Any]], list[str]]:
     """{"batch 1": GreedyDecoder on the longest prompt, "batch N": N left-padded prompts through
-    generate}, and a note per row on its tokens against the prompt decoded alone."""
+    generate}, and a note per row on its tokens against the prompt decoded alone. With ``peer`` (an
+    open ``ExitStack`` that keeps the files and the context until it closes), also llama.cpp Q4_0 of the
+    same weights (converted by llama.cpp's converter before ours are quantized) decoding the same prompts
+    at batch 1 and N (``LlamaBatch``)."""
+    bf16 = build_llm("Qwen2 0.5B")[0]
+    peer_path = None
+    if peer is not None:
+        from .llama_cpp import gguf_files
+        from .same_weights import same_weights_gguf
+
+        peer_path = peer.enter_context(gguf_files(peer.enter_context(same_weights_gguf(bf16)), ["Q4_0"]))["Q4_0"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain: Any = quantized(build_llm("Qwen2 0.5B")[0], "int4")
+        plain: Any = quantized(bf16, "int4")
     generator = torch.Generator().manual_seed(0)
     lengths = [5 + 3 * row for row in range(batch)]
     prompts = [torch.randint(3, plain.config.vocab_size, (n,), generator=generator) for n in lengths]
@@ -136,6 +151,15 @@ def batch_engines(batch: int, new: int) -> tuple[dict[str, Callable[[], Any]], l
                 gap, ulp = float(top[0] - top[1]), 2.0**-8 * abs(float(top[0]))
                 note += f", then top-2 gap {gap:.4f} ({gap / ulp:.1f} bf16 ulps of the top logit)"
             notes.append(note)
+    if peer is not None and peer_path is not None:
+        from .llama_cpp import LlamaBatch
+
+        rows = [prompt.tolist() for prompt in prompts]
+        per_sequence = -(-slots // 256) * 256  # llama.cpp splits its context evenly between the sequences
+        llama = LlamaBatch(peer_path, threads=torch.get_num_threads(), sequences=batch, n_ctx=batch * per_sequence)
+        peer.callback(llama.close)
+        calls["llama.cpp Q4_0, batch 1"] = lambda: llama.generate(rows[-1:], new)
+        calls[f"llama.cpp Q4_0, batch {batch}"] = lambda: llama.generate(rows, new)
     return calls, notes
 
 
@@ -211,16 +235,29 @@ def main_lookup(args: argparse.Namespace) -> int:
 
 
 def main_batch(args: argparse.Namespace) -> int:
-    """``--batch``: tokens/s of the batch against batch 1, and the rows' token checks."""
-    calls, notes = batch_engines(args.batch, args.new)
-    seconds = timed(calls, args.rounds)
-    rates = {
-        name: (args.batch if name.startswith(f"batch {args.batch}") else 1) * args.new / s
-        for name, s in seconds.items()
-    }
-    base = next(iter(rates.values()))
-    head = ["engine (Qwen2.5-0.5B shapes, int4)", "new tokens/s", "ratio to batch 1"]
-    show(args, notes, head, [[name, f"{rate:.1f}", f"{rate / base:.2f}"] for name, rate in rates.items()])
+    """``--batch``: tokens/s of the batch against batch 1, and the rows' token checks (``--peer``: and
+    llama.cpp's, interleaved with ours)."""
+    with contextlib.ExitStack() as stack:
+        if args.peer:
+            from .llama_cpp import available, build_line
+
+            if not available():
+                print("--peer needs llama-cpp-python: `make llama`")
+                return 2
+            notes = [build_line()]
+        calls, rows_notes = batch_engines(args.batch, args.new, stack if args.peer else None)
+        seconds = timed(calls, args.rounds)
+    rates = {name: (args.batch if f"batch {args.batch}" in name else 1) * args.new / s for name, s in seconds.items()}
+    # each engine's own batch 1 (ours: GreedyDecoder; llama.cpp: one sequence), the first of its rows
+    engine = {name: name.startswith("llama.cpp") for name in rates}
+    bases = {name: next(rates[other] for other in rates if engine[other] == engine[name]) for name in rates}
+    head = ["engine (Qwen2.5-0.5B shapes, int4)", "new tokens/s", "ratio to its batch 1"]
+    show(
+        args,
+        (notes if args.peer else []) + rows_notes,
+        head,
+        [[name, f"{rate:.1f}", f"{rate / bases[name]:.2f}"] for name, rate in rates.items()],
+    )
     return 0
 
 
@@ -243,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=64, help="new tokens per generation")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="above 1: the batched Qwen2 comparison instead")
+    parser.add_argument("--peer", action="store_true", help="with --batch: llama.cpp's batched decode too")
     parser.add_argument(
         "--prompt-lookup", type=int, default=0, metavar="K", help="above 0: greedy with and without prompt lookup"
     )

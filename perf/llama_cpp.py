@@ -187,6 +187,63 @@ class LlamaDecoder:
         return [self.next() for _ in range(n)]
 
 
+class LlamaBatch:
+    """Greedy decoding of several prompts at once with llama.cpp's batched API (one sequence per prompt
+    in one context, every step one ``llama_decode`` of a token per sequence): llama.cpp's own batch,
+    as its server runs parallel requests."""
+
+    def __init__(self, path: str, *, threads: int, sequences: int, n_ctx: int) -> None:
+        import llama_cpp as llama
+
+        self.llama = llama
+        llama.llama_backend_init()
+        self.model = llama.llama_model_load_from_file(path.encode(), llama.llama_model_default_params())
+        params = llama.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, 512, 512
+        params.n_seq_max, params.n_threads, params.n_threads_batch = sequences, threads, threads
+        self.ctx = llama.llama_init_from_model(self.model, params)
+        if not self.model or not self.ctx:
+            raise RuntimeError(f"llama.cpp could not load {path!r} with {sequences} sequences of {n_ctx} tokens")
+        self.n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self.model))
+        self.batch = llama.llama_batch_init(512, 0, 1)
+
+    def _decode(self, entries: list[tuple[int, int, int]], last_only: bool) -> None:
+        """One ``llama_decode`` of (token, position, sequence) entries; logits for each sequence's last."""
+        batch = self.batch
+        batch.n_tokens = len(entries)
+        for i, (token, position, sequence) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.seq_id[i][0] = token, position, 1, sequence
+            batch.logits[i] = not last_only or i == len(entries) - 1
+        status = self.llama.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+
+    def _argmax(self, row: int) -> int:
+        import numpy as np
+
+        logits = self.llama.llama_get_logits_ith(self.ctx, row)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.n_vocab,))))
+
+    def generate(self, prompts: list[list[int]], new: int) -> list[list[int]]:
+        """``new`` greedy tokens after each prompt (the prompts one ``llama_decode`` each, then a step
+        for all of them per token)."""
+        self.llama.llama_memory_clear(self.llama.llama_get_memory(self.ctx), True)
+        tokens = []
+        for sequence, prompt in enumerate(prompts):
+            self._decode([(token, i, sequence) for i, token in enumerate(prompt)], last_only=True)
+            tokens.append([self._argmax(-1)])
+        for step in range(new - 1):
+            self._decode([(row[-1], len(p) + step, s) for s, (p, row) in enumerate(zip(prompts, tokens))], False)
+            for sequence, row in enumerate(tokens):
+                row.append(self._argmax(sequence))
+        return tokens
+
+    def close(self) -> None:
+        self.llama.llama_batch_free(self.batch)
+        self.llama.llama_free(self.ctx)
+        self.llama.llama_model_free(self.model)
+
+
 def prompt_tokens(path: str, count: int) -> list[int]:
     """The first ``count`` tokens of the shipped evaluation text, with the file's own tokenizer."""
     from llama_cpp import Llama

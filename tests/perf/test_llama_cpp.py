@@ -112,6 +112,27 @@ def test_requantized_q4_0_decodes_greedily_and_is_timed(tmp_path):
         llama.quantize_gguf(source, str(tmp_path / "x.gguf"), "Q4_1")
 
 
+@needs_llama
+def test_batched_decode_gives_each_prompt_its_tokens_decoded_alone(tmp_path):
+    """llama.cpp's batched decode (bench_generate --batch --peer): each sequence's greedy tokens are
+    those of its prompt decoded alone (LlamaDecoder), up to a near-tie that the batch's rounding flips."""
+    source = smollm2_gguf_path()
+    target = llama.quantize_gguf(source, str(tmp_path / "q4_0.gguf"), "Q4_0")
+    tokens = llama.prompt_tokens(source, 24)
+    prompts = [tokens[:8], tokens[8:13], tokens[13:24]]  # different lengths
+    batch = llama.LlamaBatch(target, threads=2, sequences=len(prompts), n_ctx=3 * 256)
+    try:
+        together = batch.generate(prompts, 6)
+        assert batch.generate(prompts, 6) == together  # the cache is emptied between calls
+    finally:
+        batch.close()
+    for prompt, row in zip(prompts, together, strict=True):
+        alone = llama.LlamaDecoder(target, threads=2, prompt=prompt, max_len=64)
+        expected = [alone.reset()] + [alone.next() for _ in range(5)]
+        # the batch runs M > 1 matrix products (other rounding): 6 steps in, a near-tie of one row flips
+        assert row[:4] == expected[:4], (prompt, row, expected)
+
+
 def test_request_checks_its_arguments_and_runs_prompt_then_steps(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench_request.main(["--new", "0"])
