@@ -185,16 +185,12 @@ void gemv(const at::Tensor& x, const std::vector<Weight<T>>& weights, int64_t gr
     int8_t* xh = unwrap_cpu::scratch<int8_t, 0>(k);
     int8_t* xl = unwrap_cpu::scratch<int8_t, 1>(k);
     quantize_activation<T>(xp, k, group, xf, xh, xl, xscale, xsum);
-    // the global index of each weight's first full block
-    int64_t* first_block = unwrap_cpu::scratch<int64_t, 0>(weights.size() + 1);
-    first_block[0] = 0;
-    for (size_t i = 0; i < weights.size(); ++i) first_block[i + 1] = first_block[i] + weights[i].n / kBlock;
-    const int64_t *starts = first_block, *last = first_block + weights.size() + 1;
-    at::parallel_for(0, first_block[weights.size()], 1, [&](int64_t begin, int64_t end) {
+    const unwrap_cpu::BlockIndex blocks(weights, kBlock);
+    at::parallel_for(0, blocks.total(), 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        const size_t i = std::upper_bound(starts, last, b) - starts - 1;
+        const size_t i = blocks.weight(b);
         const Weight<T>& w = weights[i];
-        full_block<T>(w.packed, w.scale_and_zero, xh, xl, xscale, xsum, b - first_block[i], w.n, k, group,
+        full_block<T>(w.packed, w.scale_and_zero, xh, xl, xscale, xsum, b - blocks.first[i], w.n, k, group,
                       yf + w.offset);
       }
     });

@@ -1,6 +1,8 @@
-// Shared by the int4 GEMV's sources: one weight of a (possibly fused) GEMV, and the per-ISA
-// kernels int4_gemv.cpp dispatches to (each reads the packing aten makes under its capability).
+// Shared by the int4 GEMV's sources: one weight of a (possibly fused) GEMV, its blocks numbered across
+// weights, per-thread buffers, and the per-ISA kernels int4_gemv.cpp dispatches to (each reads the packing
+// aten makes under its capability).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -23,6 +25,23 @@ template <typename U, int Slot> U* scratch(size_t count) {
   if (buffer.size() < count) buffer.resize(count);
   return buffer.data();
 }
+
+// The full blocks of a (possibly fused) GEMV's weights numbered as one range, which the threads split:
+// global block b is block b - first[weight(b)] of weights[weight(b)].
+struct BlockIndex {
+  const int64_t* first;  // first[i]: weight i's first global block; first[count]: every weight's blocks
+  size_t count;
+
+  template <typename T>
+  BlockIndex(const std::vector<Weight<T>>& weights, int64_t rows_per_block) : count(weights.size()) {
+    int64_t* starts = scratch<int64_t, 0>(count + 1);  // this thread's; the threads only read it
+    starts[0] = 0;
+    for (size_t i = 0; i < count; ++i) starts[i + 1] = starts[i] + weights[i].n / rows_per_block;
+    first = starts;
+  }
+  int64_t total() const { return first[count]; }
+  size_t weight(int64_t block) const { return std::upper_bound(first, first + count + 1, block) - first - 1; }
+};
 
 // The kernel that reads this process's packing (int4_gemv.cpp): "avx512", "avx2" or "none".
 const std::string& kernel_isa();

@@ -130,17 +130,13 @@ void full_blocks_avx2(const float* xf, int64_t k, int64_t group, const std::vect
   __m256i* al = ah + k / 4;
   arrange(xh, k, ah);
   arrange(xl, k, al);
-  // the global index of each weight's first full block
-  int64_t* first_block = scratch<int64_t, 1>(weights.size() + 1);
-  first_block[0] = 0;
-  for (size_t i = 0; i < weights.size(); ++i) first_block[i + 1] = first_block[i] + weights[i].n / kRows;
-  const int64_t *starts = first_block, *last = first_block + weights.size() + 1;
+  const BlockIndex blocks(weights, kRows);
   const int64_t grain = std::max<int64_t>(1, kParallelWeights / (kRows * k));
-  at::parallel_for(0, first_block[weights.size()], grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, blocks.total(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const size_t i = std::upper_bound(starts, last, b) - starts - 1;
+      const size_t i = blocks.weight(b);
       const Weight<T>& w = weights[i];
-      const int64_t local = b - first_block[i];
+      const int64_t local = b - blocks.first[i];
       float* out = y + w.offset + local * kRows;
       full_block_int<T>(w.packed, w.scale_and_zero, ah, al, xscale, xsum, local, w.n, k, group, out);
     }
