@@ -237,6 +237,7 @@ def main_lookup(args: argparse.Namespace) -> int:
 def main_batch(args: argparse.Namespace) -> int:
     """``--batch``: tokens/s of the batch against batch 1, and the rows' token checks (``--peer``: and
     llama.cpp's, interleaved with ours)."""
+    notes: list[str] = []
     with contextlib.ExitStack() as stack:
         if args.peer:
             from .llama_cpp import available, build_line
@@ -244,7 +245,7 @@ def main_batch(args: argparse.Namespace) -> int:
             if not available():
                 print("--peer needs llama-cpp-python: `make llama`")
                 return 2
-            notes = [build_line()]
+            notes.append(build_line())
         calls, rows_notes = batch_engines(args.batch, args.new, stack if args.peer else None)
         seconds = timed(calls, args.rounds)
     rates = {name: (args.batch if f"batch {args.batch}" in name else 1) * args.new / s for name, s in seconds.items()}
@@ -254,7 +255,7 @@ def main_batch(args: argparse.Namespace) -> int:
     head = ["engine (Qwen2.5-0.5B shapes, int4)", "new tokens/s", "ratio to its batch 1"]
     show(
         args,
-        (notes if args.peer else []) + rows_notes,
+        notes + rows_notes,
         head,
         [[name, f"{rate:.1f}", f"{rate / bases[name]:.2f}"] for name, rate in rates.items()],
     )

@@ -148,6 +148,15 @@ def load(path: str, *, threads: int, n_ctx: int, n_batch: int, logits_all: bool 
     )
 
 
+def greedy_token(ctx: Any, row: int, n_vocab: int) -> int:
+    """Argmax of the logits llama.cpp's context ``ctx`` kept for output ``row`` of its last decode (-1:
+    the last), read in place."""
+    import llama_cpp
+    import numpy as np
+
+    return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(n_vocab,))))
+
+
 class LlamaDecoder:
     """Greedy decoding with llama.cpp: ``reset`` evaluates a prompt and picks the first token (time
     to first token); ``next`` evaluates the last token and picks the next one (argmax of the logits)."""
@@ -160,11 +169,7 @@ class LlamaDecoder:
     def _pick(self) -> int:
         """Argmax of the last evaluated token's logits (read from llama.cpp: ``Llama.eval`` keeps them
         only with ``logits_all``, which would copy every prompt row)."""
-        import llama_cpp
-        import numpy as np
-
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.n_vocab,))
-        return int(np.argmax(logits))
+        return greedy_token(self.llm.ctx, -1, self.n_vocab)
 
     def reset(self) -> int:
         self.llm.reset()
@@ -218,12 +223,6 @@ class LlamaBatch:
         if status != 0:
             raise RuntimeError(f"llama_decode returned {status}")
 
-    def _argmax(self, row: int) -> int:
-        import numpy as np
-
-        logits = self.llama.llama_get_logits_ith(self.ctx, row)
-        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.n_vocab,))))
-
     def generate(self, prompts: list[list[int]], new: int) -> list[list[int]]:
         """``new`` greedy tokens after each prompt (the prompts one ``llama_decode`` each, then a step
         for all of them per token)."""
@@ -231,11 +230,11 @@ class LlamaBatch:
         tokens = []
         for sequence, prompt in enumerate(prompts):
             self._decode([(token, i, sequence) for i, token in enumerate(prompt)], last_only=True)
-            tokens.append([self._argmax(-1)])
+            tokens.append([greedy_token(self.ctx, -1, self.n_vocab)])
         for step in range(new - 1):
             self._decode([(row[-1], len(p) + step, s) for s, (p, row) in enumerate(zip(prompts, tokens))], False)
             for sequence, row in enumerate(tokens):
-                row.append(self._argmax(sequence))
+                row.append(greedy_token(self.ctx, sequence, self.n_vocab))
         return tokens
 
     def close(self) -> None:
