@@ -169,16 +169,21 @@ AVX512 void quantize_activation(const T* x, int64_t k, int64_t group, float* xf,
   }
 }
 
-// y = x @ [W_0; W_1; ...]^T: the activation is quantized once, and the full blocks of every
-// weight are one parallel loop, so a fused q/k/v or gate/up projection is a single call.
+// y = x @ [W_0; W_1; ...]^T: the full blocks of every weight are one parallel loop, so a fused q/k/v or
+// gate/up projection is a single call.
 template <typename T>
 void gemv(const at::Tensor& x, const std::vector<Weight<T>>& weights, int64_t group, at::Tensor& out) {
   const int64_t k = x.size(1), n = out.size(1);
-  float* xf = unwrap_cpu::scratch<float, 0>(k);
-  float* yf = unwrap_cpu::scratch<float, 1>(n);
   const T* xp = x.const_data_ptr<T>();
-  for (int64_t i = 0; i < k; ++i) xf[i] = to_float(xp[i]);
+  T* o = out.data_ptr<T>();
   const bool avx512 = kernel_isa() == "avx512";
+  const int64_t block = avx512 ? kBlock : 32;
+  const bool partial = std::any_of(weights.begin(), weights.end(), [&](const Weight<T>& w) { return w.n % block; });
+  float* yf = unwrap_cpu::scratch<float, 1>(n);
+  float* xf = unwrap_cpu::scratch<float, 0>(k);
+  if (!avx512 && partial) {  // x in fp32 for the scalar partial blocks (AVX512's quantize_activation writes it)
+    for (int64_t i = 0; i < k; ++i) xf[i] = to_float(xp[i]);
+  }
   if (avx512) {
     float* xsum = unwrap_cpu::scratch<float, 2>(k / group);
     float* xscale = unwrap_cpu::scratch<float, 3>(k / 32);
@@ -194,16 +199,17 @@ void gemv(const at::Tensor& x, const std::vector<Weight<T>>& weights, int64_t gr
                       yf + w.offset);
       }
     });
+    for (const auto& w : weights) {
+      for (int64_t i = 0; i < w.n / block * block; ++i) o[w.offset + i] = static_cast<T>(yf[w.offset + i]);
+    }
   } else {
-    unwrap_cpu::full_blocks_avx2<T>(xf, k, group, weights, yf);
+    unwrap_cpu::full_blocks_avx2<T>(xp, k, group, weights, o);  // writes the full blocks' rows of o
   }
-  const int64_t block = avx512 ? kBlock : 32;
   for (const auto& w : weights) {
-    if (w.n % block)
-      partial_block<T>(w.packed, w.scale_and_zero, xf, w.n / block * block, w.n, k, group, yf + w.offset);
+    if (w.n % block == 0) continue;
+    partial_block<T>(w.packed, w.scale_and_zero, xf, w.n / block * block, w.n, k, group, yf + w.offset);
+    for (int64_t i = w.n / block * block; i < w.n; ++i) o[w.offset + i] = static_cast<T>(yf[w.offset + i]);
   }
-  T* o = out.data_ptr<T>();
-  for (int64_t i = 0; i < n; ++i) o[i] = static_cast<T>(yf[i]);
 }
 
 void check_x(const at::Tensor& x) {

@@ -46,10 +46,10 @@ struct BlockIndex {
 // The kernel that reads this process's packing (int4_gemv.cpp): "avx512", "avx2" or "none".
 const std::string& kernel_isa();
 
-// y[w.offset + r] (fp32) for the rows of every full 32-row block of every weight, in the AVX2
-// packing (int4_gemv_avx2.cpp), from xf (x in fp32); rows of a last partial block are left to the caller.
+// y[w.offset + r] (in T) for the rows of every full 32-row block of every weight, in the AVX2 packing
+// (int4_gemv_avx2.cpp); rows of a last partial block are left to the caller.
 template <typename T>
-void full_blocks_avx2(const float* xf, int64_t k, int64_t group, const std::vector<Weight<T>>& weights, float* y);
+void full_blocks_avx2(const T* x, int64_t k, int64_t group, const std::vector<Weight<T>>& weights, T* y);
 
 // Read [begin, end) 64-byte lines from base as the AVX2 GEMV reads its weights; a checksum.
 int64_t read_lines_avx2(const char* base, int64_t begin, int64_t end);
