@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..kernels.int4_gemv import package_c_shims
 from .caches import CACHE_KEYWORDS, allocated_static_cache, cache_keyword, given_cache
 
 logger = logging.getLogger(__name__)
@@ -75,16 +76,18 @@ def cache_tensors(cache: Any) -> dict[str, torch.Tensor]:
 
 def build_package(model: nn.Module, batch: int, slots: int, options: dict[str, Any]) -> Any:
     """``model``'s one-token step for ``batch`` rows over a ``static_cache`` of ``slots`` slots, exported
-    and compiled by AOTInductor with Inductor ``options`` and freezing; the loaded package (its cache
-    buffers still the export's own: bind them with ``load_constants``)."""
+    and compiled by AOTInductor with Inductor ``options`` and freezing, this library's ops called through
+    their C entry points (``package_c_shims``); the loaded package (its cache buffers still the export's
+    own: bind them with ``load_constants``)."""
     # Outside inference mode (decoding runs inside it): the export's cache and inputs are normal tensors.
     with torch.inference_mode(False), torch.no_grad():
         cache = allocated_static_cache(model, slots, batch)
         example = (torch.zeros(batch, 1, dtype=torch.long), torch.tensor([0]))
         exported = torch.export.export(CacheAsBuffers(model, cache), example, strict=True)
     with tempfile.TemporaryDirectory(prefix="unwrap-step-") as folder:
+        configs = {**options, "freezing": True, "aot_inductor.custom_ops_to_c_shims": package_c_shims()}
         path = torch._inductor.aoti_compile_and_package(
-            exported, package_path=os.path.join(folder, "step.pt2"), inductor_configs={**options, "freezing": True}
+            exported, package_path=os.path.join(folder, "step.pt2"), inductor_configs=configs
         )
         return torch._inductor.aoti_load_package(path)
 

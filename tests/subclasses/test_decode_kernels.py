@@ -4,6 +4,8 @@ allowed slots of a K/V cache), against their references."""
 
 from __future__ import annotations
 
+import zipfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,3 +129,40 @@ def test_decode_attention_rejects_bad_input_and_traces():
         (q, k, v, mask, 0.125),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_package_calls_the_ops_c_entry_points(tmp_path):
+    """An AOTInductor package built with ``package_c_shims`` calls every op of the library through its C
+    entry point (none through the proxy executor) and gives the ops' own results."""
+    require_kernel()
+    from subclasses.kernels.int4_gemv import int8_gemm_available, package_c_shims
+
+    a, b = weight_of(64, 256, 32, torch.bfloat16), weight_of(96, 256, 32, torch.bfloat16)
+    q, k, v, mask = cache_case(torch.bfloat16, heads=4, kv_heads=2, length=16, filled=9)
+    gemm = int8_gemm_available()
+
+    class Ops(torch.nn.Module):
+        def forward(self, x, rows, q, k, v, mask):
+            outs = [
+                torch.ops.unwrap_cpu.int4_gemv_cat(x, [a.packed, b.packed], 32, [a.scale_and_zero, b.scale_and_zero]),
+                torch.ops.unwrap_cpu.int4_gemv(x, b.packed, 32, b.scale_and_zero),
+                torch.ops.unwrap_cpu.decode_attention(q, k, v, mask, 0.125),
+            ]
+            if gemm:
+                outs.append(torch.ops.unwrap_cpu.int4_gemm(rows, a.packed, 32, a.scale_and_zero))
+            return outs
+
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 256, generator=g).bfloat16(), torch.randn(5, 256, generator=g).bfloat16(), q, k, v, mask)
+    path = torch._inductor.aoti_compile_and_package(
+        torch.export.export(Ops(), inputs),
+        package_path=str(tmp_path / "ops.pt2"),
+        inductor_configs={"aot_inductor.custom_ops_to_c_shims": package_c_shims()},
+    )
+    with zipfile.ZipFile(path) as package:
+        code = "".join(package.read(name).decode() for name in package.namelist() if name.endswith("wrapper.cpp"))
+    names = ["int4_gemv_cat", "int4_gemv", "decode_attention"] + (["int4_gemm"] if gemm else [])
+    assert all(f"aoti_torch_cpu_{name}(" in code for name in names)
+    assert "proxy_executor_call_function(" not in code
+    for packaged, eager in zip(torch._inductor.aoti_load_package(path)(*inputs), Ops()(*inputs), strict=True):
+        assert torch.equal(packaged, eager)

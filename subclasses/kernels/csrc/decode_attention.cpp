@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "aoti_shim.h"
 #include "avx2_load.h"
 #include "avx512_load.h"
 #include "int4_gemv.h"
@@ -223,6 +224,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 }  // namespace
+
+UNWRAP_SHIM aoti_torch_cpu_decode_attention(AtenTensorHandle q, AtenTensorHandle k, AtenTensorHandle v, AtenTensorHandle mask,
+                                            double scale, AtenTensorHandle* out) {
+  using namespace unwrap_cpu;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    const at::Tensor &qt = tensor_of(q), &kt = tensor_of(k), &vt = tensor_of(v), &m = tensor_of(mask);
+    RECORD_FUNCTION("unwrap_cpu::decode_attention", std::vector<c10::IValue>({qt, kt, vt, m, scale}));
+    *out = handle_of(decode_attention(qt, kt, vt, m, scale));
+  });
+}
 
 TORCH_LIBRARY_FRAGMENT(unwrap_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");

@@ -20,6 +20,7 @@
 #include <memory>
 #include <vector>
 
+#include "aoti_shim.h"
 #include "avx2_int4.h"
 #include "int4_gemv.h"
 
@@ -217,6 +218,16 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t grou
 }
 
 }  // namespace
+
+UNWRAP_SHIM aoti_torch_cpu_int4_gemm(AtenTensorHandle x, AtenTensorHandle packed, int64_t group_size,
+                                     AtenTensorHandle scale_and_zero, AtenTensorHandle* out) {
+  using namespace unwrap_cpu;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    const at::Tensor &xt = tensor_of(x), &p = tensor_of(packed), &s = tensor_of(scale_and_zero);
+    RECORD_FUNCTION("unwrap_cpu::int4_gemm", std::vector<c10::IValue>({xt, p, group_size, s}));
+    *out = handle_of(int4_gemm(xt, p, group_size, s));
+  });
+}
 
 TORCH_LIBRARY_FRAGMENT(unwrap_cpu, m) {
   m.def("int4_gemm(Tensor x, Tensor packed, int group_size, Tensor scale_and_zero) -> Tensor");

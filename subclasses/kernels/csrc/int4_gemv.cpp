@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "aoti_shim.h"
 #include "avx512_load.h"
 #include "int4_gemv.h"
 
@@ -323,6 +324,28 @@ const std::string& kernel_isa() {
 }
 
 }  // namespace unwrap_cpu
+
+UNWRAP_SHIM aoti_torch_cpu_int4_gemv(AtenTensorHandle x, AtenTensorHandle packed, int64_t group_size,
+                                     AtenTensorHandle scale_and_zero, AtenTensorHandle* out) {
+  using namespace unwrap_cpu;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    const at::Tensor &xt = tensor_of(x), &p = tensor_of(packed), &s = tensor_of(scale_and_zero);
+    RECORD_FUNCTION("unwrap_cpu::int4_gemv", std::vector<c10::IValue>({xt, p, group_size, s}));
+    *out = handle_of(int4_gemv(xt, p, group_size, s));
+  });
+}
+
+UNWRAP_SHIM aoti_torch_cpu_int4_gemv_cat(AtenTensorHandle x, const AtenTensorHandle* packed, int64_t packed_count,
+                                         int64_t group_size, const AtenTensorHandle* scale_and_zero,
+                                         int64_t scale_and_zero_count, AtenTensorHandle* out) {
+  using namespace unwrap_cpu;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    const at::Tensor& xt = tensor_of(x);
+    const std::vector<at::Tensor> p = tensors_of(packed, packed_count), s = tensors_of(scale_and_zero, scale_and_zero_count);
+    RECORD_FUNCTION("unwrap_cpu::int4_gemv_cat", std::vector<c10::IValue>({xt, p, group_size, s}));
+    *out = handle_of(int4_gemv_cat(xt, p, group_size, s));
+  });
+}
 
 TORCH_LIBRARY(unwrap_cpu, m) {
   m.def("int4_gemv(Tensor x, Tensor packed, int group_size, Tensor scale_and_zero) -> Tensor");
