@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from subclasses.kernels.int4_gemv import greedy_tokens
 from subclasses.runtime.decode import (
     GreedyDecoder,
     compile_decode_step,
@@ -132,7 +133,7 @@ class Decoder:
                 logits_to_keep=1,
             )
         self.position = self.prompt_len
-        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.token = greedy_tokens(out.logits[:, -1])  # as GreedyDecoder picks it
         return int(self.token)
 
     def next(self) -> int:
@@ -148,7 +149,7 @@ class Decoder:
                 logits_to_keep=1,
             )
         self.position += 1
-        self.token = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.token = greedy_tokens(out.logits[:, -1])  # as GreedyDecoder picks it
         return int(self.token)
 
     def generate(self, n: int) -> list[int]:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.int4_gemv import greedy_tokens
 from .caches import cache_keyword, copy_cache, given_cache, static_cache
 from .decode_fusion import fuse_decode_projections
 
@@ -252,8 +253,7 @@ class GreedyDecoder:
             cache_position=torch.arange(length),
             logits_to_keep=1,
         )
-        # argmax in fp32: over bf16 it is a slow path on CPUs without native bf16 (~7x the copy + argmax)
-        tokens = [out.logits[:, -1].float().argmax(-1, keepdim=True)]
+        tokens = [greedy_tokens(out.logits[:, -1])]
         for position in range(length, length + max_new_tokens - 1):
             if eos_token_id is not None and int(tokens[-1]) == eos_token_id:
                 break
@@ -264,7 +264,7 @@ class GreedyDecoder:
                 cache_position=torch.tensor([position]),
                 logits_to_keep=1,
             )
-            tokens.append(out.logits[:, -1].float().argmax(-1, keepdim=True))
+            tokens.append(greedy_tokens(out.logits[:, -1]))
         return torch.cat([input_ids, *tokens], dim=1)
 
     def cache_for(self, batch: int, slots: int) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.int4_gemv import greedy_tokens
 from .caches import cache_keyword, given_cache
 
 # transformers' cache implementations this loop stands in for: it always decodes through a StaticCache.
@@ -224,7 +225,7 @@ def choose(
     scores = processors(ids, logits)
     if do_sample:
         return torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1), scores
-    return scores.argmax(-1), scores
+    return greedy_tokens(scores).squeeze(1), scores
 
 
 def generated(

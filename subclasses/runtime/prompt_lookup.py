@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..kernels.int4_gemv import greedy_tokens
 from .caches import cache_keyword
 from .generate import Processors, Stops, generated
 
@@ -123,7 +124,7 @@ def decode_with_lookup(
         # rows follow, unread). fp32 as transformers' processors expect (argmax over bf16 is slow on CPU).
         logits = out.logits[0, : len(candidates) + 1].to(copy=True, dtype=torch.float32)
         # Without processors the choices need no prefix: one argmax for every row.
-        choices = logits.argmax(-1).tolist() if not len(processors) else None
+        choices = greedy_tokens(logits).squeeze(1).tolist() if not len(processors) else None
         start, done = position, False
         for row in range(len(candidates) + 1):
             if want_logits:
@@ -131,7 +132,7 @@ def decode_with_lookup(
             if choices is None:
                 # sequences[:, :position] holds the accepted tokens before this row: its exact prefix
                 row_scores = processors(sequences[:, :position], logits[row : row + 1])
-                token = int(row_scores.argmax(-1))
+                token = int(greedy_tokens(row_scores))
             else:
                 row_scores, token = logits[row : row + 1], choices[row]
             if want_scores:

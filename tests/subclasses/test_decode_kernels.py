@@ -1,6 +1,7 @@
 """The decode-step C++ ops beside the int4 GEMV: ``unwrap_cpu::int4_gemv_cat`` (several int4
-weights of one input in one call) and ``unwrap_cpu::decode_attention`` (one query token over the
-allowed slots of a K/V cache), against their references."""
+weights of one input in one call), ``unwrap_cpu::decode_attention`` (one query token over the
+allowed slots of a K/V cache) and ``unwrap_cpu::argmax_rows`` (the greedy token), against their
+references; and their C entry points in an AOTInductor package."""
 
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ def test_package_calls_the_ops_c_entry_points(tmp_path):
             ]
             if gemm:
                 outs.append(torch.ops.unwrap_cpu.int4_gemm(rows, a.packed, 32, a.scale_and_zero))
-            return outs
+            return [*outs, torch.ops.unwrap_cpu.argmax_rows(outs[0])]
 
     g = torch.Generator().manual_seed(0)
     inputs = (torch.randn(1, 256, generator=g).bfloat16(), torch.randn(5, 256, generator=g).bfloat16(), q, k, v, mask)
@@ -161,8 +162,40 @@ def test_package_calls_the_ops_c_entry_points(tmp_path):
     )
     with zipfile.ZipFile(path) as package:
         code = "".join(package.read(name).decode() for name in package.namelist() if name.endswith("wrapper.cpp"))
-    names = ["int4_gemv_cat", "int4_gemv", "decode_attention"] + (["int4_gemm"] if gemm else [])
+    names = ["int4_gemv_cat", "int4_gemv", "decode_attention", "argmax_rows"] + (["int4_gemm"] if gemm else [])
     assert all(f"aoti_torch_cpu_{name}(" in code for name in names)
     assert "proxy_executor_call_function(" not in code
     for packaged, eager in zip(torch._inductor.aoti_load_package(path)(*inputs), Ops()(*inputs), strict=True):
         assert torch.equal(packaged, eager)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 7, 8, 1001, 49152])
+def test_greedy_tokens_answer_as_argmax(dtype, vocab):
+    """``greedy_tokens`` is ``argmax(-1, keepdim=True)``: random rows, ties at the maximum (the first
+    wins), a NaN (the first NaN wins), a row of -inf, rows of a wider tensor (stride > V)."""
+    require_kernel()
+    from subclasses.kernels.int4_gemv import greedy_tokens
+
+    g = torch.Generator().manual_seed(vocab)
+    wide = torch.randn(6, vocab + 5, generator=g).to(dtype)
+    logits = wide[:, :vocab]
+    logits[1] = logits[1].round()  # many equal values, the maximum among them
+    logits[2, vocab // 2 :] = float("nan")
+    logits[2, -1] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, vocab // 3], logits[4, -1] = 1e4, 1e4  # the maximum twice
+    expected = logits.argmax(-1, keepdim=True)
+    assert torch.equal(greedy_tokens(logits), expected)
+    assert torch.equal(torch.ops.unwrap_cpu.argmax_rows(logits), expected)
+
+
+def test_argmax_rows_rejects_bad_input_and_traces():
+    require_kernel()
+    with pytest.raises(RuntimeError, match=r"logits must be \[B, V\] with V > 0 and unit stride in V"):
+        torch.ops.unwrap_cpu.argmax_rows(torch.randn(4, 8).t())
+    with pytest.raises(RuntimeError, match="logits dtype must be float32, bfloat16 or float16, got Long"):
+        torch.ops.unwrap_cpu.argmax_rows(torch.zeros(2, 8, dtype=torch.long))
+    torch.library.opcheck(
+        torch.ops.unwrap_cpu.argmax_rows.default, (torch.randn(2, 100),), test_utils=("test_schema", "test_faketensor")
+    )
