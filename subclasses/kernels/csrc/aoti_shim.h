@@ -19,4 +19,15 @@ inline std::vector<at::Tensor> tensors_of(const AtenTensorHandle* handles, int64
   return torch::aot_inductor::pointer_to_list<at::Tensor>(handles, count);
 }
 inline AtenTensorHandle handle_of(at::Tensor&& tensor) { return torch::aot_inductor::new_tensor_handle(std::move(tensor)); }
+
+// The entry point of an op (x, packed, group_size, scale_and_zero) -> Tensor named `name` (int4_gemv, int4_gemm).
+template <typename Op>
+AOTITorchError call_int4_op(const char* name, Op op, AtenTensorHandle x, AtenTensorHandle packed, int64_t group_size,
+                            AtenTensorHandle scale_and_zero, AtenTensorHandle* out) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    const at::Tensor &xt = tensor_of(x), &p = tensor_of(packed), &s = tensor_of(scale_and_zero);
+    RECORD_FUNCTION(name, std::vector<c10::IValue>({xt, p, group_size, s}));
+    *out = handle_of(op(xt, p, group_size, s));
+  });
+}
 }  // namespace unwrap_cpu

@@ -221,12 +221,7 @@ at::Tensor int4_gemm(const at::Tensor& x, const at::Tensor& packed, int64_t grou
 
 UNWRAP_SHIM aoti_torch_cpu_int4_gemm(AtenTensorHandle x, AtenTensorHandle packed, int64_t group_size,
                                      AtenTensorHandle scale_and_zero, AtenTensorHandle* out) {
-  using namespace unwrap_cpu;
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    const at::Tensor &xt = tensor_of(x), &p = tensor_of(packed), &s = tensor_of(scale_and_zero);
-    RECORD_FUNCTION("unwrap_cpu::int4_gemm", std::vector<c10::IValue>({xt, p, group_size, s}));
-    *out = handle_of(int4_gemm(xt, p, group_size, s));
-  });
+  return unwrap_cpu::call_int4_op("unwrap_cpu::int4_gemm", int4_gemm, x, packed, group_size, scale_and_zero, out);
 }
 
 TORCH_LIBRARY_FRAGMENT(unwrap_cpu, m) {

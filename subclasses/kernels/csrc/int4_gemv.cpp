@@ -327,12 +327,7 @@ const std::string& kernel_isa() {
 
 UNWRAP_SHIM aoti_torch_cpu_int4_gemv(AtenTensorHandle x, AtenTensorHandle packed, int64_t group_size,
                                      AtenTensorHandle scale_and_zero, AtenTensorHandle* out) {
-  using namespace unwrap_cpu;
-  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
-    const at::Tensor &xt = tensor_of(x), &p = tensor_of(packed), &s = tensor_of(scale_and_zero);
-    RECORD_FUNCTION("unwrap_cpu::int4_gemv", std::vector<c10::IValue>({xt, p, group_size, s}));
-    *out = handle_of(int4_gemv(xt, p, group_size, s));
-  });
+  return unwrap_cpu::call_int4_op("unwrap_cpu::int4_gemv", int4_gemv, x, packed, group_size, scale_and_zero, out);
 }
 
 UNWRAP_SHIM aoti_torch_cpu_int4_gemv_cat(AtenTensorHandle x, const AtenTensorHandle* packed, int64_t packed_count,
