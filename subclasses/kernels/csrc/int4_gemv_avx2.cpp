@@ -90,15 +90,15 @@ AVX2 void full_block_int(const uint8_t* packed, const T* sz, const __m256i* xh, 
   }
 }
 
-// Per 32-block b of xf: xscale[b] and the integers xh and xl; per group: xsum.
+// Per 32-block b of x (read in fp32): xscale[b] and the integers xh and xl; per group: xsum.
 // Vectorized: per call this is K elements against the weight's N * K, but a scalar loop (libm
 // nearbyintf per element) cost more than the GEMV itself on small weights.
-AVX2 void quantize_activation(const float* xf, int64_t k, int64_t group, int8_t* xh, int8_t* xl, float* xscale,
-                              float* xsum) {
+template <typename T>
+AVX2 void quantize_activation(const T* x, int64_t k, int64_t group, int8_t* xh, int8_t* xl, float* xscale, float* xsum) {
   for (int64_t g = 0; g < k / group; ++g) xsum[g] = 0.f;
   for (int64_t b = 0; b < k / 32; ++b) {
     __m256 v[4];
-    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xf + 32 * b + 8 * i);
+    for (int i = 0; i < 4; ++i) v[i] = load8(x + 32 * b + 8 * i);
     xsum[32 * b / group] += reduce_add8(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
     const float amax = abs_max32(v);
     xscale[b] = amax / kXMax;
@@ -122,13 +122,11 @@ struct Activation {
 };
 
 template <typename T> AVX2 Activation prepare_activation(const T* x, int64_t k, int64_t group) {
-  float* xf = scratch<float, 6>(k);
-  for (int64_t i = 0; i < k; i += 8) _mm256_storeu_ps(xf + i, load8(x + i));
   float* xsum = scratch<float, 4>(k / group);
   float* xscale = scratch<float, 5>(k / 32);
   int8_t* xh = scratch<int8_t, 2>(k);
   int8_t* xl = scratch<int8_t, 3>(k);
-  quantize_activation(xf, k, group, xh, xl, xscale, xsum);
+  quantize_activation(x, k, group, xh, xl, xscale, xsum);
   // 32 bytes per 4 features, 32-byte aligned (a std::vector<__m256i> would drop the vector type's alignment).
   int8_t* arranged = scratch<int8_t, 4>(2 * 8 * k + 32);
   __m256i* ah = reinterpret_cast<__m256i*>((reinterpret_cast<uintptr_t>(arranged) + 31) & ~uintptr_t{31});
