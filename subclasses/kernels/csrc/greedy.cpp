@@ -49,6 +49,11 @@ template <typename T> AVX2 int64_t row_argmax(const T* row, int64_t v) {
   return 0;  // unreachable: best is one of the row's values
 }
 
+template <typename T> void rows_argmax(const at::Tensor& logits, int64_t* out) {
+  const T* data = logits.const_data_ptr<T>();
+  for (int64_t b = 0; b < logits.size(0); ++b) out[b] = row_argmax(data + b * logits.stride(0), logits.size(1));
+}
+
 at::Tensor argmax_rows(const at::Tensor& logits) {
   TORCH_CHECK(unwrap_cpu::kernel_isa() != "none", "unwrap_cpu::argmax_rows needs AVX2 (the int4 GEMV's capability)");
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.stride(1) == 1,
@@ -58,15 +63,10 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
                   logits.scalar_type() == at::kHalf,
               "argmax_rows: logits dtype must be float32, bfloat16 or float16, got ", logits.scalar_type());
   at::Tensor out = at::empty({logits.size(0), 1}, logits.options().dtype(at::kLong));
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t b = 0; b < logits.size(0); ++b) {
-    switch (logits.scalar_type()) {
-      case at::kFloat: o[b] = row_argmax(logits.const_data_ptr<float>() + b * logits.stride(0), logits.size(1)); break;
-      case at::kBFloat16:
-        o[b] = row_argmax(logits.const_data_ptr<c10::BFloat16>() + b * logits.stride(0), logits.size(1));
-        break;
-      default: o[b] = row_argmax(logits.const_data_ptr<c10::Half>() + b * logits.stride(0), logits.size(1)); break;
-    }
+  switch (logits.scalar_type()) {
+    case at::kFloat: rows_argmax<float>(logits, out.data_ptr<int64_t>()); break;
+    case at::kBFloat16: rows_argmax<c10::BFloat16>(logits, out.data_ptr<int64_t>()); break;
+    default: rows_argmax<c10::Half>(logits, out.data_ptr<int64_t>()); break;
   }
   return out;
 }
