@@ -158,8 +158,8 @@ def int4_gemv_cat(
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1, keepdim=True)`` for logits [B, V] (int64 [B, 1], the same answer: the first of
     equal maxima, a row's first NaN): through ``unwrap_cpu::argmax_rows`` on CPU where the library is
-    loaded (csrc/greedy.cpp: ~50x faster than aten's over 49152 bf16 logits), else in fp32 (aten's
-    argmax over bf16 is ~4x slower than a copy to fp32 and its argmax)."""
+    loaded (csrc/greedy.cpp: 10.6 us over 49152 bf16 logits on a 2-core AVX2 EPYC, aten's 223 us), else in
+    fp32 (aten's argmax over bf16 is ~3x slower than a copy to fp32 and its argmax, 68 us)."""
     if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] > 0 and kernel_available():
         if logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and logits.stride(1) == 1:
             return torch.ops.unwrap_cpu.argmax_rows.default(logits)
@@ -192,7 +192,7 @@ _C_SHIMS = {
 def package_c_shims() -> dict[torch._ops.OpOverload, list[str]]:
     """Inductor's ``aot_inductor.custom_ops_to_c_shims`` for this library's ops: an AOTInductor package
     built with it calls their C entry points directly, not through the proxy executor (which boxes every
-    argument: ~2 us of a call, ~5 % of a SmolLM2 token). The package's code finds the entry points when it
+    argument: ~0.7 us more per call in a two-op probe package; 151 calls per SmolLM2 token). The package's code finds the entry points when it
     loads, in this process: the first call makes the library's symbols global. Empty where the library is
     not loaded."""
     if not kernel_available():

@@ -1,5 +1,5 @@
 // C entry points of this library's ops for AOTInductor packages. A package built with
-// aot_inductor.custom_ops_to_c_shims (subclasses/kernels/int4_gemv.py: c_shims) calls
+// aot_inductor.custom_ops_to_c_shims (subclasses/kernels/int4_gemv.py: package_c_shims) calls
 // aoti_torch_cpu_<op> directly; without it every call goes through the proxy executor, which boxes
 // the arguments into IValues and dispatches (~151 calls per SmolLM2 token). The package resolves these
 // symbols when it loads: the library is made global first (int4_gemv.py). Each entry point records a
