@@ -192,9 +192,9 @@ _C_SHIMS = {
 def package_c_shims() -> dict[torch._ops.OpOverload, list[str]]:
     """Inductor's ``aot_inductor.custom_ops_to_c_shims`` for this library's ops: an AOTInductor package
     built with it calls their C entry points directly, not through the proxy executor (which boxes every
-    argument: ~0.7 us more per call in a two-op probe package; 151 calls per SmolLM2 token). The package's code finds the entry points when it
-    loads, in this process: the first call makes the library's symbols global. Empty where the library is
-    not loaded."""
+    argument: ~0.7 us more per call in a two-op probe package; 151 calls per SmolLM2 token). The package's
+    code finds the entry points when it loads, in this process: the first call makes the library's symbols
+    global. Empty where the library is not loaded."""
     if not kernel_available():
         return {}
     path = next((p for p in torch.ops.loaded_libraries if Path(p).stem == "unwrap_int4_gemv"), None)
