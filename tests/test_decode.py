@@ -319,6 +319,56 @@ def test_packaged_step_computes_what_the_compiled_step_computes(tiny):
         assert torch.equal(getattr(caches["packaged"].layers[0], name), getattr(caches["compiled"].layers[0], name))
 
 
+def test_package_reads_its_weights_from_the_huge_page_copies(tiny):
+    """Every constant of the package named after a parameter or buffer (the tied lm_head is the embedding's)
+    is bound to the step's copy in huge pages: scaling the copy of the final norm's weight changes the
+    package's logits, and restoring it gives the same logits bit for bit."""
+    decoder = compile_for_decode(copy.deepcopy(tiny), max_len=16)
+    step = decoder.step
+    with torch.inference_mode():
+        cache = allocated_static_cache(decoder.model, 16)
+    before = one_token(step, cache, 5, 0)
+    package = step.packages[(1, 16)]
+    named = {name for name in package.runner.get_constant_fqns() if name.startswith("model.")}
+    weights = {f"model.{name}" for name, _ in decoder.model.named_parameters()}  # the tied lm_head left out
+    assert weights <= named <= set(step.huge_page_weights)
+    norm = step.huge_page_weights["model.model.norm.weight"]
+    original = norm.clone()
+    with torch.inference_mode():
+        norm.mul_(2)
+        changed = one_token(step, cache, 5, 0)
+        norm.copy_(original)
+        after = one_token(step, cache, 5, 0)
+    assert not torch.equal(changed, before) and torch.equal(after, before)
+
+
+def test_huge_page_copies_equal_their_tensors():
+    """in_huge_pages: same names, values, dtypes and shapes, contiguous, each on a 64-byte line, the first
+    on a 2 MB page; a 0-d, an empty and a bool tensor included."""
+    from subclasses.runtime.huge_pages import PAGE, in_huge_pages
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "packed": torch.randint(0, 256, (48, 40), generator=g, dtype=torch.uint8),
+        "scale": torch.randn(3, 5, 2, generator=g).bfloat16(),
+        "step": torch.tensor(7),
+        "empty": torch.empty(0, 4),
+        "mask": torch.rand(7, generator=g) > 0.5,
+    }
+    copies = in_huge_pages(tensors)
+    if copies is None:
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    assert copies.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        copy_ = copies[name]
+        assert copy_.dtype == tensor.dtype and copy_.shape == tensor.shape and copy_.is_contiguous()
+        assert torch.equal(copy_, tensor)
+        if tensor.numel():  # an empty tensor has no address
+            assert copy_.data_ptr() != tensor.data_ptr() and copy_.data_ptr() % 64 == 0
+    assert copies["packed"].data_ptr() % PAGE == 0
+    assert in_huge_pages({}) is None
+
+
 def test_packaged_step_follows_the_cache_it_is_given_and_falls_back_for_the_rest(tiny, caplog, monkeypatch):
     """Two decoders of one step (one package, bound to each cache in turn) give eager's tokens; calls a
     package cannot answer (grad on, a mask) and a model that does not export run the compiled step."""

@@ -12,6 +12,8 @@ The cache stays the caller's ``StaticCache``: the package's cache buffers are bo
 (``load_constants(..., user_managed=True)``, no copy) and written in place, so the prompt (eager) and
 the Dynamo step share it. Each (batch, slots) builds a package of its own on first use (SmolLM2: ~20 s of
 export + ~45 s of compile; the Dynamo step's first compile is ~100 s) holding a copy of the frozen weights.
+Its weights are bound the same way to one more copy, in huge pages (``huge_pages``: ~5 % of a SmolLM2
+token), which all of a step's packages share.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from ..kernels.int4_gemv import package_c_shims
 from .caches import CACHE_KEYWORDS, allocated_static_cache, cache_keyword, given_cache
+from .huge_pages import in_huge_pages
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +96,14 @@ def build_package(model: nn.Module, batch: int, slots: int, options: dict[str, A
 
 
 class Package:
-    """A loaded package and the cache its buffers are bound to now."""
+    """A loaded package and the cache its buffers are bound to now; ``weights`` (by the package's constant
+    names), where given, replace the package's own copies of them."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
         self.runner = runner
         self.bound: list[torch.Tensor] = []
+        if weights:
+            runner.load_constants(weights, check_full_update=False, user_managed=True)
 
     def run(self, input_ids: torch.Tensor, cache_position: torch.Tensor, cache: Any) -> torch.Tensor:
         tensors = layer_tensors(cache)
@@ -121,6 +127,7 @@ class PackagedStep:
 
         self.model, self.fallback, self.options = model, fallback, options
         self.packages: dict[tuple[int, int], Package | None] = {}
+        self.huge_page_weights: dict[str, torch.Tensor] | None = None
         self.cache_class, self.layer_class = StaticCache, StaticLayer
 
     def __call__(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
@@ -159,7 +166,8 @@ class PackagedStep:
             if len(self.packages) >= self.MAX_PACKAGES:
                 self.packages.pop(next(iter(self.packages)))
             try:
-                self.packages[key] = Package(build_package(self.model, *key, self.options))
+                runner = build_package(self.model, *key, self.options)
+                self.packages[key] = Package(runner, self.weights_for(runner))
             except Exception as error:  # noqa: BLE001 - any export/compile failure: the Dynamo step decodes
                 logger.warning(
                     "PackagedStep: %s does not export as an AOTInductor package (%s: %s); its one-token steps "
@@ -171,6 +179,28 @@ class PackagedStep:
                 )
                 self.packages[key] = None
         return self.packages[key]
+
+    def weights_for(self, runner: Any) -> dict[str, torch.Tensor]:
+        """The package's weights (constants named ``model.`` + a parameter's or buffer's name in ``self.model``)
+        as copies in huge pages, made at the first package and shared by the later ones; tied names share
+        one copy. Empty where ``in_huge_pages`` makes none (the package keeps its own)."""
+        if self.huge_page_weights is None:
+            unique = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+            copies = in_huge_pages(
+                {name: t for name, t in unique.items() if t.device.type == "cpu" and t.is_contiguous()}
+            )
+            self.huge_page_weights = {}
+            if copies:
+                every = [
+                    *self.model.named_parameters(remove_duplicate=False),
+                    *self.model.named_buffers(remove_duplicate=False),
+                ]
+                for name, tensor in every:
+                    owner = next((n for n, t in unique.items() if t is tensor), None)
+                    if owner in copies:
+                        self.huge_page_weights[f"model.{name}"] = copies[owner]
+        names = set(runner.get_constant_fqns())
+        return {name: copy for name, copy in self.huge_page_weights.items() if name in names}
 
 
 __all__ = ["CacheAsBuffers", "Package", "PackagedStep", "StepLogits", "build_package", "cache_tensors", "layer_tensors"]
