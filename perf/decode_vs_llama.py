@@ -92,6 +92,18 @@ def measure(
         return time_tokens(decoders, rounds=rounds, tokens=tokens, warmup=WARMUP)
 
 
+def huge_page_line() -> str:
+    """The kernel's transparent huge page mode and how much of this process's memory is in huge pages
+    (a package's weights are, where the mode allows: subclasses/runtime/huge_pages.py); Linux only."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as mode, open("/proc/self/smaps_rollup") as usage:
+            enabled = mode.read().strip()
+            kb = next(int(line.split()[1]) for line in usage if line.startswith("AnonHugePages:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return "transparent huge pages: not reported on this platform"
+    return f"transparent huge pages: {enabled}; this process's memory in them: {kb >> 10} MB"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .llama_cpp import available
 
@@ -137,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     reference, reference_ms = next(iter(times.items()))
     for name, ms in times.items():
         print(f"  {name:26s} {ms:6.2f}   {reference} / this: {reference_ms / ms:.2f}")
+    print(huge_page_line())
     return 0
 
 

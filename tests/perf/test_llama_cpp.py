@@ -55,6 +55,25 @@ def test_decode_vs_llama_checks_its_arguments_and_needs_llama_cpp(monkeypatch, c
     assert "llama-cpp-python is not installed" in capsys.readouterr().out
 
 
+def test_huge_page_line_reads_the_mode_and_this_process(monkeypatch):
+    """Where Linux reports them, the kernel's THP mode and this process's AnonHugePages in MB; elsewhere
+    (files missing) a line that says so."""
+    import os
+
+    line = versus.huge_page_line()
+    if os.path.exists("/proc/self/smaps_rollup") and os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        assert line.startswith("transparent huge pages: ") and "[" in line and line.endswith(" MB")
+    real_open = open
+
+    def no_files(path, *args, **kwargs):
+        if str(path).startswith(("/sys/", "/proc/")):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_files)
+    assert versus.huge_page_line() == "transparent huge pages: not reported on this platform"
+
+
 def test_the_converter_source_is_named_or_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("LLAMA_CPP_SOURCE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"LLAMA_CPP_SOURCE={tmp_path} holds no convert_hf_to_gguf.py"):
