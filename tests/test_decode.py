@@ -369,6 +369,31 @@ def test_huge_page_copies_equal_their_tensors():
     assert in_huge_pages({}) is None
 
 
+def test_huge_page_copies_are_none_where_the_kernel_refuses_the_advice(monkeypatch):
+    """madvise failing (a kernel without THP), or no MADV_HUGEPAGE (not Linux): None (PackagedStep then binds
+    nothing and the package reads its own weights)."""
+    import mmap
+    import types
+
+    from subclasses.runtime import huge_pages
+
+    class Refusing:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.closed = False
+
+        def madvise(self, advice: int) -> None:
+            raise OSError(22, "Invalid argument")
+
+        def close(self) -> None:
+            self.closed = True
+
+    names = {name: getattr(mmap, name) for name in ("MAP_PRIVATE", "MAP_ANONYMOUS") if hasattr(mmap, name)}
+    monkeypatch.setattr(huge_pages, "mmap", types.SimpleNamespace(**names, MADV_HUGEPAGE=14, mmap=Refusing))
+    assert huge_pages.in_huge_pages({"w": torch.ones(4)}) is None
+    monkeypatch.setattr(huge_pages, "mmap", types.SimpleNamespace(**names, mmap=Refusing))
+    assert huge_pages.in_huge_pages({"w": torch.ones(4)}) is None
+
+
 def test_packaged_step_follows_the_cache_it_is_given_and_falls_back_for_the_rest(tiny, caplog, monkeypatch):
     """Two decoders of one step (one package, bound to each cache in turn) give eager's tokens; calls a
     package cannot answer (grad on, a mask) and a model that does not export run the compiled step."""

@@ -21,14 +21,18 @@ ALIGN = 64  # each tensor starts on a cache line, as the allocator's own
 
 def in_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     """Contiguous CPU copies of ``tensors`` (same names, shapes, dtypes, values) in one mapping advised as
-    huge pages, which the copies keep alive; None where the platform has no ``MADV_HUGEPAGE`` (not Linux)
-    or no tensor is given. A kernel that cannot find free huge pages backs the mapping with small ones:
-    the copies are right either way."""
+    huge pages, which the copies keep alive; None where no tensor is given or the platform takes no such
+    advice (not Linux: no ``MADV_HUGEPAGE``; a kernel built without THP refuses it). A kernel that cannot
+    find free huge pages backs the mapping with small ones: the copies are right either way."""
     if not tensors or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     sizes = {name: -(-tensor.nbytes // ALIGN) * ALIGN for name, tensor in tensors.items()}
     mapping = mmap.mmap(-1, sum(sizes.values()) + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_HUGEPAGE)  # before the first write: the first touch of each 2 MB takes a huge page
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE)  # before the first write: each 2 MB's first touch takes a huge page
+    except OSError:  # EINVAL without CONFIG_TRANSPARENT_HUGEPAGE
+        mapping.close()
+        return None
     arena = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping for as long as any copy lives
     offset = -arena.data_ptr() % PAGE
     copies = {}
