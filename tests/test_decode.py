@@ -342,6 +342,23 @@ def test_package_reads_its_weights_from_the_huge_page_copies(tiny):
     assert not torch.equal(changed, before) and torch.equal(after, before)
 
 
+def test_a_model_not_unwrapped_gets_its_package_too():
+    """Quantized weights left as tensor subclasses (no ``unwrap``): the package is built (its plain tensors
+    in huge pages, the subclasses' inner tensors its own copies) and greedy tokens equal eager's."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = quantize_(build_qwen2(QWEN2_ONE_LAYER), Int4WeightOnlyConfig())
+        prompt = torch.tensor([[5, 17, 99, 3, 250]])
+        eager = GreedyDecoder(model, max_len=16).generate(prompt, 6)
+        decoder = compile_for_decode(model, max_len=16)
+        assert decoder.generate(prompt, 6).tolist() == eager.tolist()
+        assert decoder.step.packages[(1, 16)] is not None
+        assert decoder.step.huge_page_weights  # the norms and biases
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_huge_page_copies_equal_their_tensors():
     """in_huge_pages: same names, values, dtypes and shapes, contiguous, each on a 64-byte line, the first
     on a 2 MB page; a 0-d, an empty and a bool tensor included."""

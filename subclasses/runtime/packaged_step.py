@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..kernels.int4_gemv import package_c_shims
 from .caches import CACHE_KEYWORDS, allocated_static_cache, cache_keyword, given_cache
@@ -186,8 +187,14 @@ class PackagedStep:
         one copy. Empty where ``in_huge_pages`` makes none (the package keeps its own)."""
         if self.huge_page_weights is None:
             unique = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+            # Plain tensors only: a quantized tensor subclass (a model not unwrapped) is flattened by export into
+            # constants of other names, which keep the package's own copies.
             copies = in_huge_pages(
-                {name: t for name, t in unique.items() if t.device.type == "cpu" and t.is_contiguous()}
+                {
+                    name: t
+                    for name, t in unique.items()
+                    if not is_traceable_wrapper_subclass(t) and t.device.type == "cpu" and t.is_contiguous()
+                }
             )
             self.huge_page_weights = {}
             if copies:
