@@ -183,29 +183,21 @@ class PackagedStep:
 
     def weights_for(self, runner: Any) -> dict[str, torch.Tensor]:
         """The package's weights (constants named ``model.`` + a parameter's or buffer's name in ``self.model``)
-        as copies in huge pages, made at the first package and shared by the later ones; tied names share
-        one copy. Empty where ``in_huge_pages`` makes none (the package keeps its own)."""
+        as copies in huge pages, made at the first package and shared by the later ones. A tied weight is one
+        constant under its first name, as ``named_parameters`` gives it. Empty where ``in_huge_pages`` makes
+        none (the package keeps its own)."""
         if self.huge_page_weights is None:
-            unique = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+            tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
             # Plain tensors only: a quantized tensor subclass (a model not unwrapped) is flattened by export into
             # constants of other names, which keep the package's own copies.
             copies = in_huge_pages(
                 {
-                    name: t
-                    for name, t in unique.items()
+                    f"model.{name}": t
+                    for name, t in tensors.items()
                     if not is_traceable_wrapper_subclass(t) and t.device.type == "cpu" and t.is_contiguous()
                 }
             )
-            self.huge_page_weights = {}
-            if copies:
-                every = [
-                    *self.model.named_parameters(remove_duplicate=False),
-                    *self.model.named_buffers(remove_duplicate=False),
-                ]
-                for name, tensor in every:
-                    owner = next((n for n, t in unique.items() if t is tensor), None)
-                    if owner in copies:
-                        self.huge_page_weights[f"model.{name}"] = copies[owner]
+            self.huge_page_weights = copies or {}
         names = set(runner.get_constant_fqns())
         return {name: copy for name, copy in self.huge_page_weights.items() if name in names}
 
