@@ -113,6 +113,27 @@ def test_decode_attention_takes_additive_masks(heads, kv_heads, length, filled):
     assert torch.equal(ours, torch.ops.unwrap_cpu.decode_attention(q, k, v, bias.bfloat16(), 0.125))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_decode_attention_splits_slots_across_threads(threads):
+    """Enough work splits the slots into one part per thread (at least 16 slots a part), each part's
+    softmax merged with the others': the same answer at any thread count, holes in the mask included,
+    and a NaN in a query head still reaches that head's output (a merge must not drop it)."""
+    require_kernel()
+    q, k, v, mask = cache_case(torch.bfloat16, 9, 3, 256, 200)  # 9 * 200 * 64 multiply-adds: past the threshold
+    mask[..., 17] = False
+    q[0, 4, 0, 7] = float("nan")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.unwrap_cpu.decode_attention(q, k, v, mask, 0.125)
+    finally:
+        torch.set_num_threads(previous)
+    assert out[0, 0, 4].isnan().all() and not out[0, 0, [0, 1, 2, 3, 5, 6, 7, 8]].isnan().any()
+    heads = [0, 1, 2, 3, 5, 6, 7, 8]
+    expected = attention_reference(q, k, v, mask, 0.125)
+    assert sqnr(expected[:, :, heads], out[:, :, heads]) > MIN_SQNR[torch.bfloat16]
+
+
 def test_decode_attention_rejects_bad_input_and_traces():
     require_kernel()
     q, k, v, mask = cache_case(torch.bfloat16, 9, 3, 32, 8)
