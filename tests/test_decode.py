@@ -27,6 +27,7 @@ from subclasses.decode import (  # noqa: E402
     compile_for_decode,
     frozen_model_guards,
     gqa_sdpa_attention,
+    step_tokens,
     use_gqa_decode_attention,
 )
 from subclasses.runtime import packaged_step  # noqa: E402
@@ -175,17 +176,21 @@ def test_decode_step_skips_module_guards_and_stays_per_model(tiny):
     assert "args[0] TENSOR_MATCH" in kept and any(name.startswith(f"kwargs['{CACHE}']") for name in kept), kept
 
 
-def one_token(step, cache, token: int, position: int) -> torch.Tensor:
-    """The logits of one step called as the decoders call it: ``token`` at cache slot ``position``."""
+def step_output(step, cache, token: int, position: int):
+    """What one step returns called as the decoders call it: ``token`` at cache slot ``position``."""
     with torch.inference_mode():
-        out = step(
+        return step(
             torch.tensor([[token]]),
             **{CACHE: cache},
             use_cache=True,
             cache_position=torch.tensor([position]),
             logits_to_keep=1,
         )
-    return out.logits
+
+
+def one_token(step, cache, token: int, position: int) -> torch.Tensor:
+    """The logits of ``step_output``."""
+    return step_output(step, cache, token, position).logits
 
 
 def test_frozen_step_equals_the_unfrozen_one(tiny):
@@ -312,9 +317,12 @@ def test_packaged_step_computes_what_the_compiled_step_computes(tiny):
     with torch.inference_mode():  # inference tensors, as a decoder's own caches
         caches = {name: allocated_static_cache(decoder.model, 16) for name in ("packaged", "compiled")}
     for position, token in enumerate([5, 17, 99, 3, 250, 7]):
-        ours = one_token(packaged, caches["packaged"], token, position)
-        theirs = one_token(compiled, caches["compiled"], token, position)
-        assert torch.equal(ours, theirs), position
+        ours = step_output(packaged, caches["packaged"], token, position)
+        theirs = step_output(compiled, caches["compiled"], token, position)
+        assert torch.equal(ours.logits, theirs.logits), position
+        # the greedy tokens the package computes with its logits are their argmax, as decoders pick it
+        assert torch.equal(ours.greedy_tokens, ours.logits[:, -1].float().argmax(-1, keepdim=True)), position
+        assert torch.equal(step_tokens(ours), step_tokens(theirs)), position
     for name in ("keys", "values", "cumulative_length"):
         assert torch.equal(getattr(caches["packaged"].layers[0], name), getattr(caches["compiled"].layers[0], name))
 

@@ -18,6 +18,7 @@ from subclasses.runtime.decode import (
     compile_decode_step,
     compile_for_decode,
     frozen_model_guards,
+    step_tokens,
     use_gqa_decode_attention,
 )
 
@@ -149,7 +150,7 @@ class Decoder:
                 logits_to_keep=1,
             )
         self.position += 1
-        self.token = greedy_tokens(out.logits[:, -1])  # as GreedyDecoder picks it
+        self.token = step_tokens(out)  # as GreedyDecoder picks it
         return int(self.token)
 
     def generate(self, n: int) -> list[int]:

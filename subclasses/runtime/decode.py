@@ -105,6 +105,14 @@ def _decode_kernel_applies(
     )
 
 
+def step_tokens(out: Any) -> torch.Tensor:
+    """The greedy token of each row ([batch, 1]) after a one-token step that returned ``out``: the tokens a
+    packaged step computed with its logits (``StepLogits.greedy_tokens``), else ``greedy_tokens`` of the
+    last logits. The same tokens either way."""
+    tokens = getattr(out, "greedy_tokens", None)
+    return greedy_tokens(out.logits[:, -1]) if tokens is None else tokens
+
+
 # the attention implementations ``ATTENTION`` replaces (transformers' SDPA), or itself
 REPLACED_ATTENTION = ("sdpa", ATTENTION)
 
@@ -264,7 +272,7 @@ class GreedyDecoder:
                 cache_position=torch.tensor([position]),
                 logits_to_keep=1,
             )
-            tokens.append(greedy_tokens(out.logits[:, -1]))
+            tokens.append(step_tokens(out))
         return torch.cat([input_ids, *tokens], dim=1)
 
     def cache_for(self, batch: int, slots: int) -> Any:
@@ -382,5 +390,6 @@ __all__ = [
     "frozen_model_guards",
     "gqa_sdpa_attention",
     "static_cache",
+    "step_tokens",
     "use_gqa_decode_attention",
 ]
