@@ -160,7 +160,7 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     equal maxima, a row's first NaN): through ``unwrap_cpu::argmax_rows`` on CPU where the library is
     loaded (csrc/greedy.cpp: 10.6 us over 49152 bf16 logits on a 2-core AVX2 EPYC, aten's 223 us), else in
     fp32 (aten's argmax over bf16 is ~3x slower than a copy to fp32 and its argmax, 68 us)."""
-    if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] > 0 and kernel_available():
+    if logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[1] > 0 and traced_kernel_available():
         if logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and logits.stride(1) == 1:
             return torch.ops.unwrap_cpu.argmax_rows.default(logits)
     return logits.float().argmax(-1, keepdim=True)

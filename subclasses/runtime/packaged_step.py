@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from ..kernels.int4_gemv import kernel_available, package_c_shims
+from ..kernels.int4_gemv import greedy_tokens, package_c_shims
 from .caches import CACHE_KEYWORDS, allocated_static_cache, cache_keyword, given_cache
 from .huge_pages import in_huge_pages
 
@@ -52,7 +52,6 @@ class CacheAsBuffers(nn.Module):
     def __init__(self, model: nn.Module, cache: Any) -> None:
         super().__init__()
         self.model, self.cache, self.cache_keyword = model, cache, cache_keyword(model)
-        self.argmax_kernel = kernel_available()  # greedy_tokens' kernel, decided here: export traces no library checks
         for name, tensor in cache_tensors(cache).items():
             self.register_buffer(name, tensor, persistent=False)
 
@@ -68,10 +67,7 @@ class CacheAsBuffers(nn.Module):
             use_cache=True,
             logits_to_keep=1,
         )
-        last = out.logits[:, -1]
-        if self.argmax_kernel and last.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            return out.logits, torch.ops.unwrap_cpu.argmax_rows.default(last)
-        return out.logits, last.float().argmax(-1, keepdim=True)  # greedy_tokens' own fallback
+        return out.logits, greedy_tokens(out.logits[:, -1])
 
 
 def layer_tensors(cache: Any) -> list[torch.Tensor]:
